@@ -1,0 +1,1 @@
+//! Model averaging for local SGD. See SPEC.md §1.

@@ -1,0 +1,1 @@
+//! C API §5: model averaging.

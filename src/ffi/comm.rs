@@ -1,0 +1,292 @@
+//! C API §3: communicators and collectives.
+
+use super::handle::{self, Kind};
+use super::{boundary, boundary_value, check_struct_size, need, opt_str, types::*};
+use crate::comm::{callbacks::CallbackBackend, Comm, CommOptions, Transport};
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Result};
+use std::ffi::{c_char, c_void};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Opaque communicator handle.
+pub struct flatshard_comm {
+    _private: [u8; 0],
+}
+
+impl Kind for Comm {
+    const TAG: u64 = 0x464c_5348_434f_4d4d; // "FLSHCOMM"
+    const NAME: &'static str = "flatshard_comm";
+}
+
+pub(crate) unsafe fn comm_ref<'a>(c: *const flatshard_comm, arg: &str) -> Result<&'a Comm> {
+    handle::get::<Comm, _>(c, arg)
+}
+
+pub(crate) fn dtype(d: DtypeArg, arg: &str) -> Result<DType> {
+    DType::from_raw(d.0 as i64, arg)
+}
+
+fn reduce_op(o: ReduceOpArg) -> Result<ReduceOp> {
+    ReduceOp::from_raw(o.0 as i64, "op")
+}
+
+unsafe fn parse_options(o: *const flatshard_comm_options) -> Result<CommOptions> {
+    let mut opts = CommOptions::default();
+    if o.is_null() {
+        return Ok(opts);
+    }
+    let o = &*o;
+    check_struct_size("flatshard_comm_options", o.struct_size, std::mem::size_of::<flatshard_comm_options>())?;
+    if o.timeout_ms != 0 {
+        opts.timeout = Duration::from_millis(o.timeout_ms as u64);
+    }
+    opts.token = opt_str(o.token, "options.token")?.map(String::into_bytes);
+    opts.bind_addr = opt_str(o.bind_addr, "options.bind_addr")?;
+    opts.transport = match o.transport.0 {
+        0 => Transport::Auto,
+        1 => Transport::Tcp,
+        2 => Transport::Shm,
+        v => return Err(Error::invalid_arg(format!("options.transport: {v} is not a flatshard_transport (0..=2)"))),
+    };
+    Ok(opts)
+}
+
+/// Zero-fill `*o` and set `o->struct_size`. NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_options_init(o: *mut flatshard_comm_options) {
+    if !o.is_null() {
+        o.write(flatshard_comm_options {
+            struct_size: std::mem::size_of::<flatshard_comm_options>() as u32,
+            timeout_ms: 0,
+            token: std::ptr::null(),
+            bind_addr: std::ptr::null(),
+            transport: TransportArg(0),
+        });
+    }
+}
+
+fn publish(c: Comm, out: *mut *mut flatshard_comm) {
+    unsafe { *out = handle::into_raw::<Comm, flatshard_comm>(c) };
+}
+
+/// Join a job of `world_size` ranks. Rank 0 serves the rendezvous store on
+/// `master_addr:master_port`; the others connect (retrying until the timeout,
+/// so start order does not matter). Collective over all ranks.
+/// On success `*out` owns a communicator; free it with flatshard_comm_free.
+/// INVALID_ARGUMENT (bad rank/size/port/options), TIMEOUT, AUTH, IO.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_init(
+    master_addr: *const c_char,
+    master_port: u16,
+    rank: i32,
+    world_size: i32,
+    opts: *const flatshard_comm_options,
+    out: *mut *mut flatshard_comm,
+) -> flatshard_status {
+    boundary("flatshard_comm_init", || {
+        need(out, "out")?;
+        let addr = if world_size == 1 && master_addr.is_null() {
+            "127.0.0.1".to_string()
+        } else {
+            need(master_addr, "master_addr")?;
+            opt_str(master_addr, "master_addr")?.unwrap_or_default()
+        };
+        let opts = parse_options(opts)?;
+        publish(Comm::init(&addr, master_port, rank, world_size, opts)?, out);
+        Ok(())
+    })
+}
+
+/// Join using torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
+/// WORLD_SIZE). A missing or malformed variable is INVALID_ARGUMENT naming it.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_init_from_env(opts: *const flatshard_comm_options, out: *mut *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_comm_init_from_env", || {
+        need(out, "out")?;
+        let opts = parse_options(opts)?;
+        publish(Comm::init_from_env(opts)?, out);
+        Ok(())
+    })
+}
+
+/// Build a communicator on the caller's own collectives. `ops` is copied;
+/// `ops->ctx` must stay valid until flatshard_comm_free, which calls
+/// `ops->destroy(ctx)` if set. Every callback except destroy is required.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_from_collectives(
+    rank: i32,
+    size: i32,
+    ops: *const flatshard_collectives,
+    out: *mut *mut flatshard_comm,
+) -> flatshard_status {
+    boundary("flatshard_comm_from_collectives", || {
+        need(out, "out")?;
+        need(ops, "ops")?;
+        let ops = &*ops;
+        check_struct_size("flatshard_collectives", ops.struct_size, std::mem::size_of::<flatshard_collectives>())?;
+        if size < 1 || rank < 0 || rank >= size {
+            return Err(Error::invalid_arg(format!("rank {rank} / size {size}: need 0 <= rank < size")));
+        }
+        let b = CallbackBackend::new(rank as usize, size as usize, *ops)?;
+        publish(Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false))), out);
+        Ok(())
+    })
+}
+
+/// This rank's index in the communicator; -1 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_rank(c: *const flatshard_comm) -> i32 {
+    boundary_value(-1, || comm_ref(c, "c").map(|c| c.rank() as i32).unwrap_or(-1))
+}
+
+/// Number of ranks; -1 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_size(c: *const flatshard_comm) -> i32 {
+    boundary_value(-1, || comm_ref(c, "c").map(|c| c.size() as i32).unwrap_or(-1))
+}
+
+/// Contiguous blocks of `group_size` ranks, like torch.distributed.new_subgroups.
+/// Collective over `parent`. `*out` is owned by the caller (flatshard_comm_free).
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_new_subgroups(parent: *mut flatshard_comm, group_size: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_comm_new_subgroups", || {
+        need(out, "out")?;
+        let p = comm_ref(parent, "parent")?;
+        publish(p.new_subgroups(group_size)?, out);
+        Ok(())
+    })
+}
+
+/// MPI_Comm_split: ranks with the same `color` form a communicator ordered by
+/// (key, parent rank). color < 0 → `*out = NULL`. Collective over `parent`.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_split(parent: *mut flatshard_comm, color: i32, key: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_comm_split", || {
+        need(out, "out")?;
+        let p = comm_ref(parent, "parent")?;
+        match p.split(color, key)? {
+            Some(c) => publish(c, out),
+            None => *out = std::ptr::null_mut(),
+        }
+        Ok(())
+    })
+}
+
+unsafe fn slice_mut<'a>(p: *mut c_void, count: u64, dt: DType, arg: &str) -> Result<&'a mut [u8]> {
+    let bytes = dt.bytes(count, arg)?;
+    if bytes == 0 {
+        return Ok(&mut []);
+    }
+    need(p, arg)?;
+    Ok(std::slice::from_raw_parts_mut(p as *mut u8, bytes))
+}
+
+unsafe fn slice<'a>(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<&'a [u8]> {
+    let bytes = dt.bytes(count, arg)?;
+    if bytes == 0 {
+        return Ok(&[]);
+    }
+    need(p, arg)?;
+    Ok(std::slice::from_raw_parts(p as *const u8, bytes))
+}
+
+fn overlaps(a: &[u8], b: &[u8]) -> bool {
+    let (a0, a1) = (a.as_ptr() as usize, a.as_ptr() as usize + a.len());
+    let (b0, b1) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
+    !a.is_empty() && !b.is_empty() && a0 < b1 && b0 < a1
+}
+
+/// In-place all-reduce of `count` elements. AVG = SUM / size (float dtypes).
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> flatshard_status {
+    boundary("flatshard_all_reduce", || {
+        let c = comm_ref(c, "c")?;
+        let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
+        let b = slice_mut(buf, count, dt, "buf")?;
+        c.all_reduce(b, dt, op)
+    })
+}
+
+/// Gather `count_per_rank` elements from every rank into `recv` (size ×
+/// count_per_rank, rank-major). `send` may lie inside `recv` (in place).
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_all_gather(c: *mut flatshard_comm, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg) -> flatshard_status {
+    boundary("flatshard_all_gather", || {
+        let c = comm_ref(c, "c")?;
+        let dt = dtype(dt, "dt")?;
+        let total = count_per_rank
+            .checked_mul(c.size() as u64)
+            .ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))?;
+        let s = slice(send, count_per_rank, dt, "send")?;
+        let r = slice_mut(recv, total, dt, "recv")?;
+        if overlaps(s, r) {
+            let copy = s.to_vec();
+            return c.all_gather(&copy, r, dt);
+        }
+        c.all_gather(s, r, dt)
+    })
+}
+
+/// Reduce `size × count_per_rank` elements across ranks and leave block
+/// `rank` of the result in `recv`.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_reduce_scatter(
+    c: *mut flatshard_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count_per_rank: u64,
+    dt: DtypeArg,
+    op: ReduceOpArg,
+) -> flatshard_status {
+    boundary("flatshard_reduce_scatter", || {
+        let c = comm_ref(c, "c")?;
+        let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
+        let total = count_per_rank
+            .checked_mul(c.size() as u64)
+            .ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))?;
+        let s = slice(send, total, dt, "send")?;
+        let r = slice_mut(recv, count_per_rank, dt, "recv")?;
+        if overlaps(s, r) {
+            let copy = s.to_vec();
+            return c.reduce_scatter(&copy, r, dt, op);
+        }
+        c.reduce_scatter(s, r, dt, op)
+    })
+}
+
+/// Copy `count` elements from `root` to every rank.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> flatshard_status {
+    boundary("flatshard_broadcast", || {
+        let c = comm_ref(c, "c")?;
+        let dt = dtype(dt, "dt")?;
+        let b = slice_mut(buf, count, dt, "buf")?;
+        c.broadcast(b, dt, root)
+    })
+}
+
+/// Return once every rank has called it.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_barrier(c: *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_barrier", || comm_ref(c, "c")?.barrier())
+}
+
+/// Unblock any collective in progress (from any thread) and poison the
+/// communicator: later calls return FLATSHARD_ERR_ABORTED; peers get errors.
+/// The handle must still be freed with flatshard_comm_free.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_comm_abort", || {
+        comm_ref(c, "c")?.abort();
+        Ok(())
+    })
+}
+
+/// Free a communicator (NULL is a no-op). Peers blocked on this rank get
+/// PEER_LOST. Rank 0's store lives until its last communicator is freed.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_free(c: *mut flatshard_comm) {
+    let _ = boundary_value((), || handle::free::<Comm, _>(c));
+}

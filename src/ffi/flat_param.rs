@@ -1,0 +1,1 @@
+//! C API §4: flat parameters.

@@ -1,0 +1,1 @@
+//! Flat parameters (FSDP-style sharding). See SPEC.md §2.

@@ -1,0 +1,20 @@
+//! flatshard: FSDP-style flat-parameter sharding and local-SGD model averaging
+//! for C and C++ training engines, over NCCL or an embedded host transport.
+//!
+//! The Rust API lives in the modules below; `ffi` is the C ABI on top of it.
+
+pub mod averaging;
+pub mod comm;
+pub mod dtype;
+pub mod error;
+pub mod ffi;
+pub mod flat_param;
+pub mod log;
+pub mod reduce;
+pub mod tensor;
+
+pub use comm::{Comm, CommOptions, Transport};
+pub use dtype::{DType, ReduceOp};
+pub use error::{Error, ErrorKind, Result};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,314 @@
+//! Reduction kernels shared by every host transport.
+//!
+//! One fused n-way pass: `dst = src[0] op src[1] op ... op src[n-1]`, element by
+//! element, reading each input once. Work is done in blocks of `BLOCK` elements
+//! held in an f32/f64/i64 accumulator on the stack, so the inner loops are
+//! straight-line and the compiler vectorises them. f16/bf16 are widened to f32,
+//! accumulated across all inputs and rounded to nearest-even once per call.
+//! The same generic body is compiled twice: portable, and with AVX2+FMA+F16C
+//! enabled, picked at run time.
+//!
+//! Inputs are combined in the order given, so every rank that reduces the same
+//! inputs in the same order gets bit-identical results.
+
+use crate::dtype::{DType, ReduceOp};
+
+const BLOCK: usize = 512;
+
+/// Element types as the kernels see them: load widened, store narrowed.
+trait Elem: Copy {
+    type Acc: Copy + Default;
+    unsafe fn load(p: *const u8, i: usize) -> Self::Acc;
+    unsafe fn store(p: *mut u8, i: usize, v: Self::Acc);
+    fn sum(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn min(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn max(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn div(a: Self::Acc, n: f64) -> Self::Acc;
+}
+
+macro_rules! plain_elem {
+    ($t:ty, $acc:ty, $sum:expr, $div:expr) => {
+        impl Elem for $t {
+            type Acc = $acc;
+            #[inline(always)]
+            unsafe fn load(p: *const u8, i: usize) -> $acc {
+                (p as *const $t).add(i).read_unaligned() as $acc
+            }
+            #[inline(always)]
+            unsafe fn store(p: *mut u8, i: usize, v: $acc) {
+                (p as *mut $t).add(i).write_unaligned(v as $t)
+            }
+            #[inline(always)]
+            fn sum(a: $acc, b: $acc) -> $acc {
+                $sum(a, b)
+            }
+            #[inline(always)]
+            fn min(a: $acc, b: $acc) -> $acc {
+                if b < a { b } else { a }
+            }
+            #[inline(always)]
+            fn max(a: $acc, b: $acc) -> $acc {
+                if b > a { b } else { a }
+            }
+            #[inline(always)]
+            fn div(a: $acc, n: f64) -> $acc {
+                $div(a, n)
+            }
+        }
+    };
+}
+
+plain_elem!(f32, f32, |a: f32, b: f32| a + b, |a: f32, n: f64| a / n as f32);
+plain_elem!(f64, f64, |a: f64, b: f64| a + b, |a: f64, n: f64| a / n);
+plain_elem!(i32, i32, |a: i32, b: i32| a.wrapping_add(b), |a: i32, n: f64| (a as f64 / n) as i32);
+plain_elem!(i64, i64, |a: i64, b: i64| a.wrapping_add(b), |a: i64, n: f64| (a as f64 / n) as i64);
+plain_elem!(u8, u8, |a: u8, b: u8| a.wrapping_add(b), |a: u8, n: f64| (a as f64 / n) as u8);
+
+#[derive(Clone, Copy)]
+struct Bf16;
+#[derive(Clone, Copy)]
+struct F16;
+
+/// f32 -> bf16 bits, round to nearest-even; NaN stays a quiet NaN.
+#[inline(always)]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) as u16) | 0x0040;
+    }
+    let rounding = 0x7FFF + ((b >> 16) & 1);
+    (b.wrapping_add(rounding) >> 16) as u16
+}
+
+#[inline(always)]
+pub fn bf16_bits_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+macro_rules! f32_ops {
+    () => {
+        #[inline(always)]
+        fn sum(a: f32, b: f32) -> f32 {
+            a + b
+        }
+        #[inline(always)]
+        fn min(a: f32, b: f32) -> f32 {
+            if b < a { b } else { a }
+        }
+        #[inline(always)]
+        fn max(a: f32, b: f32) -> f32 {
+            if b > a { b } else { a }
+        }
+        #[inline(always)]
+        fn div(a: f32, n: f64) -> f32 {
+            a / n as f32
+        }
+    };
+}
+
+impl Elem for Bf16 {
+    type Acc = f32;
+    #[inline(always)]
+    unsafe fn load(p: *const u8, i: usize) -> f32 {
+        bf16_bits_to_f32((p as *const u16).add(i).read_unaligned())
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut u8, i: usize, v: f32) {
+        (p as *mut u16).add(i).write_unaligned(f32_to_bf16_bits(v))
+    }
+    f32_ops!();
+}
+
+impl Elem for F16 {
+    type Acc = f32;
+    #[inline(always)]
+    unsafe fn load(p: *const u8, i: usize) -> f32 {
+        half::f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32()
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut u8, i: usize, v: f32) {
+        (p as *mut u16).add(i).write_unaligned(half::f16::from_f32(v).to_bits())
+    }
+    f32_ops!();
+}
+
+/// The generic fused body. `scale_by`: divide the result by this (AVG), or 0 = no.
+#[inline(always)]
+unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: ReduceOp, scale_by: f64) {
+    let f: fn(E::Acc, E::Acc) -> E::Acc = match op {
+        ReduceOp::Sum | ReduceOp::Avg => E::sum,
+        ReduceOp::Min => E::min,
+        ReduceOp::Max => E::max,
+    };
+    let mut acc = [E::Acc::default(); BLOCK];
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        let s0 = srcs[0];
+        for j in 0..len {
+            acc[j] = E::load(s0, start + j);
+        }
+        for s in &srcs[1..] {
+            let s = *s;
+            for j in 0..len {
+                acc[j] = f(acc[j], E::load(s, start + j));
+            }
+        }
+        if scale_by != 0.0 {
+            for a in acc.iter_mut().take(len) {
+                *a = E::div(*a, scale_by);
+            }
+        }
+        for j in 0..len {
+            E::store(dst, start + j, acc[j]);
+        }
+        start += len;
+    }
+}
+
+#[inline(always)]
+unsafe fn dispatch_body(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
+    match dt {
+        DType::F32 => reduce_body::<f32>(dst, srcs, n, op, scale_by),
+        DType::F64 => reduce_body::<f64>(dst, srcs, n, op, scale_by),
+        DType::F16 => reduce_body::<F16>(dst, srcs, n, op, scale_by),
+        DType::BF16 => reduce_body::<Bf16>(dst, srcs, n, op, scale_by),
+        DType::I32 => reduce_body::<i32>(dst, srcs, n, op, scale_by),
+        DType::I64 => reduce_body::<i64>(dst, srcs, n, op, scale_by),
+        DType::U8 => reduce_body::<u8>(dst, srcs, n, op, scale_by),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dispatch_avx2(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
+    dispatch_body(dst, srcs, n, dt, op, scale_by)
+}
+
+unsafe fn dispatch_portable(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
+    dispatch_body(dst, srcs, n, dt, op, scale_by)
+}
+
+/// Which kernel flavour this CPU runs ("avx2" or "portable").
+pub fn kernel_name() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+            return "avx2";
+        }
+    }
+    "portable"
+}
+
+fn use_avx2() -> bool {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| kernel_name() == "avx2")
+}
+
+/// Raw fused reduction. `dst` may equal one of `srcs` (each block is read
+/// completely before it is written), but must not partially overlap any.
+///
+/// # Safety
+/// Every pointer must be valid for `n` elements of `dt`.
+pub unsafe fn reduce_n_raw(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
+    if n == 0 || srcs.is_empty() {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if use_avx2() {
+            return dispatch_avx2(dst, srcs, n, dt, op, scale_by);
+        }
+    }
+    dispatch_portable(dst, srcs, n, dt, op, scale_by)
+}
+
+/// `dst = srcs[0] op ... op srcs[k-1]` (AVG is a SUM here; use `scale` after).
+/// Panics if a length differs (a bug in the caller, not caller input).
+pub fn reduce_n(dst: &mut [u8], srcs: &[&[u8]], dt: DType, op: ReduceOp) {
+    let n = dst.len() / dt.size();
+    assert!(srcs.iter().all(|s| s.len() >= n * dt.size()), "reduce_n: short input");
+    let ptrs: Vec<*const u8> = srcs.iter().map(|s| s.as_ptr()).collect();
+    unsafe { reduce_n_raw(dst.as_mut_ptr(), &ptrs, n, dt, op, 0.0) }
+}
+
+/// `dst = dst op src`.
+pub fn reduce_into(dst: &mut [u8], src: &[u8], dt: DType, op: ReduceOp) {
+    let n = dst.len() / dt.size();
+    assert!(src.len() >= n * dt.size(), "reduce_into: short input");
+    let d = dst.as_mut_ptr();
+    unsafe { reduce_n_raw(d, &[d as *const u8, src.as_ptr()], n, dt, op, 0.0) }
+}
+
+/// `buf[i] = buf[i] / divisor` (AVG = SUM / size). f16/bf16 divide in f32.
+pub fn scale(buf: &mut [u8], dt: DType, divisor: f64) {
+    let n = buf.len() / dt.size();
+    let d = buf.as_mut_ptr();
+    unsafe { reduce_n_raw(d, &[d as *const u8], n, dt, ReduceOp::Sum, divisor) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+    }
+    fn to_f32s(b: &[u8]) -> Vec<f32> {
+        b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn sum_min_max_f32_across_blocks() {
+        let n = BLOCK * 2 + 7;
+        let a: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let b: Vec<f32> = (0..n).map(|i| (n - i) as f32 * 0.5).collect();
+        for op in [ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max] {
+            let mut d = f32s(&a);
+            reduce_into(&mut d, &f32s(&b), DType::F32, op);
+            let got = to_f32s(&d);
+            for i in 0..n {
+                let want = match op {
+                    ReduceOp::Sum => a[i] + b[i],
+                    ReduceOp::Min => a[i].min(b[i]),
+                    _ => a[i].max(b[i]),
+                };
+                assert_eq!(got[i], want, "op {op:?} at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1.0 + 2^-8 is exactly between two bf16 values (1.0 and 1.0078125): ties to even -> 1.0
+        assert_eq!(f32_to_bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+        // 1.0078125 + 2^-8 ties between 1.0078125 (odd mantissa) and 1.015625 -> 1.015625
+        assert_eq!(f32_to_bf16_bits(1.0078125 + 1.0 / 256.0), 0x3F82);
+        assert!(bf16_bits_to_f32(f32_to_bf16_bits(f32::NAN)).is_nan());
+    }
+
+    #[test]
+    fn f16_accumulates_in_f32() {
+        // 2048 + 1 + 1 in f16 pairwise would stay 2048 (spacing 2); in f32 it is 2050.
+        let h = |x: f32| half::f16::from_f32(x).to_bits().to_ne_bytes();
+        let a = h(2048.0);
+        let b = h(1.0);
+        let mut d = [0u8; 2];
+        reduce_n(&mut d, &[&a, &b, &b], DType::F16, ReduceOp::Sum);
+        assert_eq!(half::f16::from_bits(u16::from_ne_bytes(d)).to_f32(), 2050.0);
+    }
+
+    #[test]
+    fn integers_and_scale() {
+        let a: Vec<u8> = [5i64, -3].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let b: Vec<u8> = [7i64, 10].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        let mut d = a.clone();
+        reduce_into(&mut d, &b, DType::I64, ReduceOp::Max);
+        let got: Vec<i64> = d.chunks_exact(8).map(|c| i64::from_ne_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(got, vec![7, 10]);
+        let mut f = f32s(&[3.0, 9.0]);
+        scale(&mut f, DType::F32, 3.0);
+        assert_eq!(to_f32s(&f), vec![1.0, 3.0]);
+    }
+}

@@ -1,0 +1,122 @@
+//! Collectives over real processes and sockets, against sequential references.
+mod common;
+use common::*;
+use flatshard::{DType, ErrorKind, ReduceOp};
+
+/// Deterministic per-rank data: small integers so f32 sums are exact.
+fn data(rank: usize, n: usize, salt: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7 + rank * 13 + salt) % 17) as f32 - 8.0).collect()
+}
+
+fn check_all(comm: flatshard::Comm, sizes: &[usize]) {
+    let (r, w) = (comm.rank(), comm.size());
+    for &n in sizes {
+        // all_reduce SUM / MAX / AVG
+        for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg] {
+            let mut buf = f32_bytes(&data(r, n, 1));
+            comm.all_reduce(&mut buf, DType::F32, op).unwrap();
+            let got = bytes_f32(&buf);
+            let all: Vec<Vec<f32>> = (0..w).map(|q| data(q, n, 1)).collect();
+            for i in 0..n {
+                let vals: Vec<f32> = (0..w).map(|q| all[q][i]).collect();
+                let want = match op {
+                    ReduceOp::Sum => vals.iter().sum::<f32>(),
+                    ReduceOp::Max => vals.iter().cloned().fold(f32::MIN, f32::max),
+                    _ => vals.iter().sum::<f32>() / w as f32,
+                };
+                assert_eq!(got[i], want, "all_reduce {op:?} n={n} i={i} rank {r}");
+            }
+        }
+        // all_gather
+        let send = f32_bytes(&data(r, n, 2));
+        let mut recv = vec![0u8; send.len() * w];
+        comm.all_gather(&send, &mut recv, DType::F32).unwrap();
+        let got = bytes_f32(&recv);
+        for q in 0..w {
+            assert_eq!(&got[q * n..(q + 1) * n], &data(q, n, 2)[..], "all_gather n={n} block {q}");
+        }
+        // reduce_scatter
+        let send = f32_bytes(&data(r, n * w, 3));
+        let mut recv = vec![0u8; n * 4];
+        comm.reduce_scatter(&send, &mut recv, DType::F32, ReduceOp::Sum).unwrap();
+        let got = bytes_f32(&recv);
+        let all: Vec<Vec<f32>> = (0..w).map(|q| data(q, n * w, 3)).collect();
+        for i in 0..n {
+            let want: f32 = (0..w).map(|q| all[q][r * n + i]).sum();
+            assert_eq!(got[i], want, "reduce_scatter n={n} i={i}");
+        }
+        // broadcast from the last rank
+        let root = w - 1;
+        let mut buf = f32_bytes(&data(r, n, 4));
+        comm.broadcast(&mut buf, DType::F32, root as i32).unwrap();
+        assert_eq!(bytes_f32(&buf), data(root, n, 4), "broadcast n={n}");
+    }
+    comm.barrier().unwrap();
+}
+
+const SIZES: &[usize] = &[0, 1, 5, 1000, 8191, 300_000, 1_000_003];
+
+#[test]
+fn tcp_collectives_w2() {
+    ranks("tcp_collectives_w2", 2, &[], |c| check_all(c, SIZES));
+}
+
+#[test]
+fn tcp_collectives_w3() {
+    ranks("tcp_collectives_w3", 3, &[], |c| check_all(c, SIZES));
+}
+
+#[test]
+fn tcp_collectives_w4() {
+    ranks("tcp_collectives_w4", 4, &[], |c| check_all(c, SIZES));
+}
+
+#[test]
+fn mismatch_is_reported_everywhere_and_comm_survives() {
+    ranks("mismatch_is_reported_everywhere_and_comm_survives", 3, &[], |c| {
+        let r = c.rank();
+        // rank 1 passes a different count (small and large paths)
+        for n in [10usize, 200_000] {
+            let cnt = if r == 1 { n + 1 } else { n };
+            let mut buf = vec![0u8; cnt * 4];
+            let e = c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+        }
+        // different op
+        let mut buf = vec![0u8; 16];
+        let op = if r == 0 { ReduceOp::Max } else { ReduceOp::Sum };
+        assert_eq!(c.all_reduce(&mut buf, DType::F32, op).unwrap_err().kind, ErrorKind::Mismatch);
+        // still usable
+        let mut buf = f32_bytes(&[r as f32; 4]);
+        c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+        assert_eq!(bytes_f32(&buf), vec![3.0; 4]);
+    });
+}
+
+#[test]
+fn split_and_subgroups() {
+    ranks("split_and_subgroups", 4, &[], |c| {
+        let r = c.rank();
+        let sub = c.new_subgroups(2).unwrap();
+        assert_eq!(sub.size(), 2);
+        assert_eq!(sub.rank(), r % 2);
+        let mut buf = f32_bytes(&[r as f32]);
+        sub.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+        let want = if r < 2 { 1.0 } else { 5.0 };
+        assert_eq!(bytes_f32(&buf), vec![want]);
+        // odd ranks, reversed order by key; rank 0 opts out
+        let color = if r == 0 { -1 } else { (r % 2) as i32 };
+        let s = c.split(color, -(r as i32)).unwrap();
+        match r {
+            0 => assert!(s.is_none()),
+            1 | 3 => {
+                let s = s.unwrap();
+                assert_eq!(s.size(), 2);
+                assert_eq!(s.rank(), if r == 3 { 0 } else { 1 });
+            }
+            _ => assert_eq!(s.unwrap().size(), 1),
+        }
+        // rank 0 serves the store: keep it alive until every group is built
+        c.barrier().unwrap();
+    });
+}

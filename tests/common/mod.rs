@@ -1,0 +1,102 @@
+//! Multi-process test harness: a test re-runs its own test binary once per
+//! rank (real processes, real sockets), with torchrun's variables set.
+#![allow(dead_code)]
+
+use flatshard::{Comm, CommOptions};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const RANK_ENV: &str = "FLATSHARD_TEST_WORKER";
+
+/// A free TCP port on loopback (the OS picks; the race is small and a clash
+/// shows up as a clear bind error).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn is_worker() -> bool {
+    std::env::var(RANK_ENV).is_ok()
+}
+
+pub fn env_rank() -> usize {
+    std::env::var("RANK").unwrap().parse().unwrap()
+}
+
+/// Spawn `world` ranks of test `name` (this binary) with extra env; return the children.
+pub fn spawn(name: &str, world: usize, extra: &[(&str, String)]) -> Vec<Child> {
+    let port = free_port();
+    let exe = std::env::current_exe().unwrap();
+    (0..world)
+        .map(|r| {
+            let mut c = Command::new(&exe);
+            c.args([name, "--exact", "--nocapture", "--test-threads=1"])
+                .env(RANK_ENV, "1")
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in extra {
+                c.env(k, v);
+            }
+            c.spawn().unwrap()
+        })
+        .collect()
+}
+
+/// Wait for every child (killing all after `limit`); return (exit codes, outputs).
+pub fn wait_all(children: Vec<Child>, limit: Duration) -> Vec<(Option<i32>, String)> {
+    let start = Instant::now();
+    let mut children: Vec<Option<Child>> = children.into_iter().map(Some).collect();
+    let mut codes: Vec<Option<Option<i32>>> = vec![None; children.len()];
+    while codes.iter().any(|c| c.is_none()) {
+        for (i, ch) in children.iter_mut().enumerate() {
+            if codes[i].is_none() {
+                if let Some(st) = ch.as_mut().unwrap().try_wait().unwrap() {
+                    codes[i] = Some(st.code());
+                }
+            }
+        }
+        if start.elapsed() > limit {
+            for (i, ch) in children.iter_mut().enumerate() {
+                if codes[i].is_none() {
+                    let _ = ch.as_mut().unwrap().kill();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    children
+        .into_iter()
+        .zip(codes)
+        .map(|(ch, code)| {
+            let out = ch.unwrap().wait_with_output().unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            (code.unwrap(), text)
+        })
+        .collect()
+}
+
+/// Run `body` on `world` ranks (as separate processes) and require all to succeed.
+pub fn ranks(name: &str, world: usize, extra: &[(&str, String)], body: impl FnOnce(Comm)) {
+    if is_worker() {
+        let comm = Comm::init_from_env(CommOptions { timeout: Duration::from_secs(60), ..Default::default() })
+            .unwrap_or_else(|e| panic!("rank {}: init failed: {e}", env_rank()));
+        body(comm);
+        return;
+    }
+    let res = wait_all(spawn(name, world, extra), Duration::from_secs(120));
+    for (r, (code, out)) in res.iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {r} of {name} failed (exit {code:?}):\n{out}");
+    }
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+}
+pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect()
+}
