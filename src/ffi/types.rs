@@ -169,3 +169,37 @@ pub struct flatshard_collectives {
     /// May be NULL.
     pub destroy: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
 }
+
+use crate::error::{Error, Result};
+use crate::tensor::{Device, TensorRef};
+
+/// Validate a C tensor description; `what` names it in errors ("params[3]").
+/// Pointers are not dereferenced here.
+pub(crate) fn tensor_from_c(t: &flatshard_tensor, what: &str) -> Result<TensorRef> {
+    let dtype = crate::dtype::DType::from_raw(t.dtype.0 as i64, &format!("{what}.dtype"))?;
+    let device = match t.device.r#type.0 {
+        0 => Device::Cpu,
+        1 => Device::Cuda(t.device.index),
+        v => return Err(Error::invalid_arg(format!("{what}.device.type: {v} is not a flatshard_device_type (0..=1)"))),
+    };
+    dtype.bytes(t.numel, &format!("{what}.numel"))?;
+    if t.numel > 0 && t.data.is_null() {
+        return Err(Error::invalid_arg(format!("{what}.data is NULL but numel is {}", t.numel)));
+    }
+    Ok(TensorRef { data: t.data as *mut u8, grad: t.grad as *mut u8, numel: t.numel, dtype, device })
+}
+
+/// Describe a library-owned (or caller-owned) tensor for C.
+pub(crate) fn tensor_to_c(t: &TensorRef) -> flatshard_tensor {
+    let (ty, index) = match t.device {
+        Device::Cpu => (0, 0),
+        Device::Cuda(i) => (1, i),
+    };
+    flatshard_tensor {
+        data: t.data as *mut c_void,
+        grad: t.grad as *mut c_void,
+        numel: t.numel,
+        dtype: DtypeArg(t.dtype as i32),
+        device: flatshard_device { r#type: DeviceTypeArg(ty), index },
+    }
+}
