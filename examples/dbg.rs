@@ -1,17 +1,21 @@
 use flatshard::*;
+use std::time::Instant;
 fn main() {
-    let c = Comm::init_from_env(CommOptions { timeout: std::time::Duration::from_secs(5), ..Default::default() }).unwrap();
+    let c = Comm::init_from_env(CommOptions::default()).unwrap();
     let w = c.size();
-    for n in [0usize, 1, 5, 1000, 300_000] {
-        let mut buf = vec![1u8; n * 4];
-        let r = c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum);
-        eprintln!("rank {} AR n={} {:?}", c.rank(), n, r.err());
-        let mut recv = vec![0u8; n * 4 * w];
-        let r = c.all_gather(&buf, &mut recv, DType::F32);
-        eprintln!("rank {} AG n={} {:?}", c.rank(), n, r.err());
-        let r = c.reduce_scatter(&recv, &mut buf, DType::F32, ReduceOp::Sum);
-        eprintln!("rank {} RS n={} {:?}", c.rank(), n, r.err());
-        let r = c.broadcast(&mut buf, DType::F32, 0);
-        eprintln!("rank {} BC n={} {:?}", c.rank(), n, r.err());
+    for nb in [4096usize, 16 << 20, 64 << 20] {
+        let mut buf = vec![1u8; nb];
+        let mut ts = vec![];
+        for _ in 0..6 {
+            c.barrier().unwrap();
+            let t = Instant::now();
+            c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+            ts.push(t.elapsed().as_secs_f64());
+        }
+        ts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let m = ts[3];
+        if c.rank() == 0 {
+            println!("AR w={w} bytes={nb} median={:.6}s busbw={:.2} GB/s", m, nb as f64 / m / 1e9 * 2.0 * (w - 1) as f64 / w as f64);
+        }
     }
 }
