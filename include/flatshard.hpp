@@ -1,0 +1,261 @@
+/*
+ * flatshard.hpp: header-only C++17 RAII wrapper over flatshard.h.
+ *
+ * - Handles are move-only classes that free themselves (Comm, FlatParam, Averager).
+ * - Every failing call throws flatshard::Error carrying the status and the
+ *   library's message (flatshard_last_error()).
+ * - Tensors are described with flatshard::cpu_tensor(ptr, n) / Span<T>.
+ *
+ * Lifetimes follow the C API: a Comm must outlive the FlatParams and Averagers
+ * built on it (destroy them first, as with NCCL communicators).
+ */
+#ifndef FLATSHARD_HPP
+#define FLATSHARD_HPP
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "flatshard.h"
+
+namespace flatshard {
+
+/** A failed flatshard call: status() + what() (the library's message). */
+class Error : public std::runtime_error {
+ public:
+  Error(flatshard_status s, const std::string &msg)
+      : std::runtime_error(std::string(flatshard_status_name(s)) + ": " + msg), status_(s) {}
+  flatshard_status status() const noexcept { return status_; }
+
+ private:
+  flatshard_status status_;
+};
+
+inline void check(flatshard_status s) {
+  if (s != FLATSHARD_OK) throw Error(s, flatshard_last_error());
+}
+
+/** A contiguous view of caller memory (C++20 std::span in miniature). */
+template <typename T>
+struct Span {
+  T *data = nullptr;
+  std::size_t size = 0;
+  Span() = default;
+  Span(T *d, std::size_t n) : data(d), size(n) {}
+  template <typename C>
+  Span(C &c) : data(c.data()), size(c.size()) {}  // NOLINT: implicit from containers
+  T *begin() const { return data; }
+  T *end() const { return data + size; }
+  T &operator[](std::size_t i) const { return data[i]; }
+};
+
+template <typename T>
+constexpr flatshard_dtype dtype_of() {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value ||
+                    std::is_same<T, int32_t>::value || std::is_same<T, int64_t>::value ||
+                    std::is_same<T, uint8_t>::value,
+                "use the flatshard_dtype overloads for f16/bf16");
+  return std::is_same<T, float>::value     ? FLATSHARD_F32
+         : std::is_same<T, double>::value  ? FLATSHARD_F64
+         : std::is_same<T, int32_t>::value ? FLATSHARD_I32
+         : std::is_same<T, int64_t>::value ? FLATSHARD_I64
+                                           : FLATSHARD_U8;
+}
+
+/** Describe host memory as a flatshard_tensor (grad optional). */
+template <typename T>
+flatshard_tensor cpu_tensor(T *data, std::size_t numel, T *grad = nullptr) {
+  flatshard_tensor t{};
+  t.data = const_cast<typename std::remove_const<T>::type *>(data);
+  t.grad = grad;
+  t.numel = numel;
+  t.dtype = dtype_of<typename std::remove_const<T>::type>();
+  t.device.type = FLATSHARD_DEVICE_CPU;
+  t.device.index = 0;
+  return t;
+}
+
+/** A communicator (owning, move-only). */
+class Comm {
+ public:
+  Comm() = default;
+  explicit Comm(flatshard_comm *c) : c_(c) {}
+  /** torchrun environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE). */
+  static Comm from_env(const flatshard_comm_options *o = nullptr) {
+    flatshard_comm *c = nullptr;
+    check(flatshard_comm_init_from_env(o, &c));
+    return Comm(c);
+  }
+  static Comm init(const std::string &addr, uint16_t port, int rank, int world,
+                   const flatshard_comm_options *o = nullptr) {
+    flatshard_comm *c = nullptr;
+    check(flatshard_comm_init(addr.c_str(), port, rank, world, o, &c));
+    return Comm(c);
+  }
+  Comm(Comm &&o) noexcept : c_(std::exchange(o.c_, nullptr)) {}
+  Comm &operator=(Comm &&o) noexcept {
+    if (this != &o) {
+      flatshard_comm_free(c_);
+      c_ = std::exchange(o.c_, nullptr);
+    }
+    return *this;
+  }
+  Comm(const Comm &) = delete;
+  Comm &operator=(const Comm &) = delete;
+  ~Comm() { flatshard_comm_free(c_); }
+
+  int rank() const { return flatshard_comm_rank(c_); }
+  int size() const { return flatshard_comm_size(c_); }
+  flatshard_comm *get() const { return c_; }
+  explicit operator bool() const { return c_ != nullptr; }
+
+  template <typename T>
+  void all_reduce(Span<T> buf, flatshard_reduce_op op = FLATSHARD_SUM) {
+    check(flatshard_all_reduce(c_, buf.data, buf.size, dtype_of<T>(), op));
+  }
+  template <typename T>
+  void all_gather(Span<const T> send, Span<T> recv) {
+    check(flatshard_all_gather(c_, send.data, recv.data, send.size, dtype_of<T>()));
+  }
+  template <typename T>
+  void reduce_scatter(Span<const T> send, Span<T> recv, flatshard_reduce_op op = FLATSHARD_SUM) {
+    check(flatshard_reduce_scatter(c_, send.data, recv.data, recv.size, dtype_of<T>(), op));
+  }
+  template <typename T>
+  void broadcast(Span<T> buf, int root) {
+    check(flatshard_broadcast(c_, buf.data, buf.size, dtype_of<T>(), root));
+  }
+  void barrier() { check(flatshard_barrier(c_)); }
+  void abort() { check(flatshard_comm_abort(c_)); }
+  /** Contiguous blocks of group_size ranks. */
+  Comm new_subgroups(int group_size) {
+    flatshard_comm *c = nullptr;
+    check(flatshard_comm_new_subgroups(c_, group_size, &c));
+    return Comm(c);
+  }
+  /** MPI_Comm_split; an empty Comm (operator bool false) for color < 0. */
+  Comm split(int color, int key) {
+    flatshard_comm *c = nullptr;
+    check(flatshard_comm_split(c_, color, key, &c));
+    return Comm(c);
+  }
+
+ private:
+  flatshard_comm *c_ = nullptr;
+};
+
+/** One FSDP flat parameter (owning, move-only). */
+class FlatParam {
+ public:
+  FlatParam(Comm &comm, const std::vector<flatshard_tensor> &params,
+            const flatshard_flat_param_options *o = nullptr) {
+    check(flatshard_flat_param_new(comm.get(), params.data(), params.size(), o, &fp_));
+  }
+  FlatParam(FlatParam &&o) noexcept : fp_(std::exchange(o.fp_, nullptr)) {}
+  FlatParam &operator=(FlatParam &&o) noexcept {
+    if (this != &o) {
+      flatshard_flat_param_free(fp_);
+      fp_ = std::exchange(o.fp_, nullptr);
+    }
+    return *this;
+  }
+  FlatParam(const FlatParam &) = delete;
+  FlatParam &operator=(const FlatParam &) = delete;
+  ~FlatParam() { flatshard_flat_param_free(fp_); }
+
+  uint64_t numel() const { return flatshard_flat_param_numel(fp_); }
+  uint64_t padded_numel() const { return flatshard_flat_param_padded_numel(fp_); }
+  uint64_t shard_numel() const { return flatshard_flat_param_shard_numel(fp_); }
+  flatshard_tensor shard() {
+    flatshard_tensor t;
+    check(flatshard_flat_param_shard(fp_, &t));
+    return t;
+  }
+  void unshard(const flatshard_unshard_options *o = nullptr) { check(flatshard_flat_param_unshard(fp_, o)); }
+  flatshard_tensor view(uint64_t i) {
+    flatshard_tensor t;
+    check(flatshard_flat_param_view(fp_, i, &t));
+    return t;
+  }
+  void reshard() { check(flatshard_flat_param_reshard(fp_)); }
+  void reduce_grads() { check(flatshard_flat_param_reduce_grads(fp_)); }
+  void zero_grad() { check(flatshard_flat_param_zero_grad(fp_)); }
+  flatshard_flat_param *get() const { return fp_; }
+
+ private:
+  flatshard_flat_param *fp_ = nullptr;
+};
+
+/** Unshard for a scope (summon_full_params); reshards on exit. */
+class Unsharded {
+ public:
+  Unsharded(FlatParam &fp, const flatshard_unshard_options *o = nullptr) : fp_(fp) { fp_.unshard(o); }
+  ~Unsharded() noexcept(false) {
+    if (std::uncaught_exceptions() == 0) fp_.reshard();
+    else flatshard_flat_param_reshard(fp_.get());
+  }
+  Unsharded(const Unsharded &) = delete;
+  Unsharded &operator=(const Unsharded &) = delete;
+
+ private:
+  FlatParam &fp_;
+};
+
+/** A periodic or hierarchical model averager (owning, move-only). */
+class Averager {
+ public:
+  static Averager periodic(Comm &comm, uint64_t period, uint64_t warmup) {
+    flatshard_averager *a = nullptr;
+    check(flatshard_periodic_averager_new(comm.get(), period, warmup, &a));
+    return Averager(a);
+  }
+  static Averager hierarchical(Comm &comm, const std::vector<std::pair<uint64_t, int32_t>> &period_to_group,
+                               uint64_t warmup) {
+    std::vector<uint64_t> p;
+    std::vector<int32_t> g;
+    for (auto &kv : period_to_group) {
+      p.push_back(kv.first);
+      g.push_back(kv.second);
+    }
+    flatshard_averager *a = nullptr;
+    check(flatshard_hierarchical_averager_new(comm.get(), p.data(), g.data(), p.size(), warmup, &a));
+    return Averager(a);
+  }
+  Averager(Averager &&o) noexcept : a_(std::exchange(o.a_, nullptr)) {}
+  Averager &operator=(Averager &&o) noexcept {
+    if (this != &o) {
+      flatshard_averager_free(a_);
+      a_ = std::exchange(o.a_, nullptr);
+    }
+    return *this;
+  }
+  Averager(const Averager &) = delete;
+  Averager &operator=(const Averager &) = delete;
+  ~Averager() { flatshard_averager_free(a_); }
+
+  /** Returns the size of the group that averaged (0 if none). */
+  int step(std::vector<flatshard_tensor> &params, uint32_t flags = 0) {
+    int32_t g = 0;
+    check(flatshard_averager_step(a_, params.data(), params.size(), flags, &g));
+    return g;
+  }
+  uint64_t get_step() const { return flatshard_averager_get_step(a_); }
+  void set_step(uint64_t s) { check(flatshard_averager_set_step(a_, s)); }
+
+ private:
+  explicit Averager(flatshard_averager *a) : a_(a) {}
+  flatshard_averager *a_ = nullptr;
+};
+
+/** In-place mean of `params` over `comm` (bounded extra memory). */
+inline void average_parameters(Comm &comm, std::vector<flatshard_tensor> &params, uint32_t flags = 0) {
+  check(flatshard_average_parameters(comm.get(), params.data(), params.size(), flags));
+}
+
+}  // namespace flatshard
+
+#endif  // FLATSHARD_HPP
