@@ -171,6 +171,31 @@ typedef struct {
   void (*destroy)(void *ctx);
 } flatshard_collectives;
 
+/**
+ * Where a tensor lives.
+ */
+typedef struct {
+  flatshard_device_type type;
+  int32_t index;
+} flatshard_device;
+
+/**
+ * A caller-owned tensor: contiguous memory, described not copied.
+ */
+typedef struct {
+  /**
+   * Element 0; host or device pointer.
+   */
+  void *data;
+  /**
+   * Gradient of the same size/dtype, or NULL (no grad).
+   */
+  void *grad;
+  uint64_t numel;
+  flatshard_dtype dtype;
+  flatshard_device device;
+} flatshard_tensor;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
