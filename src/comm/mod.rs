@@ -308,7 +308,11 @@ impl Comm {
         if self.abort.load(Ordering::SeqCst) {
             return Err(Error::aborted(format!("rank {}: communicator was aborted", self.rank())));
         }
-        let r = f(self.backend.as_ref());
+        let mut r = f(self.backend.as_ref());
+        if r.is_err() && self.abort.load(Ordering::SeqCst) {
+            // abort() shut the sockets down; report the cause, not the symptom.
+            r = Err(Error::aborted("the communicator was aborted (flatshard_comm_abort) during the call"));
+        }
         if let Err(e) = &r {
             if e.poisons() {
                 *self.poisoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.msg.clone());
