@@ -24,10 +24,20 @@ pub fn env_rank() -> usize {
 
 /// Spawn `world` ranks of test `name` (this binary) with extra env; return the children.
 pub fn spawn(name: &str, world: usize, extra: &[(&str, String)]) -> Vec<Child> {
-    let port = free_port();
+    spawn_on_port(name, world, free_port(), extra)
+}
+
+pub fn spawn_on_port(name: &str, world: usize, port: u16, extra: &[(&str, String)]) -> Vec<Child> {
+    let all: Vec<usize> = (0..world).collect();
+    spawn_on_port_ranks(name, world, port, extra, &all)
+}
+
+/// Spawn only the given ranks of a `world`-rank job on `port`.
+pub fn spawn_on_port_ranks(name: &str, world: usize, port: u16, extra: &[(&str, String)], which: &[usize]) -> Vec<Child> {
     let exe = std::env::current_exe().unwrap();
-    (0..world)
-        .map(|r| {
+    which
+        .iter()
+        .map(|&r| {
             let mut c = Command::new(&exe);
             c.args([name, "--exact", "--nocapture", "--test-threads=1"])
                 .env(RANK_ENV, "1")
