@@ -218,6 +218,40 @@ const char *flatshard_last_error(void);
 const char *flatshard_version(void);
 
 /**
+ * Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
+ * (a CUstream / cudaStream_t; NULL = the legacy default stream). The
+ * ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
+ * authenticated by the job token. Collective over all ranks; NCCL needs one
+ * GPU per rank. `*out` is owned by the caller (flatshard_comm_free).
+ * UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
+ */
+flatshard_status flatshard_comm_init_nccl(const char *master_addr,
+                                          uint16_t master_port,
+                                          int32_t rank,
+                                          int32_t world_size,
+                                          int32_t cuda_device,
+                                          void *cuda_stream,
+                                          const flatshard_comm_options *opts,
+                                          flatshard_comm **out);
+
+/**
+ * Adopt an existing ncclComm_t (not owned: flatshard_comm_free does not
+ * destroy it). Collectives are ordered on `cuda_stream`.
+ */
+flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
+                                          int32_t cuda_device,
+                                          void *cuda_stream,
+                                          flatshard_comm **out);
+
+/**
+ * Wait for the work queued on the communicator's stream, up to the timeout;
+ * reports asynchronous NCCL errors (NCCL) and aborts the communicator on
+ * timeout (TIMEOUT). On a host communicator it returns OK at once (host
+ * collectives complete before returning).
+ */
+flatshard_status flatshard_comm_synchronize(flatshard_comm *c);
+
+/**
  * Zero-fill `*o` and set `o->struct_size`. NULL is ignored.
  */
 void flatshard_comm_options_init(flatshard_comm_options *o);

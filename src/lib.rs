@@ -5,6 +5,7 @@
 
 pub mod averaging;
 pub mod comm;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;

@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod callbacks;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod net;
 pub mod shm;
 pub mod store;
@@ -128,6 +130,25 @@ pub trait Backend: Send + Sync {
     fn barrier(&self) -> Result<()>;
     /// Unblock any waiter (from any thread) and make later calls fail.
     fn abort(&self);
+    /// Transports that take device pointers (NCCL) expose them here.
+    fn device(&self) -> Option<&dyn DeviceCollectives> {
+        None
+    }
+}
+
+/// Collectives on raw device pointers, stream-ordered (NCCL). Pointers are
+/// never dereferenced on the host.
+pub trait DeviceCollectives {
+    /// # Safety: device pointers valid for `count` elements.
+    unsafe fn all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()>;
+    /// # Safety: see all_reduce; recv holds size × count.
+    unsafe fn all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()>;
+    /// # Safety: see all_reduce; send holds size × count.
+    unsafe fn reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()>;
+    /// # Safety: see all_reduce.
+    unsafe fn broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: usize) -> Result<()>;
+    /// Wait for the queued work with the deadline; report asynchronous errors.
+    fn synchronize(&self) -> Result<()>;
 }
 
 /// A group of one: every collective is a copy or nothing.
@@ -258,6 +279,35 @@ impl Comm {
         Ok(Comm { backend, abort, poisoned: Mutex::new(None), ctx: Some(ctx), gid: "w".into(), splits: AtomicU64::new(0) })
     }
 
+    /// NCCL communicator: the ncclUniqueId travels from rank 0 through the
+    /// same authenticated TCP rendezvous as a host communicator.
+    #[cfg(feature = "cuda")]
+    pub fn init_nccl(master_addr: &str, port: u16, rank: i32, world: i32, device: i32, stream: *mut std::ffi::c_void, opts: CommOptions) -> Result<Comm> {
+        crate::cuda::nccl()?;
+        let timeout = opts.timeout;
+        let host = Comm::init(master_addr, port, rank, world, CommOptions { transport: Transport::Tcp, ..opts })?;
+        let mut msg = [0u8; 129];
+        if rank == 0 {
+            if let Ok(id) = nccl::NcclBackend::unique_id() {
+                msg[0] = 1;
+                msg[1..].copy_from_slice(&id);
+            }
+        }
+        host.broadcast(&mut msg, DType::U8, 0)?;
+        if msg[0] != 1 {
+            return Err(Error::unsupported("rank 0 could not create an ncclUniqueId (is NCCL loadable there?)"));
+        }
+        let id: [u8; 128] = msg[1..].try_into().map_err(|_| Error::internal("id length"))?;
+        let b = nccl::NcclBackend::init(&id, rank as usize, world as usize, device, stream, timeout)?;
+        host.barrier()?;
+        Ok(Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false))))
+    }
+
+    /// Does this communicator take device pointers (NCCL)?
+    pub fn is_device(&self) -> bool {
+        self.backend.device().is_some()
+    }
+
     /// torchrun's environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE.
     pub fn init_from_env(opts: CommOptions) -> Result<Comm> {
         let var = |name: &str| {
@@ -301,7 +351,7 @@ impl Comm {
     }
 
     /// Run one collective with the poison rules of API.md §3.
-    fn run<T>(&self, f: impl FnOnce(&dyn Backend) -> Result<T>) -> Result<T> {
+    pub(crate) fn run<T>(&self, f: impl FnOnce(&dyn Backend) -> Result<T>) -> Result<T> {
         if let Some(why) = self.poisoned.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Err(Error::aborted(format!("rank {}: communicator unusable after an earlier failure ({why})", self.rank())));
         }

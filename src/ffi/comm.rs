@@ -32,7 +32,7 @@ fn reduce_op(o: ReduceOpArg) -> Result<ReduceOp> {
     ReduceOp::from_raw(o.0 as i64, "op")
 }
 
-unsafe fn parse_options(o: *const flatshard_comm_options) -> Result<CommOptions> {
+pub(crate) unsafe fn parse_options(o: *const flatshard_comm_options) -> Result<CommOptions> {
     let mut opts = CommOptions::default();
     if o.is_null() {
         return Ok(opts);
@@ -192,6 +192,10 @@ unsafe fn slice<'a>(p: *const c_void, count: u64, dt: DType, arg: &str) -> Resul
     Ok(std::slice::from_raw_parts(p as *const u8, bytes))
 }
 
+fn device(b: &dyn crate::comm::Backend) -> Result<&dyn crate::comm::DeviceCollectives> {
+    b.device().ok_or_else(|| Error::internal("device collective on a host backend"))
+}
+
 fn overlaps(a: &[u8], b: &[u8]) -> bool {
     let (a0, a1) = (a.as_ptr() as usize, a.as_ptr() as usize + a.len());
     let (b0, b1) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
@@ -204,6 +208,17 @@ pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut 
     boundary("flatshard_all_reduce", || {
         let c = comm_ref(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
+        op.check(dt)?;
+        let bytes = dt.bytes(count, "count")?;
+        if c.is_device() {
+            if bytes > 0 {
+                need(buf, "buf")?;
+            }
+            return c.run(|b| device(b)?.all_reduce(buf as *const u8, buf as *mut u8, count as usize, dt, op));
+        }
+        if crate::cuda::is_device_ptr(buf as *const u8) {
+            return super::cuda::staged(buf as *mut u8, bytes, true, |h| c.all_reduce(h, dt, op));
+        }
         let b = slice_mut(buf, count, dt, "buf")?;
         c.all_reduce(b, dt, op)
     })
@@ -219,6 +234,19 @@ pub unsafe extern "C" fn flatshard_all_gather(c: *mut flatshard_comm, send: *con
         let total = count_per_rank
             .checked_mul(c.size() as u64)
             .ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))?;
+        if c.is_device() {
+            if total > 0 {
+                need(send, "send")?;
+                need(recv, "recv")?;
+            }
+            dt.bytes(total, "count_per_rank")?;
+            return c.run(|b| device(b)?.all_gather(send as *const u8, recv as *mut u8, count_per_rank as usize, dt));
+        }
+        if crate::cuda::is_device_ptr(recv as *const u8) {
+            let (sb, rb) = (dt.bytes(count_per_rank, "count_per_rank")?, dt.bytes(total, "count_per_rank")?);
+            need(send, "send")?;
+            return super::cuda::staged(send as *mut u8, sb, false, |hs| super::cuda::staged(recv as *mut u8, rb, true, |hr| c.all_gather(hs, hr, dt)));
+        }
         let s = slice(send, count_per_rank, dt, "send")?;
         let r = slice_mut(recv, total, dt, "recv")?;
         if overlaps(s, r) {
@@ -246,6 +274,20 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
         let total = count_per_rank
             .checked_mul(c.size() as u64)
             .ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))?;
+        op.check(dt)?;
+        if c.is_device() {
+            if total > 0 {
+                need(send, "send")?;
+                need(recv, "recv")?;
+            }
+            dt.bytes(total, "count_per_rank")?;
+            return c.run(|b| device(b)?.reduce_scatter(send as *const u8, recv as *mut u8, count_per_rank as usize, dt, op));
+        }
+        if crate::cuda::is_device_ptr(send as *const u8) {
+            let (sb, rb) = (dt.bytes(total, "count_per_rank")?, dt.bytes(count_per_rank, "count_per_rank")?);
+            need(recv, "recv")?;
+            return super::cuda::staged(send as *mut u8, sb, false, |hs| super::cuda::staged(recv as *mut u8, rb, true, |hr| c.reduce_scatter(hs, hr, dt, op)));
+        }
         let s = slice(send, total, dt, "send")?;
         let r = slice_mut(recv, count_per_rank, dt, "recv")?;
         if overlaps(s, r) {
@@ -262,6 +304,19 @@ pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c
     boundary("flatshard_broadcast", || {
         let c = comm_ref(c, "c")?;
         let dt = dtype(dt, "dt")?;
+        let bytes = dt.bytes(count, "count")?;
+        if c.is_device() {
+            if root < 0 || root as usize >= c.size() {
+                return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", c.size())));
+            }
+            if bytes > 0 {
+                need(buf, "buf")?;
+            }
+            return c.run(|b| device(b)?.broadcast(buf as *mut u8, count as usize, dt, root as usize));
+        }
+        if crate::cuda::is_device_ptr(buf as *const u8) {
+            return super::cuda::staged(buf as *mut u8, bytes, true, |h| c.broadcast(h, dt, root));
+        }
         let b = slice_mut(buf, count, dt, "buf")?;
         c.broadcast(b, dt, root)
     })

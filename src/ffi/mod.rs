@@ -8,6 +8,7 @@
 #![allow(non_camel_case_types)]
 
 pub mod averaging;
+pub mod cuda;
 pub mod comm;
 pub mod flat_param;
 pub mod handle;

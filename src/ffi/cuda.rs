@@ -1,0 +1,97 @@
+//! C API §6: NCCL communicators and CUDA staging.
+
+use super::comm::{comm_ref, flatshard_comm};
+#[cfg(feature = "cuda")]
+use super::handle;
+use super::{boundary, need, opt_str, types::*};
+#[cfg(feature = "cuda")]
+use crate::comm::Comm;
+use crate::error::{Error, Result};
+use std::ffi::{c_char, c_void};
+
+/// Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
+/// (a CUstream / cudaStream_t; NULL = the legacy default stream). The
+/// ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
+/// authenticated by the job token. Collective over all ranks; NCCL needs one
+/// GPU per rank. `*out` is owned by the caller (flatshard_comm_free).
+/// UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_init_nccl(
+    master_addr: *const c_char,
+    master_port: u16,
+    rank: i32,
+    world_size: i32,
+    cuda_device: i32,
+    cuda_stream: *mut c_void,
+    opts: *const flatshard_comm_options,
+    out: *mut *mut flatshard_comm,
+) -> flatshard_status {
+    boundary("flatshard_comm_init_nccl", || {
+        need(out, "out")?;
+        let opts = super::comm::parse_options(opts)?;
+        let addr = if world_size == 1 && master_addr.is_null() { "127.0.0.1".to_string() } else {
+            need(master_addr, "master_addr")?;
+            opt_str(master_addr, "master_addr")?.unwrap_or_default()
+        };
+        #[cfg(feature = "cuda")]
+        {
+            let c = Comm::init_nccl(&addr, master_port, rank, world_size, cuda_device, cuda_stream, opts)?;
+            *out = handle::into_raw::<Comm, flatshard_comm>(c);
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (addr, master_port, rank, world_size, cuda_device, cuda_stream, opts);
+            crate::cuda::nccl()
+        }
+    })
+}
+
+/// Adopt an existing ncclComm_t (not owned: flatshard_comm_free does not
+/// destroy it). Collectives are ordered on `cuda_stream`.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_wrap_nccl(nccl_comm: *mut c_void, cuda_device: i32, cuda_stream: *mut c_void, out: *mut *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_comm_wrap_nccl", || {
+        need(out, "out")?;
+        need(nccl_comm, "nccl_comm")?;
+        #[cfg(feature = "cuda")]
+        {
+            let b = crate::comm::nccl::NcclBackend::wrap(nccl_comm, cuda_device, cuda_stream, crate::comm::CommOptions::default().timeout)?;
+            let c = Comm::from_backend(Box::new(b), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+            *out = handle::into_raw::<Comm, flatshard_comm>(c);
+            Ok(())
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (cuda_device, cuda_stream);
+            crate::cuda::nccl()
+        }
+    })
+}
+
+/// Wait for the work queued on the communicator's stream, up to the timeout;
+/// reports asynchronous NCCL errors (NCCL) and aborts the communicator on
+/// timeout (TIMEOUT). On a host communicator it returns OK at once (host
+/// collectives complete before returning).
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> flatshard_status {
+    boundary("flatshard_comm_synchronize", || {
+        let c = comm_ref(c, "c")?;
+        if !c.is_device() {
+            return Ok(());
+        }
+        c.run(|b| b.device().ok_or_else(|| Error::internal("device backend vanished"))?.synchronize())
+    })
+}
+
+/// Host staging for device pointers given to a host communicator: copy in,
+/// run `f` on host memory, copy back (if `write_back`).
+pub(crate) unsafe fn staged(ptr: *mut u8, len: usize, write_back: bool, f: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
+    let mut host = crate::error::try_zeroed(len, "staging a CUDA buffer through host memory")?;
+    crate::cuda::copy_to_host(host.as_mut_ptr(), ptr, len)?;
+    f(&mut host)?;
+    if write_back {
+        crate::cuda::copy_to_device(ptr, host.as_ptr(), len)?;
+    }
+    Ok(())
+}
