@@ -101,6 +101,10 @@ pub fn ranks(name: &str, world: usize, extra: &[(&str, String)], body: impl FnOn
     let res = wait_all(spawn(name, world, extra), Duration::from_secs(120));
     for (r, (code, out)) in res.iter().enumerate() {
         assert_eq!(*code, Some(0), "rank {r} of {name} failed (exit {code:?}):\n{out}");
+        // lines a worker marks with "#: " are figures worth showing
+        for l in out.lines().filter(|l| l.starts_with("#: ")) {
+            println!("{l}");
+        }
     }
 }
 
