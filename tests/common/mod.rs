@@ -102,7 +102,7 @@ pub fn ranks(name: &str, world: usize, extra: &[(&str, String)], body: impl FnOn
     for (r, (code, out)) in res.iter().enumerate() {
         assert_eq!(*code, Some(0), "rank {r} of {name} failed (exit {code:?}):\n{out}");
         // lines a worker marks with "#: " are figures worth showing
-        for l in out.lines().filter(|l| l.starts_with("#: ")) {
+        for l in out.lines().filter_map(|l| l.find("#: ").map(|i| &l[i..])) {
             println!("{l}");
         }
     }
