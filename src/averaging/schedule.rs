@@ -117,6 +117,7 @@ mod tests {
     #[test]
     fn hierarchical_three_levels_warmup_10() {
         let (p, g) = ([2u64, 4, 8], [2i32, 4, 4]);
+        assert_eq!((16..25).map(|s| group_at(s, &p, &g, 10)).collect::<Vec<_>>(), vec![4, 0, 2, 0, 4, 0, 2, 0, 4]);
         for s in 0..25u64 {
             let want_level = if s < 10 {
                 None
