@@ -48,8 +48,11 @@ use crate::tensor::TensorRef;
 use std::sync::mpsc;
 
 /// Skip tensors whose `grad` is null (PyTorch's `get_params_to_average`).
+/// (C: `FLATSHARD_AVG_ONLY_WITH_GRAD`.)
+/// cbindgen:ignore
 pub const AVG_ONLY_WITH_GRAD: u32 = 1;
 /// Bucket size when `FLATSHARD_BUCKET_BYTES` is unset.
+/// cbindgen:ignore
 pub const DEFAULT_BUCKET_BYTES: usize = 16 << 20;
 /// Environment variable that sets the bucket size in bytes.
 pub const BUCKET_ENV: &str = "FLATSHARD_BUCKET_BYTES";

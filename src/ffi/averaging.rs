@@ -13,6 +13,7 @@ use crate::tensor::TensorRef;
 /// Flag for `flatshard_average_parameters` / `flatshard_averager_step`: skip
 /// tensors whose `grad` is NULL (PyTorch's `get_params_to_average` filter).
 pub const FLATSHARD_AVG_ONLY_WITH_GRAD: u32 = 1;
+const _: () = assert!(FLATSHARD_AVG_ONLY_WITH_GRAD == averaging::AVG_ONLY_WITH_GRAD);
 
 /// Opaque model averager (periodic or hierarchical).
 pub struct flatshard_averager {
