@@ -659,3 +659,56 @@ fn c_api_world_one() {
     unsafe { flatshard_averager_free(a) };
     unsafe { flatshard_comm_free(c) };
 }
+
+/// Not a test: timings of the pipelined and the sequential paths (run with
+/// `cargo test --release --test averaging -- --ignored --nocapture measure_overlap`).
+#[test]
+#[ignore]
+fn measure_overlap() {
+    if !is_worker() {
+        let port = free_port().to_string();
+        let kids = (0..2)
+            .map(|r| {
+                std::process::Command::new(std::env::current_exe().unwrap())
+                    .args(["measure_overlap", "--exact", "--nocapture", "--ignored", "--test-threads=1"])
+                    .envs([(RANK_ENV, "1"), ("RANK", &r.to_string()), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port)])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let res = wait_all(kids, Duration::from_secs(300));
+        for (code, out) in res {
+            println!("{out}");
+            assert_eq!(code, Some(0));
+        }
+        return;
+    }
+    let c = Comm::init_from_env(CommOptions::default()).unwrap();
+    let r = c.rank();
+    let cases: [(&str, Vec<(DType, usize)>); 3] = [
+        ("10 x 6.4 MiB f32", (0..10).map(|_| (DType::F32, (64 << 20) / 40)).collect()),
+        ("4096 x 16 KiB f32", (0..4096).map(|_| (DType::F32, 4096)).collect()),
+        ("10 x 3.2 MiB bf16", (0..10).map(|_| (DType::BF16, (32 << 20) / 20)).collect()),
+    ];
+    for (name, spec) in cases {
+        let mut p: Vec<Buf> = spec.iter().map(|&(d, n)| Buf::new(d, &vec![r as f64; n], false)).collect();
+        let ts = refs(&mut p);
+        for bucket in [4usize << 20, 16 << 20] {
+            for overlap in [false, true] {
+                let o = AvgOptions { bucket_bytes: bucket, overlap };
+                unsafe { average_parameters_with(&c, &ts, 0, &o) }.unwrap();
+                c.barrier().unwrap();
+                let t = std::time::Instant::now();
+                for _ in 0..5 {
+                    unsafe { average_parameters_with(&c, &ts, 0, &o) }.unwrap();
+                }
+                c.barrier().unwrap();
+                if r == 0 {
+                    println!("{name}, bucket {} MiB, overlap {overlap}: {:.1} ms", bucket >> 20, t.elapsed().as_secs_f64() * 200.0);
+                }
+            }
+        }
+    }
+}
