@@ -385,6 +385,42 @@ fn average_parameters_validation_errors() {
     });
 }
 
+/// Ranks that disagree about what to average all return at once (no timeout),
+/// the odd rank named, nothing averaged; the communicator stays usable.
+#[test]
+fn ranks_that_disagree_fail_together() {
+    each_world("ranks_that_disagree_fail_together", &[3], &[], |c| {
+        let r = c.rank();
+        let opts = AvgOptions { bucket_bytes: 64, overlap: true };
+        let avg = |p: &mut Vec<Buf>, flags: u32, o: &AvgOptions| unsafe { average_parameters_with(&c, &refs(p), flags, o) };
+        // rank 1 has one tensor more
+        let mut p = rank_params(r, if r == 1 { 3 } else { 2 }, DType::F32);
+        let e = avg(&mut p, 0, &opts).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Mismatch, "{}", e.msg);
+        assert!(e.msg.contains(&format!("rank {r}:")) && e.msg.contains("ranks [1] pass different tensors"), "{}", e.msg);
+        assert!(all_equal(&p, r as f64), "rank {r}: something was averaged");
+        // rank 2 has no grads left under the filter
+        let mut p = rank_params(r, 2, DType::F32);
+        if r == 2 {
+            p.iter_mut().for_each(|b| b.grad = None);
+        }
+        let e = avg(&mut p, AVG_ONLY_WITH_GRAD, &opts).unwrap_err();
+        if r == 2 {
+            assert!(e.kind == ErrorKind::InvalidArgument && e.msg.contains("no parameter has a gradient"), "{}", e.msg);
+        } else {
+            assert!(e.kind == ErrorKind::Mismatch && e.msg.contains("ranks [2] refused their arguments"), "{}", e.msg);
+        }
+        // rank 0 uses another bucket size
+        let o = AvgOptions { bucket_bytes: if r == 0 { 128 } else { 64 }, overlap: true };
+        let e = avg(&mut p, 0, &o).unwrap_err();
+        assert!(e.kind == ErrorKind::Mismatch && e.msg.contains("ranks [0]") && e.msg.contains("FLATSHARD_BUCKET_BYTES"), "{}", e.msg);
+        assert!(all_equal(&p, r as f64));
+        avg(&mut p, 0, &opts).unwrap();
+        assert!(all_equal(&p, 1.0));
+        c.barrier().unwrap();
+    });
+}
+
 // ---------------------------------------------------------------- averagers
 
 /// PyTorch test_periodic_model_averager: period 4, warmup 12..=15, 20 steps,

@@ -127,15 +127,17 @@ impl<'c> Averager<'c> {
     /// As for [`average_parameters`].
     pub unsafe fn step(&mut self, params: &[TensorRef], flags: u32) -> Result<usize> {
         let rank = self.comm.rank();
-        validate(rank, params, flags)?;
         let next = self
             .step
             .checked_add(1)
             .ok_or_else(|| Error::invalid_state(format!("rank {rank}: the step counter is at its maximum {}; set_step to resume", u64::MAX)))?;
         let mut averaged = 0;
         if let Some(group) = self.due() {
+            // checks the arguments collectively (see `average_parameters`)
             average_parameters(group, params, flags)?;
             averaged = group.size();
+        } else {
+            validate(rank, params, flags)?;
         }
         self.step = next;
         Ok(averaged)

@@ -52,14 +52,20 @@ unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorR
 /// reads and writes `data` during the call only (from this thread and one
 /// helper thread) and keeps no pointer. Tensors must not overlap.
 ///
+/// Before moving data the ranks compare what they are about to average (one
+/// small all-gather), so a rank with different tensors, or one that refused its
+/// arguments, makes every rank return at once and nothing is averaged.
+///
 /// Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
 /// device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
 /// n == 0, nothing left after the grad filter: "no parameter has a gradient",
 /// bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (a CUDA tensor: host memory only
-/// for now); MISMATCH (ranks passed different tensors); OUT_OF_MEMORY (bucket);
-/// TIMEOUT / PEER_LOST / ABORTED / IO from the communicator. On an error the
-/// tensors' contents are unspecified (partly averaged); a rank that fails
-/// argument checks alone leaves its peers waiting until their timeout.
+/// for now); MISMATCH (another rank passed different tensors or bucket size, or
+/// refused its arguments: the message names the ranks); OUT_OF_MEMORY (bucket);
+/// TIMEOUT / PEER_LOST / ABORTED / IO from the communicator (the tensors'
+/// contents are then unspecified: partly averaged). A NULL pointer or a bad
+/// enum is refused before the comparison: the peers then wait until their
+/// timeout.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm, params: *mut flatshard_tensor, n: u64, flags: u32) -> flatshard_status {
     boundary("flatshard_average_parameters", || {
