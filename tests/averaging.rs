@@ -619,7 +619,7 @@ fn averager_validation_errors() {
         // step-time argument errors leave the step counter alone
         let mut a: *mut flatshard_averager = std::ptr::null_mut();
         assert_eq!(unsafe { flatshard_periodic_averager_new(comm, 2, 0, &mut a) }, flatshard_status::FLATSHARD_OK);
-        let mut p = vec![Buf::new(DType::F32, &[1.0; 3], false)];
+        let mut p = [Buf::new(DType::F32, &[1.0; 3], false)];
         let mut cs: Vec<flatshard_tensor> = p.iter_mut().map(Buf::c).collect();
         let mut g = -7;
         // step 0 averages: no grad under the filter is an error there
@@ -682,7 +682,7 @@ fn period_one_warns() {
 fn c_api_world_one() {
     let mut c: *mut flatshard_comm = std::ptr::null_mut();
     assert_eq!(unsafe { flatshard_comm_init(std::ptr::null(), 0, 0, 1, std::ptr::null(), &mut c) }, flatshard_status::FLATSHARD_OK);
-    let mut p = vec![Buf::new(DType::F16, &[0.1, 3.0], true), Buf::new(DType::BF16, &[7.5], false)];
+    let mut p = [Buf::new(DType::F16, &[0.1, 3.0], true), Buf::new(DType::BF16, &[7.5], false)];
     let mut cs: Vec<flatshard_tensor> = p.iter_mut().map(Buf::c).collect();
     assert_eq!(unsafe { flatshard_average_parameters(c, cs.as_mut_ptr(), 2, 0) }, flatshard_status::FLATSHARD_OK);
     assert_eq!(p[0].get(), vec![f16_value(f16_bits(0.1)) as f64, 3.0]);

@@ -77,7 +77,7 @@ impl Default for AvgOptions {
         // the helper thread competes with the ranks for the cores and the pipelined
         // path was 5-15% slower than the sequential one; with spare cores it hides
         // the pack/divide pass behind the reduction.
-        let spare_cores = std::thread::available_parallelism().map_or(false, |n| n.get() > 2);
+        let spare_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() > 2);
         AvgOptions { bucket_bytes: DEFAULT_BUCKET_BYTES, overlap: spare_cores }
     }
 }
@@ -252,7 +252,7 @@ fn agree(comm: &Comm, fp: u64) -> Result<()> {
 /// Stream the chosen tensors through the buckets (arguments already agreed).
 unsafe fn stream(comm: &Comm, params: &[TensorRef], chosen: &[usize], opts: &AvgOptions, world: usize) -> Result<()> {
     let ts = Tensors(params);
-    let mut planner = Planner::new(&ts, &chosen, opts.bucket_bytes);
+    let mut planner = Planner::new(&ts, chosen, opts.bucket_bytes);
     let mut bucket = Bucket::default();
     if !planner.next(&mut bucket) {
         return Ok(()); // only zero-length tensors
@@ -561,7 +561,10 @@ mod tests {
         TensorRef { data: std::ptr::NonNull::<u64>::dangling().as_ptr() as *mut u8, grad: std::ptr::null_mut(), numel, dtype, device: Device::Cpu }
     }
 
-    fn plan(ts: &[TensorRef], bucket: usize) -> Vec<(DType, bool, Vec<(usize, usize, usize)>)> {
+    /// (wire dtype, in place?, [(tensor, start, len)]) per bucket.
+    type Plan = Vec<(DType, bool, Vec<(usize, usize, usize)>)>;
+
+    fn plan(ts: &[TensorRef], bucket: usize) -> Plan {
         let all: Vec<usize> = (0..ts.len()).collect();
         let tt = Tensors(ts);
         let mut p = Planner::new(&tt, &all, bucket);

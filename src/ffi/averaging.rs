@@ -208,5 +208,5 @@ pub unsafe extern "C" fn flatshard_averager_set_step(a: *mut flatshard_averager,
 /// still using theirs get PEER_LOST, so free averagers on every rank together.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_free(a: *mut flatshard_averager) {
-    let _ = boundary_value((), || handle::free::<Averager<'static>, _>(a));
+    boundary_value((), || handle::free::<Averager<'static>, _>(a));
 }
