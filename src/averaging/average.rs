@@ -73,10 +73,11 @@ pub struct AvgOptions {
 impl Default for AvgOptions {
     /// 16 MiB buckets; overlap only where a core is likely free for the helper.
     fn default() -> Self {
-        // Measured (debug build, TCP loopback, 2 ranks on a 2-core machine, 64 MiB):
-        // the helper thread competes with the ranks for the cores and the pipelined
-        // path was 5-15% slower than the sequential one; with spare cores it hides
-        // the pack/divide pass behind the reduction.
+        // Measured (`measure_overlap` in tests/averaging.rs: TCP loopback, 2 ranks
+        // on a shared 2-core machine, 64 MiB): the helper thread competes with the
+        // ranks for the cores; pipelined vs sequential ranged from 25% slower to 20%
+        // faster (debug and release), i.e. no consistent gain. With spare cores it
+        // hides the pack/divide pass behind the reduction.
         let spare_cores = std::thread::available_parallelism().is_ok_and(|n| n.get() > 2);
         AvgOptions { bucket_bytes: DEFAULT_BUCKET_BYTES, overlap: spare_cores }
     }
