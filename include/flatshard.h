@@ -21,6 +21,12 @@
 
 
 /**
+ * Flag for `flatshard_average_parameters` / `flatshard_averager_step`: skip
+ * tensors whose `grad` is NULL (PyTorch's `get_params_to_average` filter).
+ */
+#define FLATSHARD_AVG_ONLY_WITH_GRAD 1
+
+/**
  * Status of every fallible call; 0 = success.
  */
 typedef enum {
@@ -109,9 +115,39 @@ typedef enum {
 } flatshard_sharding;
 
 /**
+ * Opaque model averager (periodic or hierarchical).
+ */
+typedef struct flatshard_averager flatshard_averager;
+
+/**
  * Opaque communicator handle.
  */
 typedef struct flatshard_comm flatshard_comm;
+
+/**
+ * Where a tensor lives.
+ */
+typedef struct {
+  flatshard_device_type type;
+  int32_t index;
+} flatshard_device;
+
+/**
+ * A caller-owned tensor: contiguous memory, described not copied.
+ */
+typedef struct {
+  /**
+   * Element 0; host or device pointer.
+   */
+  void *data;
+  /**
+   * Gradient of the same size/dtype, or NULL (no grad).
+   */
+  void *grad;
+  uint64_t numel;
+  flatshard_dtype dtype;
+  flatshard_device device;
+} flatshard_tensor;
 
 /**
  * Options for `flatshard_comm_init*`. NULL or zero-filled = defaults.
@@ -171,31 +207,6 @@ typedef struct {
   void (*destroy)(void *ctx);
 } flatshard_collectives;
 
-/**
- * Where a tensor lives.
- */
-typedef struct {
-  flatshard_device_type type;
-  int32_t index;
-} flatshard_device;
-
-/**
- * A caller-owned tensor: contiguous memory, described not copied.
- */
-typedef struct {
-  /**
-   * Element 0; host or device pointer.
-   */
-  void *data;
-  /**
-   * Gradient of the same size/dtype, or NULL (no grad).
-   */
-  void *grad;
-  uint64_t numel;
-  flatshard_dtype dtype;
-  flatshard_device device;
-} flatshard_tensor;
-
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -216,6 +227,133 @@ const char *flatshard_last_error(void);
  * The library version, "MAJOR.MINOR.PATCH" (static string).
  */
 const char *flatshard_version(void);
+
+/**
+ * Average `n` tensors in place over `comm`: every element becomes the mean over
+ * the ranks (PyTorch's `x / size` then SUM all-reduce); each tensor keeps its
+ * address and dtype. Mixed f32/f64/f16/bf16 in one call; f16/bf16 are divided
+ * in their own dtype and summed in f32. Collective: every rank of `comm` passes
+ * the same tensors (count, numel, dtype) in the same order, and the same
+ * `FLATSHARD_BUCKET_BYTES`.
+ *
+ * `flags`: 0 or FLATSHARD_AVG_ONLY_WITH_GRAD (skip tensors whose grad is NULL).
+ * Extra memory ≤ 2 × bucket (env FLATSHARD_BUCKET_BYTES, default 16 MiB),
+ * whatever the model size.
+ *
+ * Ownership: the caller owns `params` and every tensor's memory; the library
+ * reads and writes `data` during the call only (from this thread and one
+ * helper thread) and keeps no pointer. Tensors must not overlap.
+ *
+ * Before moving data the ranks compare what they are about to average (one
+ * small all-gather), so a rank with different tensors, or one that refused its
+ * arguments, makes every rank return at once and nothing is averaged.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
+ * device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
+ * n == 0, nothing left after the grad filter: "no parameter has a gradient",
+ * bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (a CUDA tensor: host memory only
+ * for now); MISMATCH (another rank passed different tensors or bucket size, or
+ * refused its arguments: the message names the ranks); OUT_OF_MEMORY (bucket);
+ * TIMEOUT / PEER_LOST / ABORTED / IO from the communicator (the tensors'
+ * contents are then unspecified: partly averaged). A NULL pointer or a bad
+ * enum is refused before the comparison: the peers then wait until their
+ * timeout.
+ */
+flatshard_status flatshard_average_parameters(flatshard_comm *comm,
+                                              flatshard_tensor *params,
+                                              uint64_t n,
+                                              uint32_t flags);
+
+/**
+ * A periodic averager (PyTorch `PeriodicModelAverager`): `flatshard_averager_step`
+ * averages over all of `comm` iff `step >= warmup_steps && (step - warmup_steps)
+ * % period == 0`. Not collective. Period 1 is legal but logs a warning
+ * (FLATSHARD_DEBUG=WARN): an all-reduce of the gradients is cheaper.
+ *
+ * Ownership: on success `*out` owns a new averager; free it with
+ * flatshard_averager_free. The averager keeps `comm` (borrowed, not owned):
+ * `comm` must outlive the averager and not be freed before it.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL comm or out, period 0: "period must be
+ * a positive value").
+ */
+flatshard_status flatshard_periodic_averager_new(flatshard_comm *comm,
+                                                 uint64_t period,
+                                                 uint64_t warmup_steps,
+                                                 flatshard_averager **out);
+
+/**
+ * A hierarchical averager (PyTorch `HierarchicalModelAverager`): `periods[i]`
+ * → `group_sizes[i]`, in the order given (PyTorch's dict order). At each step
+ * with `step >= warmup_steps`, the first period from the *last* given to the
+ * first that divides the absolute step picks the group size; ranks average
+ * within contiguous blocks `[g*k, g*k+g)` of that size. At most one level per
+ * step.
+ *
+ * Collective over `comm`: creates the subgroups now (once per distinct group
+ * size; the size equal to comm's reuses `comm`). Checks, in this order: n ≥ 1;
+ * every period > 0; every group size > 0; the last group size equals the size
+ * of comm; every group size divides it; no period twice. A largest period of 1
+ * logs a warning.
+ *
+ * Ownership: `periods` and `group_sizes` (n entries each) are copied. On
+ * success `*out` owns a new averager (flatshard_averager_free), which owns its
+ * subgroups and borrows `comm`: `comm` must outlive the averager.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL comm/out, NULL arrays with n > 0, a
+ * failed check above — the message names the numbers); UNSUPPORTED (comm
+ * built from user callbacks cannot create subgroups); TIMEOUT / PEER_LOST /
+ * IO / AUTH while creating the subgroups.
+ */
+flatshard_status flatshard_hierarchical_averager_new(flatshard_comm *comm,
+                                                     const uint64_t *periods,
+                                                     const int32_t *group_sizes,
+                                                     uint64_t n,
+                                                     uint64_t warmup_steps,
+                                                     flatshard_averager **out);
+
+/**
+ * One optimizer step: average `params` in place if the schedule says so (as
+ * flatshard_average_parameters, over the group the schedule picks), then
+ * `step += 1`. `*averaged_group_size` (may be NULL) receives the size of the
+ * group that averaged, 0 if none. Collective over that group on steps that
+ * average; every rank must step in lockstep.
+ *
+ * Arguments (pointers, dtypes, devices, flags) are checked on every step;
+ * "nothing to average" (n == 0, or no tensor with a grad under
+ * FLATSHARD_AVG_ONLY_WITH_GRAD) only on steps that average, as in PyTorch.
+ * On any error the step counter does not advance and `*averaged_group_size`
+ * is not written.
+ *
+ * Ownership: as flatshard_average_parameters; `a` is not thread-safe.
+ * Statuses: as flatshard_average_parameters; INVALID_ARGUMENT for a NULL or
+ * freed `a`; INVALID_STATE when the step counter is at UINT64_MAX.
+ */
+flatshard_status flatshard_averager_step(flatshard_averager *a,
+                                         flatshard_tensor *params,
+                                         uint64_t n,
+                                         uint32_t flags,
+                                         int32_t *averaged_group_size);
+
+/**
+ * The step the next flatshard_averager_step will run (0 for a new averager);
+ * save it with a checkpoint. 0 for NULL or a freed handle.
+ */
+uint64_t flatshard_averager_get_step(const flatshard_averager *a);
+
+/**
+ * Resume a schedule: the next flatshard_averager_step runs step `step`
+ * (PyTorch's PostLocalSGDOptimizer keeps `step` in its state dict). Every rank
+ * must set the same step. Statuses: OK; INVALID_ARGUMENT for a NULL or freed `a`.
+ */
+flatshard_status flatshard_averager_set_step(flatshard_averager *a, uint64_t step);
+
+/**
+ * Free an averager and the subgroups it created (NULL is a no-op). The
+ * communicator it was built on is not freed. Freeing subgroups is local; peers
+ * still using theirs get PEER_LOST, so free averagers on every rank together.
+ */
+void flatshard_averager_free(flatshard_averager *a);
 
 /**
  * Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`

@@ -1,1 +1,212 @@
 //! C API §5: model averaging.
+//!
+//! `flatshard_average_flat_params` (HYBRID_SHARD replicas) lands with the
+//! flat-parameter type.
+
+use super::comm::{comm_ref, flatshard_comm};
+use super::handle::{self, Kind};
+use super::{boundary, boundary_value, need, types::*};
+use crate::averaging::{self, Averager};
+use crate::error::Result;
+use crate::tensor::TensorRef;
+
+/// Flag for `flatshard_average_parameters` / `flatshard_averager_step`: skip
+/// tensors whose `grad` is NULL (PyTorch's `get_params_to_average` filter).
+pub const FLATSHARD_AVG_ONLY_WITH_GRAD: u32 = 1;
+const _: () = assert!(FLATSHARD_AVG_ONLY_WITH_GRAD == averaging::AVG_ONLY_WITH_GRAD);
+
+/// Opaque model averager (periodic or hierarchical).
+pub struct flatshard_averager {
+    _private: [u8; 0],
+}
+
+impl Kind for Averager<'static> {
+    const TAG: u64 = 0x464c_5348_4156_4752; // "FLSHAVGR"
+    const NAME: &'static str = "flatshard_averager";
+}
+
+/// Convert and check the caller's tensor array (descriptions only; memory is
+/// not touched here).
+unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorRef>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    need(params, "params")?;
+    let n = usize::try_from(n).map_err(|_| crate::error::Error::invalid_arg(format!("n: {n} tensors do not fit in memory")))?;
+    let cs = std::slice::from_raw_parts(params, n);
+    cs.iter().enumerate().map(|(i, t)| tensor_from_c(t, &format!("params[{i}]"))).collect()
+}
+
+/// Average `n` tensors in place over `comm`: every element becomes the mean over
+/// the ranks (PyTorch's `x / size` then SUM all-reduce); each tensor keeps its
+/// address and dtype. Mixed f32/f64/f16/bf16 in one call; f16/bf16 are divided
+/// in their own dtype and summed in f32. Collective: every rank of `comm` passes
+/// the same tensors (count, numel, dtype) in the same order, and the same
+/// `FLATSHARD_BUCKET_BYTES`.
+///
+/// `flags`: 0 or FLATSHARD_AVG_ONLY_WITH_GRAD (skip tensors whose grad is NULL).
+/// Extra memory ≤ 2 × bucket (env FLATSHARD_BUCKET_BYTES, default 16 MiB),
+/// whatever the model size.
+///
+/// Ownership: the caller owns `params` and every tensor's memory; the library
+/// reads and writes `data` during the call only (from this thread and one
+/// helper thread) and keeps no pointer. Tensors must not overlap.
+///
+/// Before moving data the ranks compare what they are about to average (one
+/// small all-gather), so a rank with different tensors, or one that refused its
+/// arguments, makes every rank return at once and nothing is averaged.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
+/// device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
+/// n == 0, nothing left after the grad filter: "no parameter has a gradient",
+/// bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (a CUDA tensor: host memory only
+/// for now); MISMATCH (another rank passed different tensors or bucket size, or
+/// refused its arguments: the message names the ranks); OUT_OF_MEMORY (bucket);
+/// TIMEOUT / PEER_LOST / ABORTED / IO from the communicator (the tensors'
+/// contents are then unspecified: partly averaged). A NULL pointer or a bad
+/// enum is refused before the comparison: the peers then wait until their
+/// timeout.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm, params: *mut flatshard_tensor, n: u64, flags: u32) -> flatshard_status {
+    boundary("flatshard_average_parameters", || {
+        let c = comm_ref(comm, "comm")?;
+        let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", c.rank())))?;
+        averaging::average_parameters(c, &ts, flags)
+    })
+}
+
+fn publish(a: Averager<'static>, out: *mut *mut flatshard_averager) {
+    unsafe { *out = handle::into_raw::<Averager<'static>, flatshard_averager>(a) };
+}
+
+/// A periodic averager (PyTorch `PeriodicModelAverager`): `flatshard_averager_step`
+/// averages over all of `comm` iff `step >= warmup_steps && (step - warmup_steps)
+/// % period == 0`. Not collective. Period 1 is legal but logs a warning
+/// (FLATSHARD_DEBUG=WARN): an all-reduce of the gradients is cheaper.
+///
+/// Ownership: on success `*out` owns a new averager; free it with
+/// flatshard_averager_free. The averager keeps `comm` (borrowed, not owned):
+/// `comm` must outlive the averager and not be freed before it.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL comm or out, period 0: "period must be
+/// a positive value").
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_periodic_averager_new(
+    comm: *mut flatshard_comm,
+    period: u64,
+    warmup_steps: u64,
+    out: *mut *mut flatshard_averager,
+) -> flatshard_status {
+    boundary("flatshard_periodic_averager_new", || {
+        need(out, "out")?;
+        let c = comm_ref(comm, "comm")?;
+        publish(Averager::periodic(c, period, warmup_steps)?, out);
+        Ok(())
+    })
+}
+
+/// A hierarchical averager (PyTorch `HierarchicalModelAverager`): `periods[i]`
+/// → `group_sizes[i]`, in the order given (PyTorch's dict order). At each step
+/// with `step >= warmup_steps`, the first period from the *last* given to the
+/// first that divides the absolute step picks the group size; ranks average
+/// within contiguous blocks `[g*k, g*k+g)` of that size. At most one level per
+/// step.
+///
+/// Collective over `comm`: creates the subgroups now (once per distinct group
+/// size; the size equal to comm's reuses `comm`). Checks, in this order: n ≥ 1;
+/// every period > 0; every group size > 0; the last group size equals the size
+/// of comm; every group size divides it; no period twice. A largest period of 1
+/// logs a warning.
+///
+/// Ownership: `periods` and `group_sizes` (n entries each) are copied. On
+/// success `*out` owns a new averager (flatshard_averager_free), which owns its
+/// subgroups and borrows `comm`: `comm` must outlive the averager.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL comm/out, NULL arrays with n > 0, a
+/// failed check above — the message names the numbers); UNSUPPORTED (comm
+/// built from user callbacks cannot create subgroups); TIMEOUT / PEER_LOST /
+/// IO / AUTH while creating the subgroups.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_hierarchical_averager_new(
+    comm: *mut flatshard_comm,
+    periods: *const u64,
+    group_sizes: *const i32,
+    n: u64,
+    warmup_steps: u64,
+    out: *mut *mut flatshard_averager,
+) -> flatshard_status {
+    boundary("flatshard_hierarchical_averager_new", || {
+        need(out, "out")?;
+        let c = comm_ref(comm, "comm")?;
+        let (p, g): (&[u64], &[i32]) = if n == 0 {
+            (&[], &[])
+        } else {
+            need(periods, "periods")?;
+            need(group_sizes, "group_sizes")?;
+            let n = usize::try_from(n).map_err(|_| crate::error::Error::invalid_arg(format!("n: {n} levels do not fit in memory")))?;
+            (std::slice::from_raw_parts(periods, n), std::slice::from_raw_parts(group_sizes, n))
+        };
+        publish(Averager::hierarchical(c, p, g, warmup_steps)?, out);
+        Ok(())
+    })
+}
+
+/// One optimizer step: average `params` in place if the schedule says so (as
+/// flatshard_average_parameters, over the group the schedule picks), then
+/// `step += 1`. `*averaged_group_size` (may be NULL) receives the size of the
+/// group that averaged, 0 if none. Collective over that group on steps that
+/// average; every rank must step in lockstep.
+///
+/// Arguments (pointers, dtypes, devices, flags) are checked on every step;
+/// "nothing to average" (n == 0, or no tensor with a grad under
+/// FLATSHARD_AVG_ONLY_WITH_GRAD) only on steps that average, as in PyTorch.
+/// On any error the step counter does not advance and `*averaged_group_size`
+/// is not written.
+///
+/// Ownership: as flatshard_average_parameters; `a` is not thread-safe.
+/// Statuses: as flatshard_average_parameters; INVALID_ARGUMENT for a NULL or
+/// freed `a`; INVALID_STATE when the step counter is at UINT64_MAX.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_averager_step(
+    a: *mut flatshard_averager,
+    params: *mut flatshard_tensor,
+    n: u64,
+    flags: u32,
+    averaged_group_size: *mut i32,
+) -> flatshard_status {
+    boundary("flatshard_averager_step", || {
+        let avg = handle::get_mut::<Averager<'static>, _>(a, "a")?;
+        let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", avg.rank())))?;
+        let size = avg.step(&ts, flags)?;
+        if !averaged_group_size.is_null() {
+            *averaged_group_size = size as i32;
+        }
+        Ok(())
+    })
+}
+
+/// The step the next flatshard_averager_step will run (0 for a new averager);
+/// save it with a checkpoint. 0 for NULL or a freed handle.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_averager_get_step(a: *const flatshard_averager) -> u64 {
+    boundary_value(0, || handle::get::<Averager<'static>, _>(a, "a").map(|a| a.current_step()).unwrap_or(0))
+}
+
+/// Resume a schedule: the next flatshard_averager_step runs step `step`
+/// (PyTorch's PostLocalSGDOptimizer keeps `step` in its state dict). Every rank
+/// must set the same step. Statuses: OK; INVALID_ARGUMENT for a NULL or freed `a`.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_averager_set_step(a: *mut flatshard_averager, step: u64) -> flatshard_status {
+    boundary("flatshard_averager_set_step", || {
+        handle::get_mut::<Averager<'static>, _>(a, "a")?.set_step(step);
+        Ok(())
+    })
+}
+
+/// Free an averager and the subgroups it created (NULL is a no-op). The
+/// communicator it was built on is not freed. Freeing subgroups is local; peers
+/// still using theirs get PEER_LOST, so free averagers on every rank together.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_averager_free(a: *mut flatshard_averager) {
+    boundary_value((), || handle::free::<Averager<'static>, _>(a));
+}
