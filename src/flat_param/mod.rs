@@ -294,6 +294,17 @@ impl FlatParam {
         Ok(fp)
     }
 
+    /// Report an argument error found before `new` (e.g. while converting C
+    /// arguments) through the same agreement step, so that the other ranks
+    /// get MISMATCH instead of waiting for this rank until the timeout.
+    pub fn fail_new(comm: &Comm, e: Error) -> Error {
+        let rank = comm.rank();
+        match Self::agree(comm, &[0; DESC_WORDS], "comm") {
+            Ok(()) => e.context(format!("rank {rank}")),
+            Err(agree) => e.context(format!("rank {rank}")).context(format!("(while telling the other ranks: {})", agree.msg)),
+        }
+    }
+
     /// Local checks; returns the common dtype.
     fn validate(comm: &Comm, replicate: Option<&Comm>, params: &[ParamInput<'_>], opts: &FlatParamOptions) -> Result<DType> {
         if params.is_empty() {
