@@ -720,13 +720,27 @@ impl FlatParam {
             }
         }
         if st.opts.rank0_only && self.comm_size > 1 {
-            // NO_SHARD: every rank holds the whole param; rank 0's edits win.
-            let dt = self.dtype;
-            comm.broadcast(self.shard.bytes_mut(), dt, 0)?;
+            // NO_SHARD: every rank holds the whole param; rank 0's edits win
+            // (real elements only: padding is never written).
+            self.broadcast_no_shard(comm, false)?;
             if st.opts.with_grads && self.any_grad_view(comm, matches!(st.grad, FullGrad::Shard | FullGrad::Owned(_)))? {
-                self.shard_grad_or_zeros()?;
-                comm.broadcast(self.shard_grad.as_mut().expect("created").bytes_mut(), dt, 0)?;
+                self.broadcast_no_shard(comm, true)?;
             }
+        }
+        Ok(())
+    }
+
+    fn broadcast_no_shard(&mut self, comm: &Comm, grad: bool) -> Result<()> {
+        let (dt, es, layout) = (self.dtype, self.dtype.size(), self.layout.clone());
+        let mut buf = Buf::zeroed(self.shard.len, "writeback scratch")?;
+        if comm.rank() == 0 {
+            let src = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
+            buf.bytes_mut().copy_from_slice(src);
+        }
+        comm.broadcast(buf.bytes_mut(), dt, 0)?;
+        if comm.rank() != 0 {
+            let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
+            Self::write_own_range(&layout, 0, buf.bytes(), dst, es);
         }
         Ok(())
     }
@@ -736,6 +750,12 @@ impl FlatParam {
         let mut b = [have as u8];
         comm.broadcast(&mut b, DType::U8, 0)?;
         Ok(b[0] != 0)
+    }
+
+    /// The shard gradient, created zero-filled if there is none yet (for
+    /// engines that compute shard gradients themselves).
+    pub fn ensure_shard_grad(&mut self) -> Result<&mut [u8]> {
+        self.shard_grad_or_zeros()
     }
 
     fn shard_grad_or_zeros(&mut self) -> Result<&mut [u8]> {
