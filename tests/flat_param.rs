@@ -465,3 +465,43 @@ fn invalid_state_paths_and_free_while_unsharded() {
         comm.barrier().unwrap();
     });
 }
+
+fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// rank0_only: the peak memory of ranks ≠ 0 does not grow by the full size.
+#[test]
+fn rank0_only_memory_is_bounded() {
+    ranks("rank0_only_memory_is_bounded", 4, &[], |comm| {
+        let r = comm.rank();
+        let n = 16 << 20; // 64 MiB of f32
+        let mut fp = {
+            let bufs = vec![f32_bytes(&vec![1.5f32; n])];
+            FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap()
+        };
+        let full_kib = (n * 4 / 1024) as u64;
+        for writeback in [false, true] {
+            comm.barrier().unwrap();
+            let base = status_kib("VmRSS:");
+            // reset the peak (VmHWM) to the current RSS
+            std::fs::write("/proc/self/clear_refs", "5").unwrap();
+            fp.unshard(&comm, UnshardOptions { rank0_only: true, writeback, ..Default::default() }).unwrap();
+            if r == 0 {
+                let t = fp.view(0).unwrap();
+                assert!(view_f32(&t).iter().all(|x| *x == 1.5));
+            }
+            fp.reshard(&comm).unwrap();
+            let peak = status_kib("VmHWM:").saturating_sub(base);
+            eprintln!("rank {r}: rank0_only unshard+reshard (writeback {writeback}): peak RSS growth {peak} KiB, full param {full_kib} KiB");
+            if r == 0 {
+                assert!(peak >= full_kib, "rank 0 must hold the full param (growth {peak} KiB): the measurement works");
+            } else {
+                assert!(peak < full_kib / 2, "rank {r}: peak grew by {peak} KiB, full param is {full_kib} KiB");
+            }
+        }
+        comm.barrier().unwrap();
+    });
+}

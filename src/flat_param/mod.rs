@@ -542,31 +542,37 @@ impl FlatParam {
     fn gather(&self, comm: &Comm, src: &[u8], dt: DType, rank0_only: bool, what: &str) -> Result<Option<Buf>> {
         let c = self.layout.chunk;
         let part = dt.bytes(c, "shard numel")?;
-        let mut local = Buf::zeroed(part, what)?;
-        convert(src, self.dtype, local.bytes_mut(), dt);
         let w = self.layout.world as usize;
+        let me = comm.rank();
         if !rank0_only {
             let mut full = Buf::zeroed(part * w, what)?;
-            comm.all_gather(local.bytes(), full.bytes_mut(), dt)?;
+            if dt == self.dtype {
+                comm.all_gather(src, full.bytes_mut(), dt)?;
+            } else {
+                let mut local = Buf::zeroed(part, what)?;
+                convert(src, self.dtype, local.bytes_mut(), dt);
+                comm.all_gather(local.bytes(), full.bytes_mut(), dt)?;
+            }
             return Ok(Some(full));
         }
-        let me = comm.rank();
-        let mut full = if me == 0 { Some(Buf::zeroed(part * w, what)?) } else { None };
-        let mut scratch = if me == 0 { None } else { Some(Buf::zeroed(part, what)?) };
-        for q in 0..w {
-            let buf: &mut [u8] = match (&mut full, &mut scratch) {
-                (Some(f), _) if q == 0 => {
-                    f.bytes_mut()[..part].copy_from_slice(local.bytes());
-                    &mut f.bytes_mut()[..part]
-                }
-                (Some(f), _) => &mut f.bytes_mut()[q * part..(q + 1) * part],
-                (None, _) if q == me => local.bytes_mut(),
-                (None, Some(s)) => s.bytes_mut(),
-                (None, None) => unreachable!(),
-            };
-            comm.broadcast(buf, dt, q as i32)?;
+        // Rank q broadcasts its chunk; rank 0 receives it in place, the
+        // others into (or from) one shard-sized scratch buffer.
+        if me == 0 {
+            let mut full = Buf::zeroed(part * w, what)?;
+            convert(src, self.dtype, &mut full.bytes_mut()[..part], dt);
+            for q in 1..w {
+                comm.broadcast(&mut full.bytes_mut()[q * part..(q + 1) * part], dt, q as i32)?;
+            }
+            return Ok(Some(full));
         }
-        Ok(full)
+        let mut scratch = Buf::zeroed(part, what)?;
+        for q in 1..w {
+            if q == me {
+                convert(src, self.dtype, scratch.bytes_mut(), dt);
+            }
+            comm.broadcast(scratch.bytes_mut(), dt, q as i32)?;
+        }
+        Ok(None)
     }
 
     /// Materialise the full parameter. Collective over `comm` (except
@@ -771,7 +777,16 @@ impl FlatParam {
         let me = comm.rank();
         let es = self.dtype.size();
         let mut scratch = if me == 0 { None } else { Some(Buf::zeroed(part, "writeback scratch")?) };
-        for q in 0..self.layout.world as usize {
+        if me == 0 {
+            // Rank 0's own range needs no message.
+            let Full::Owned(f) = &*full else {
+                return Err(Error::internal("rank0_only writeback: rank 0 lost its full buffer"));
+            };
+            let layout = self.layout.clone();
+            let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
+            Self::write_own_range(&layout, 0, &f.bytes()[..part], dst, es);
+        }
+        for q in 1..self.layout.world as usize {
             let buf: &mut [u8] = match (&mut *full, &mut scratch) {
                 (Full::Owned(f), _) if me == 0 => &mut f.bytes_mut()[q * part..(q + 1) * part],
                 (_, Some(s)) => s.bytes_mut(),
@@ -779,10 +794,9 @@ impl FlatParam {
             };
             comm.broadcast(buf, self.dtype, 0)?;
             if q == me {
-                let src: Vec<u8> = buf.to_vec();
                 let layout = self.layout.clone();
                 let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
-                Self::write_own_range(&layout, q as u64, &src, dst, es);
+                Self::write_own_range(&layout, q as u64, buf, dst, es);
             }
         }
         Ok(())
