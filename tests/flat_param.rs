@@ -497,7 +497,7 @@ fn rank0_only_memory_is_bounded() {
             let peak = status_kib("VmHWM:").saturating_sub(base);
             eprintln!("rank {r}: rank0_only unshard+reshard (writeback {writeback}): peak RSS growth {peak} KiB, full param {full_kib} KiB");
             if r == 0 {
-                assert!(peak >= full_kib, "rank 0 must hold the full param (growth {peak} KiB): the measurement works");
+                assert!(peak >= full_kib * 9 / 10, "rank 0 must hold the full param (growth {peak} KiB): the measurement works");
             } else {
                 assert!(peak < full_kib / 2, "rank {r}: peak grew by {peak} KiB, full param is {full_kib} KiB");
             }

@@ -101,9 +101,22 @@ struct Buf {
 impl Buf {
     fn zeroed(len: usize, what: &str) -> Result<Buf> {
         let n = len.div_ceil(8);
-        let mut words: Vec<u64> = Vec::new();
-        words.try_reserve_exact(n).map_err(|_| Error::oom(format!("cannot allocate {len} bytes for {what}")))?;
-        words.resize(n, 0);
+        if n == 0 {
+            return Ok(Buf { words: Vec::new(), len });
+        }
+        // alloc_zeroed (calloc) gets fresh zero pages from the OS for large
+        // buffers instead of writing zeros that the gather overwrites anyway;
+        // unlike vec![0; n] it reports failure instead of aborting.
+        let layout = std::alloc::Layout::array::<u64>(n).map_err(|_| Error::oom(format!("{len} bytes for {what} exceed the address space")))?;
+        // SAFETY: layout has non-zero size; the pointer is checked for null and
+        // owned by the Vec with the same layout (capacity n, all n zeroed).
+        let words = unsafe {
+            let p = std::alloc::alloc_zeroed(layout) as *mut u64;
+            if p.is_null() {
+                return Err(Error::oom(format!("cannot allocate {len} bytes for {what}")));
+            }
+            Vec::from_raw_parts(p, n, n)
+        };
         Ok(Buf { words, len })
     }
     fn bytes(&self) -> &[u8] {
