@@ -505,3 +505,46 @@ fn rank0_only_memory_is_bounded() {
         comm.barrier().unwrap();
     });
 }
+
+/// Mixed precision: grads written in param_dtype, reduced in reduce_dtype,
+/// accumulated into the full-precision shard grad.
+#[test]
+fn mixed_precision_reduce_grads() {
+    ranks("mixed_precision_reduce_grads", 2, &[], |comm| {
+        let r = comm.rank();
+        let numels = [21usize, 35, 25];
+        let bufs = params(&numels);
+        for (pd, rd) in [(DType::BF16, Some(DType::F32)), (DType::F16, None), (DType::BF16, None)] {
+            let ctx = format!("rank {r} param {pd:?} reduce {rd:?}");
+            let opts = FlatParamOptions { align_params: true, param_dtype: Some(pd), reduce_dtype: rd, ..Default::default() };
+            let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &opts).unwrap();
+            for step in 1..=2 {
+                fp.unshard(&comm, UnshardOptions::default()).unwrap();
+                for i in 0..numels.len() {
+                    let t = fp.view(i as u64).unwrap();
+                    assert_eq!(t.dtype, pd, "{ctx}");
+                    let g = unsafe { std::slice::from_raw_parts_mut(t.grad as *mut u16, t.numel as usize) };
+                    let v = (r as f32 + 1.0) * 0.5; // 0.5 / 1.0, exact in bf16 and f16
+                    let bits = if pd == DType::BF16 { half::bf16::from_f32(v).to_bits() } else { half::f16::from_f32(v).to_bits() };
+                    g.fill(bits);
+                }
+                fp.reduce_grads(&comm, None).unwrap();
+                fp.reduce_grads(&comm, None).unwrap(); // the full grad was zeroed: adds nothing
+                fp.reshard(&comm).unwrap();
+                let g = bytes_f32(fp.shard_grad_bytes().unwrap());
+                let c = fp.shard_numel();
+                for (k, x) in g.iter().enumerate() {
+                    let real = (0..numels.len()).any(|i| {
+                        let (t, _) = fp.shard_view(i as u64).unwrap();
+                        let base = fp.shard().data as usize;
+                        t.numel > 0 && (t.data as usize - base) / 4 <= k && k < (t.data as usize - base) / 4 + t.numel as usize
+                    });
+                    let want = if real { 0.75 * step as f32 } else { 0.0 };
+                    assert_eq!(*x, want, "shard grad elem {k} of {c} after step {step}: {ctx}");
+                }
+            }
+            fp.zero_grad();
+            assert!(bytes_f32(fp.shard_grad_bytes().unwrap()).iter().all(|x| *x == 0.0));
+        }
+    });
+}
