@@ -479,8 +479,11 @@ flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
  * all-gather). Collective over the flat param's comm (every rank must call it
  * with the same options). Training (writeback = 0 and rank0_only = 0) gathers
  * in param_dtype; otherwise in the params' own dtype. With rank0_only only
- * rank 0 allocates the full buffer. The full buffer is library-owned and
- * lives until flatshard_flat_param_reshard.
+ * rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
+ * each shard group); the other ranks hold one shard-sized scratch buffer
+ * while the chunks are broadcast. offload_to_cpu is accepted and changes
+ * nothing for host params (the full buffer is host memory anyway). The full
+ * buffer is library-owned and lives until flatshard_flat_param_reshard.
  * INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
  * INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
  */

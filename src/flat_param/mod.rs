@@ -127,7 +127,11 @@ impl Buf {
         // SAFETY: as above, and we hold &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
     }
+    /// Null for an empty buffer (a zero-numel flat param).
     fn ptr(&mut self) -> *mut u8 {
+        if self.len == 0 {
+            return std::ptr::null_mut();
+        }
         self.words.as_mut_ptr() as *mut u8
     }
 }
