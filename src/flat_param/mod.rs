@@ -117,6 +117,7 @@ impl Buf {
             }
             Vec::from_raw_parts(p, n, n)
         };
+        advise_huge_pages(words.as_ptr() as usize, len);
         Ok(Buf { words, len })
     }
     fn bytes(&self) -> &[u8] {
@@ -134,6 +135,27 @@ impl Buf {
         }
         self.words.as_mut_ptr() as *mut u8
     }
+}
+
+/// Ask for transparent huge pages on a large, still untouched buffer: the
+/// gather then takes one page fault per 2 MiB instead of per 4 KiB (the
+/// kernel's default THP mode is often `madvise`). Advisory; errors ignored.
+fn advise_huge_pages(addr: usize, len: usize) {
+    const HUGE: usize = 2 << 20;
+    if len < 2 * HUGE {
+        return;
+    }
+    let start = addr.next_multiple_of(HUGE);
+    let end = (addr + len) / HUGE * HUGE;
+    #[cfg(target_os = "linux")]
+    if end > start {
+        // SAFETY: [start, end) lies inside a live allocation we own; MADV_HUGEPAGE
+        // changes no contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+    let _ = (start, end);
 }
 
 /// The full parameter while unsharded.
