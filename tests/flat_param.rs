@@ -223,7 +223,7 @@ fn writeback_matrix(comm: Comm) {
                         let grad_after = fp.shard_grad_bytes().map(bytes_f32);
                         let grads_edited = with_grads
                             && grads != 0
-                            && if sw > 1 { writeback } else { (holds_full && (has_grad || writeback)) || (!holds_full && writeback) };
+                            && if sw > 1 { writeback } else { writeback || (holds_full && has_grad) };
                         if grads_edited {
                             let ga = grad_after.expect("edited grads land in the shard grad");
                             for k in 0..c {

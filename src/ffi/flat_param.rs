@@ -358,5 +358,5 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
 /// view pointers become invalid). Local, not collective. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param) {
-    let _ = boundary_value((), || handle::free::<Handle, _>(fp));
+    boundary_value((), || handle::free::<Handle, _>(fp));
 }

@@ -445,13 +445,13 @@ impl FlatParam {
 
     fn fill_chunk(layout: &Layout, srcs: &[&[u8]], r: u64, es: usize, out: &mut [u8]) {
         out.fill(0);
-        for i in 0..srcs.len() {
+        for (i, src) in srcs.iter().enumerate() {
             let v = layout.shard_view(i, r);
             if v.numel == 0 {
                 continue;
             }
             let (s, p, n) = (v.offset_in_shard as usize * es, v.offset_in_param as usize * es, v.numel as usize * es);
-            out[s..s + n].copy_from_slice(&srcs[i][p..p + n]);
+            out[s..s + n].copy_from_slice(&src[p..p + n]);
         }
     }
 
