@@ -125,6 +125,11 @@ typedef struct flatshard_averager flatshard_averager;
 typedef struct flatshard_comm flatshard_comm;
 
 /**
+ * Opaque flat parameter handle.
+ */
+typedef struct flatshard_flat_param flatshard_flat_param;
+
+/**
  * Where a tensor lives.
  */
 typedef struct {
@@ -206,6 +211,73 @@ typedef struct {
    */
   void (*destroy)(void *ctx);
 } flatshard_collectives;
+
+/**
+ * Options for flatshard_flat_param_new. NULL or zero-filled = defaults
+ * (FULL_SHARD, no alignment, no sync, no mixed precision).
+ */
+typedef struct {
+  /**
+   * sizeof(flatshard_flat_param_options), set by flatshard_flat_param_options_init(); 0 = first layout.
+   */
+  uint32_t struct_size;
+  /**
+   * Default FLATSHARD_FULL_SHARD.
+   */
+  flatshard_sharding sharding;
+  /**
+   * 1 = 16-byte per-param alignment + world-size padding inside the flat
+   * param (torch use_orig_params=True).
+   */
+  int32_t align_params;
+  /**
+   * 1 = rank 0's initial values win (torch sync_module_states).
+   */
+  int32_t sync_from_rank0;
+  /**
+   * Mixed precision: 1 = param_dtype is the dtype of the training unshard.
+   */
+  int32_t has_param_dtype;
+  flatshard_dtype param_dtype;
+  /**
+   * Mixed precision: 1 = reduce_dtype is the dtype of gradient reduction
+   * (default: param_dtype if set, else the params' dtype).
+   */
+  int32_t has_reduce_dtype;
+  flatshard_dtype reduce_dtype;
+  /**
+   * HYBRID_SHARD: the ranks holding the same shard. Borrowed: must outlive
+   * the flat param. Ignored for the other strategies.
+   */
+  flatshard_comm *replicate_comm;
+} flatshard_flat_param_options;
+
+/**
+ * Options for flatshard_flat_param_unshard; every flag defaults to 0 (off).
+ * PyTorch's summon_full_params default is writeback = 1.
+ */
+typedef struct {
+  /**
+   * sizeof(flatshard_unshard_options), set by flatshard_unshard_options_init(); 0 = first layout.
+   */
+  uint32_t struct_size;
+  /**
+   * Copy edits back into the shards at reshard.
+   */
+  int32_t writeback;
+  /**
+   * Only rank 0 materialises the full parameters.
+   */
+  int32_t rank0_only;
+  /**
+   * Full parameters live in host memory (always so for host params).
+   */
+  int32_t offload_to_cpu;
+  /**
+   * Also gather the sharded gradients (NULL grad views if no rank has one).
+   */
+  int32_t with_grads;
+} flatshard_unshard_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -508,6 +580,135 @@ flatshard_status flatshard_comm_abort(flatshard_comm *c);
  * PEER_LOST. Rank 0's store lives until its last communicator is freed.
  */
 void flatshard_comm_free(flatshard_comm *c);
+
+/**
+ * Zero-fill `*o` and set `o->struct_size` (defaults: FULL_SHARD, every flag
+ * off). NULL is ignored.
+ */
+void flatshard_flat_param_options_init(flatshard_flat_param_options *o);
+
+/**
+ * Zero-fill `*o` and set `o->struct_size` (every flag off). NULL is ignored.
+ */
+void flatshard_unshard_options_init(flatshard_unshard_options *o);
+
+/**
+ * Build a flat parameter. Collective over `comm` (and `opts->replicate_comm`
+ * for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, host
+ * memory) in order, shards them and copies this rank's shard out of the
+ * caller's tensors; afterwards the caller's buffers are not referenced (their
+ * `grad` pointers are ignored). `comm` and `replicate_comm` are borrowed and
+ * must outlive the flat param. On success `*out` owns the flat param; free it
+ * with flatshard_flat_param_free.
+ * INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
+ * dtype, bad options (message names the first offending index / field);
+ * UNSUPPORTED: CUDA tensors (host memory only in this version);
+ * MISMATCH (every rank): ranks passed different layouts or options, or
+ * another rank's arguments were invalid; TIMEOUT / PEER_LOST from the comm.
+ */
+flatshard_status flatshard_flat_param_new(flatshard_comm *comm,
+                                          const flatshard_tensor *params,
+                                          uint64_t n_params,
+                                          const flatshard_flat_param_options *opts,
+                                          flatshard_flat_param **out);
+
+/**
+ * Σ param numels, no padding; 0 for NULL.
+ */
+uint64_t flatshard_flat_param_numel(const flatshard_flat_param *fp);
+
+/**
+ * c·W: elements of the unsharded buffer (with padding); 0 for NULL.
+ */
+uint64_t flatshard_flat_param_padded_numel(const flatshard_flat_param *fp);
+
+/**
+ * c: elements of this rank's shard (SPEC §2); 0 for NULL.
+ */
+uint64_t flatshard_flat_param_shard_numel(const flatshard_flat_param *fp);
+
+/**
+ * This rank's shard: `out->data` (c elements, library-owned, valid until
+ * flatshard_flat_param_free) and `out->grad` (NULL until a gradient exists;
+ * valid until free). What an optimizer steps on. INVALID_ARGUMENT for NULL.
+ */
+flatshard_status flatshard_flat_param_shard(flatshard_flat_param *fp, flatshard_tensor *out);
+
+/**
+ * Param i's slice inside this rank's shard (`out->numel` 0 and NULL pointers
+ * if the param does not reach this shard) and, in `*offset_in_param`, where
+ * the slice starts inside param i (torch use_orig_params sharded views).
+ * Pointers are library-owned, valid until free (grad: until free, NULL until
+ * a gradient exists). INVALID_ARGUMENT: NULL, i >= n_params.
+ */
+flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
+                                                 uint64_t i,
+                                                 flatshard_tensor *out,
+                                                 uint64_t *offset_in_param);
+
+/**
+ * Materialise the full parameters (PyTorch summon_full_params / the training
+ * all-gather). Collective over the flat param's comm (every rank must call it
+ * with the same options). Training (writeback = 0 and rank0_only = 0) gathers
+ * in param_dtype; otherwise in the params' own dtype. With rank0_only only
+ * rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
+ * each shard group); the other ranks hold one shard-sized scratch buffer
+ * while the chunks are broadcast. offload_to_cpu is accepted and changes
+ * nothing for host params (the full buffer is host memory anyway). The full
+ * buffer is library-owned and lives until flatshard_flat_param_reshard.
+ * INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
+ * INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
+ */
+flatshard_status flatshard_flat_param_unshard(flatshard_flat_param *fp,
+                                              const flatshard_unshard_options *opts);
+
+/**
+ * Param i inside the unsharded buffer: data (and grad) pointers, zero-copy,
+ * in the unshard dtype (param_dtype for a training unshard). Library-owned,
+ * valid until flatshard_flat_param_reshard. Training (with_grads = 0): the
+ * first view after an unshard creates a zero-filled full gradient buffer.
+ * with_grads = 1: grad is NULL if no rank had a gradient.
+ * INVALID_STATE: sharded (call flatshard_flat_param_unshard first), or a rank
+ * ≠ 0 under rank0_only (use flatshard_flat_param_shard_view there);
+ * INVALID_ARGUMENT: NULL, i >= n_params.
+ */
+flatshard_status flatshard_flat_param_view(flatshard_flat_param *fp,
+                                           uint64_t i,
+                                           flatshard_tensor *out);
+
+/**
+ * Free the full parameters; pointers from flatshard_flat_param_view become
+ * invalid. With writeback, each rank first copies its own unpadded range of
+ * the full buffer (and of the gradients with with_grads) into its shard;
+ * under rank0_only + writeback rank 0 scatters the ranges back, so this is
+ * then collective. INVALID_STATE: already sharded (call
+ * flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
+ */
+flatshard_status flatshard_flat_param_reshard(flatshard_flat_param *fp);
+
+/**
+ * Training: after backward wrote full gradients into the views' grad
+ * pointers, average them over the sharding ranks (reduce-scatter; all-reduce
+ * for NO_SHARD; then all-reduce over replicate_comm for HYBRID_SHARD), in
+ * reduce_dtype, and ADD this rank's range into the shard gradient (created
+ * zero-filled). The full gradient is zeroed afterwards. Collective. A rank
+ * that took no view contributes zeros.
+ * INVALID_STATE: sharded (unshard and write gradients first), or unsharded
+ * with with_grads / rank0_only (a summon, not training); INVALID_ARGUMENT: NULL.
+ */
+flatshard_status flatshard_flat_param_reduce_grads(flatshard_flat_param *fp);
+
+/**
+ * Zero this rank's shard gradient (PyTorch zero_grad) after the optimizer
+ * step; no-op if there is none yet. Local. INVALID_ARGUMENT: NULL.
+ */
+flatshard_status flatshard_flat_param_zero_grad(flatshard_flat_param *fp);
+
+/**
+ * Free a flat parameter and every buffer it owns (also while unsharded:
+ * view pointers become invalid). Local, not collective. NULL is a no-op.
+ */
+void flatshard_flat_param_free(flatshard_flat_param *fp);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,1 +1,362 @@
-//! C API §4: flat parameters.
+//! C API §4: flat parameters (FSDP-style sharding). Converts pointers and
+//! options, then calls `crate::flat_param::FlatParam`.
+//!
+//! Lifetime rule: a flat param remembers the `comm` (and `replicate_comm`)
+//! handles it was built with and uses them in every collective call; they must
+//! stay alive until `flatshard_flat_param_free` (as with NCCL). A freed comm is
+//! usually detected (INVALID_ARGUMENT), but that is a courtesy, not a promise.
+
+use super::comm::{comm_ref, dtype, flatshard_comm};
+use super::handle::{self, Kind};
+use super::{boundary, boundary_value, check_struct_size, need, types::*};
+use crate::comm::Comm;
+use crate::error::{Error, Result};
+use crate::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
+use crate::tensor::Device;
+
+/// Opaque flat parameter handle.
+pub struct flatshard_flat_param {
+    _private: [u8; 0],
+}
+
+/// Options for flatshard_flat_param_new. NULL or zero-filled = defaults
+/// (FULL_SHARD, no alignment, no sync, no mixed precision).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct flatshard_flat_param_options {
+    /// sizeof(flatshard_flat_param_options), set by flatshard_flat_param_options_init(); 0 = first layout.
+    pub struct_size: u32,
+    /// Default FLATSHARD_FULL_SHARD.
+    pub sharding: ShardingArg,
+    /// 1 = 16-byte per-param alignment + world-size padding inside the flat
+    /// param (torch use_orig_params=True).
+    pub align_params: i32,
+    /// 1 = rank 0's initial values win (torch sync_module_states).
+    pub sync_from_rank0: i32,
+    /// Mixed precision: 1 = param_dtype is the dtype of the training unshard.
+    pub has_param_dtype: i32,
+    pub param_dtype: DtypeArg,
+    /// Mixed precision: 1 = reduce_dtype is the dtype of gradient reduction
+    /// (default: param_dtype if set, else the params' dtype).
+    pub has_reduce_dtype: i32,
+    pub reduce_dtype: DtypeArg,
+    /// HYBRID_SHARD: the ranks holding the same shard. Borrowed: must outlive
+    /// the flat param. Ignored for the other strategies.
+    pub replicate_comm: *mut flatshard_comm,
+}
+
+/// Options for flatshard_flat_param_unshard; every flag defaults to 0 (off).
+/// PyTorch's summon_full_params default is writeback = 1.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct flatshard_unshard_options {
+    /// sizeof(flatshard_unshard_options), set by flatshard_unshard_options_init(); 0 = first layout.
+    pub struct_size: u32,
+    /// Copy edits back into the shards at reshard.
+    pub writeback: i32,
+    /// Only rank 0 materialises the full parameters.
+    pub rank0_only: i32,
+    /// Full parameters live in host memory (always so for host params).
+    pub offload_to_cpu: i32,
+    /// Also gather the sharded gradients (NULL grad views if no rank has one).
+    pub with_grads: i32,
+}
+
+struct Handle {
+    fp: FlatParam,
+    comm: *const flatshard_comm,
+    replicate: *const flatshard_comm,
+}
+
+impl Kind for Handle {
+    const TAG: u64 = 0x464c_5348_464c_4154; // "FLSHFLAT"
+    const NAME: &'static str = "flatshard_flat_param";
+}
+
+impl Handle {
+    unsafe fn comm<'a>(&self) -> Result<&'a Comm> {
+        comm_ref(self.comm, "the flat param's comm (must outlive the flat param)")
+    }
+    unsafe fn replicate<'a>(&self) -> Result<Option<&'a Comm>> {
+        if self.replicate.is_null() {
+            return Ok(None);
+        }
+        comm_ref(self.replicate, "the flat param's replicate_comm (must outlive the flat param)").map(Some)
+    }
+}
+
+unsafe fn fp_mut<'a>(fp: *mut flatshard_flat_param) -> Result<&'a mut Handle> {
+    handle::get_mut::<Handle, _>(fp, "fp")
+}
+
+fn flag(v: i32, name: &str) -> Result<bool> {
+    match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(Error::invalid_arg(format!("{name}: {v} is not a flag (0 or 1)"))),
+    }
+}
+
+/// Zero-fill `*o` and set `o->struct_size` (defaults: FULL_SHARD, every flag
+/// off). NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_options_init(o: *mut flatshard_flat_param_options) {
+    if !o.is_null() {
+        o.write(flatshard_flat_param_options {
+            struct_size: std::mem::size_of::<flatshard_flat_param_options>() as u32,
+            sharding: ShardingArg(0),
+            align_params: 0,
+            sync_from_rank0: 0,
+            has_param_dtype: 0,
+            param_dtype: DtypeArg(0),
+            has_reduce_dtype: 0,
+            reduce_dtype: DtypeArg(0),
+            replicate_comm: std::ptr::null_mut(),
+        });
+    }
+}
+
+/// Zero-fill `*o` and set `o->struct_size` (every flag off). NULL is ignored.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshard_options) {
+    if !o.is_null() {
+        o.write(flatshard_unshard_options {
+            struct_size: std::mem::size_of::<flatshard_unshard_options>() as u32,
+            writeback: 0,
+            rank0_only: 0,
+            offload_to_cpu: 0,
+            with_grads: 0,
+        });
+    }
+}
+
+/// Build a flat parameter. Collective over `comm` (and `opts->replicate_comm`
+/// for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, host
+/// memory) in order, shards them and copies this rank's shard out of the
+/// caller's tensors; afterwards the caller's buffers are not referenced (their
+/// `grad` pointers are ignored). `comm` and `replicate_comm` are borrowed and
+/// must outlive the flat param. On success `*out` owns the flat param; free it
+/// with flatshard_flat_param_free.
+/// INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
+/// dtype, bad options (message names the first offending index / field);
+/// UNSUPPORTED: CUDA tensors (host memory only in this version);
+/// MISMATCH (every rank): ranks passed different layouts or options, or
+/// another rank's arguments were invalid; TIMEOUT / PEER_LOST from the comm.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_new(
+    comm: *mut flatshard_comm,
+    params: *const flatshard_tensor,
+    n_params: u64,
+    opts: *const flatshard_flat_param_options,
+    out: *mut *mut flatshard_flat_param,
+) -> flatshard_status {
+    boundary("flatshard_flat_param_new", || {
+        need(out, "out")?;
+        let c = comm_ref(comm, "comm")?;
+        let (inputs, o, replicate, rep) = match parse_new_args(params, n_params, opts) {
+            Ok(v) => v,
+            Err(e) => return Err(FlatParam::fail_new(c, e)),
+        };
+        let fp = FlatParam::new(c, rep, &inputs, &o)?;
+        *out = handle::into_raw::<Handle, flatshard_flat_param>(Handle { fp, comm, replicate });
+        Ok(())
+    })
+}
+
+type NewArgs<'a> = (Vec<ParamInput<'a>>, FlatParamOptions, *const flatshard_comm, Option<&'a Comm>);
+
+unsafe fn parse_new_args<'a>(params: *const flatshard_tensor, n_params: u64, opts: *const flatshard_flat_param_options) -> Result<NewArgs<'a>> {
+        let mut o = FlatParamOptions::default();
+        let mut replicate: *const flatshard_comm = std::ptr::null();
+        if !opts.is_null() {
+            let r = &*opts;
+            check_struct_size("flatshard_flat_param_options", r.struct_size, std::mem::size_of::<flatshard_flat_param_options>())?;
+            o.sharding = Sharding::from_raw(r.sharding.0 as i64, "options.sharding")?;
+            o.align_params = flag(r.align_params, "options.align_params")?;
+            o.sync_from_rank0 = flag(r.sync_from_rank0, "options.sync_from_rank0")?;
+            if flag(r.has_param_dtype, "options.has_param_dtype")? {
+                o.param_dtype = Some(dtype(r.param_dtype, "options.param_dtype")?);
+            }
+            if flag(r.has_reduce_dtype, "options.has_reduce_dtype")? {
+                o.reduce_dtype = Some(dtype(r.reduce_dtype, "options.reduce_dtype")?);
+            }
+            if o.sharding == Sharding::HybridShard {
+                replicate = r.replicate_comm;
+            }
+        }
+        let rep = if replicate.is_null() { None } else { Some(comm_ref(replicate, "options.replicate_comm")?) };
+        if n_params > 0 {
+            need(params, "params")?;
+        }
+        let n = usize::try_from(n_params).map_err(|_| Error::invalid_arg(format!("n_params: {n_params} is too large")))?;
+        let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(params, n) };
+        let mut inputs = Vec::with_capacity(n);
+        for (i, t) in ts.iter().enumerate() {
+            let t = tensor_from_c(t, &format!("params[{i}]"))?;
+            let data = if t.device == Device::Cpu && t.numel > 0 {
+                Some(std::slice::from_raw_parts(t.data as *const u8, t.bytes()?))
+            } else if t.device == Device::Cpu {
+                Some(&[][..])
+            } else {
+                None
+            };
+            inputs.push(ParamInput { data, numel: t.numel, dtype: t.dtype, device: t.device });
+        }
+        Ok((inputs, o, replicate, rep))
+}
+
+/// Σ param numels, no padding; 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_numel(fp: *const flatshard_flat_param) -> u64 {
+    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.numel()).unwrap_or(0))
+}
+
+/// c·W: elements of the unsharded buffer (with padding); 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_padded_numel(fp: *const flatshard_flat_param) -> u64 {
+    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.padded_numel()).unwrap_or(0))
+}
+
+/// c: elements of this rank's shard (SPEC §2); 0 for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_shard_numel(fp: *const flatshard_flat_param) -> u64 {
+    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.shard_numel()).unwrap_or(0))
+}
+
+/// This rank's shard: `out->data` (c elements, library-owned, valid until
+/// flatshard_flat_param_free) and `out->grad` (NULL until a gradient exists;
+/// valid until free). What an optimizer steps on. INVALID_ARGUMENT for NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_shard(fp: *mut flatshard_flat_param, out: *mut flatshard_tensor) -> flatshard_status {
+    boundary("flatshard_flat_param_shard", || {
+        let h = fp_mut(fp)?;
+        need(out, "out")?;
+        *out = tensor_to_c(&h.fp.shard());
+        Ok(())
+    })
+}
+
+/// Param i's slice inside this rank's shard (`out->numel` 0 and NULL pointers
+/// if the param does not reach this shard) and, in `*offset_in_param`, where
+/// the slice starts inside param i (torch use_orig_params sharded views).
+/// Pointers are library-owned, valid until free (grad: until free, NULL until
+/// a gradient exists). INVALID_ARGUMENT: NULL, i >= n_params.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_shard_view(
+    fp: *mut flatshard_flat_param,
+    i: u64,
+    out: *mut flatshard_tensor,
+    offset_in_param: *mut u64,
+) -> flatshard_status {
+    boundary("flatshard_flat_param_shard_view", || {
+        let h = fp_mut(fp)?;
+        need(out, "out")?;
+        need(offset_in_param, "offset_in_param")?;
+        let (t, off) = h.fp.shard_view(i)?;
+        *out = tensor_to_c(&t);
+        *offset_in_param = off;
+        Ok(())
+    })
+}
+
+unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOptions> {
+    if o.is_null() {
+        return Ok(UnshardOptions::default());
+    }
+    let o = &*o;
+    check_struct_size("flatshard_unshard_options", o.struct_size, std::mem::size_of::<flatshard_unshard_options>())?;
+    Ok(UnshardOptions {
+        writeback: flag(o.writeback, "options.writeback")?,
+        rank0_only: flag(o.rank0_only, "options.rank0_only")?,
+        offload_to_cpu: flag(o.offload_to_cpu, "options.offload_to_cpu")?,
+        with_grads: flag(o.with_grads, "options.with_grads")?,
+    })
+}
+
+/// Materialise the full parameters (PyTorch summon_full_params / the training
+/// all-gather). Collective over the flat param's comm (every rank must call it
+/// with the same options). Training (writeback = 0 and rank0_only = 0) gathers
+/// in param_dtype; otherwise in the params' own dtype. With rank0_only only
+/// rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
+/// each shard group); the other ranks hold one shard-sized scratch buffer
+/// while the chunks are broadcast. offload_to_cpu is accepted and changes
+/// nothing for host params (the full buffer is host memory anyway). The full
+/// buffer is library-owned and lives until flatshard_flat_param_reshard.
+/// INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
+/// INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_param, opts: *const flatshard_unshard_options) -> flatshard_status {
+    boundary("flatshard_flat_param_unshard", || {
+        let h = fp_mut(fp)?;
+        let o = unshard_opts(opts)?;
+        let c = h.comm()?;
+        h.fp.unshard(c, o)
+    })
+}
+
+/// Param i inside the unsharded buffer: data (and grad) pointers, zero-copy,
+/// in the unshard dtype (param_dtype for a training unshard). Library-owned,
+/// valid until flatshard_flat_param_reshard. Training (with_grads = 0): the
+/// first view after an unshard creates a zero-filled full gradient buffer.
+/// with_grads = 1: grad is NULL if no rank had a gradient.
+/// INVALID_STATE: sharded (call flatshard_flat_param_unshard first), or a rank
+/// ≠ 0 under rank0_only (use flatshard_flat_param_shard_view there);
+/// INVALID_ARGUMENT: NULL, i >= n_params.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param, i: u64, out: *mut flatshard_tensor) -> flatshard_status {
+    boundary("flatshard_flat_param_view", || {
+        let h = fp_mut(fp)?;
+        need(out, "out")?;
+        *out = tensor_to_c(&h.fp.view(i)?);
+        Ok(())
+    })
+}
+
+/// Free the full parameters; pointers from flatshard_flat_param_view become
+/// invalid. With writeback, each rank first copies its own unpadded range of
+/// the full buffer (and of the gradients with with_grads) into its shard;
+/// under rank0_only + writeback rank 0 scatters the ranges back, so this is
+/// then collective. INVALID_STATE: already sharded (call
+/// flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_param) -> flatshard_status {
+    boundary("flatshard_flat_param_reshard", || {
+        let h = fp_mut(fp)?;
+        let c = h.comm()?;
+        h.fp.reshard(c)
+    })
+}
+
+/// Training: after backward wrote full gradients into the views' grad
+/// pointers, average them over the sharding ranks (reduce-scatter; all-reduce
+/// for NO_SHARD; then all-reduce over replicate_comm for HYBRID_SHARD), in
+/// reduce_dtype, and ADD this rank's range into the shard gradient (created
+/// zero-filled). The full gradient is zeroed afterwards. Collective. A rank
+/// that took no view contributes zeros.
+/// INVALID_STATE: sharded (unshard and write gradients first), or unsharded
+/// with with_grads / rank0_only (a summon, not training); INVALID_ARGUMENT: NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_flat_param) -> flatshard_status {
+    boundary("flatshard_flat_param_reduce_grads", || {
+        let h = fp_mut(fp)?;
+        let (c, r) = (h.comm()?, h.replicate()?);
+        h.fp.reduce_grads(c, r)
+    })
+}
+
+/// Zero this rank's shard gradient (PyTorch zero_grad) after the optimizer
+/// step; no-op if there is none yet. Local. INVALID_ARGUMENT: NULL.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
+    boundary("flatshard_flat_param_zero_grad", || {
+        fp_mut(fp)?.fp.zero_grad();
+        Ok(())
+    })
+}
+
+/// Free a flat parameter and every buffer it owns (also while unsharded:
+/// view pointers become invalid). Local, not collective. NULL is a no-op.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param) {
+    boundary_value((), || handle::free::<Handle, _>(fp));
+}

@@ -1,0 +1,556 @@
+//! Flat parameters over real processes and sockets, against sequential
+//! references computed here independently of src/flat_param/layout.rs.
+mod common;
+use common::*;
+use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
+use flatshard::{Comm, DType, ErrorKind};
+
+/// Deterministic param values: param i, element j (distinct, exact in f32).
+fn value(i: usize, j: usize) -> f32 {
+    (i * 1000 + j) as f32 + 0.5
+}
+
+fn params(numels: &[usize]) -> Vec<Vec<u8>> {
+    numels.iter().enumerate().map(|(i, &n)| f32_bytes(&(0..n).map(|j| value(i, j)).collect::<Vec<_>>())).collect()
+}
+
+fn inputs(bufs: &[Vec<u8>]) -> Vec<ParamInput<'_>> {
+    bufs.iter().map(|b| ParamInput::host(b, DType::F32)).collect()
+}
+
+/// The SPEC §2 layout, written out naively: Some((i, j)) = param i element j, None = padding.
+fn reference_layout(numels: &[usize], align: bool, pad_world: usize, world: usize) -> (Vec<Option<(usize, usize)>>, usize) {
+    let mut flat = Vec::new();
+    for (i, &n) in numels.iter().enumerate() {
+        while align && i > 0 && flat.len() % 4 != 0 {
+            flat.push(None);
+        }
+        flat.extend((0..n).map(|j| Some((i, j))));
+    }
+    while align && flat.len() % pad_world != 0 {
+        flat.push(None);
+    }
+    let c = flat.len().div_ceil(world);
+    flat.resize(c * world, None);
+    (flat, c)
+}
+
+fn view_f32(t: &flatshard::tensor::TensorRef) -> &'static mut [f32] {
+    if t.numel == 0 {
+        return &mut [];
+    }
+    assert!(!t.data.is_null());
+    unsafe { std::slice::from_raw_parts_mut(t.data as *mut f32, t.numel as usize) }
+}
+fn grad_f32(t: &flatshard::tensor::TensorRef) -> Option<&'static mut [f32]> {
+    if t.numel == 0 && !t.grad.is_null() {
+        return Some(&mut []);
+    }
+    (!t.grad.is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(t.grad as *mut f32, t.numel as usize) })
+}
+
+const CASES: &[&[usize]] = &[&[21, 35, 25], &[110, 11], &[5], &[1], &[7, 3, 13, 2], &[0, 3, 0], &[0]];
+
+fn check_shards(comm: Comm) {
+    let (r, w) = (comm.rank(), comm.size());
+    for numels in CASES {
+        for align in [false, true] {
+            for sharding in [Sharding::FullShard, Sharding::ShardGradOp, Sharding::NoShard] {
+                let bufs = params(numels);
+                let opts = FlatParamOptions { sharding, align_params: align, ..Default::default() };
+                let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &opts).unwrap();
+                let sw = if sharding == Sharding::NoShard { 1 } else { w };
+                let (flat, c) = reference_layout(numels, align, w, sw);
+                let ctx = format!("rank {r}/{w} {numels:?} align {align} {sharding:?}");
+                assert_eq!(fp.shard_numel() as usize, c, "{ctx}");
+                assert_eq!(fp.padded_numel() as usize, c * sw, "{ctx}");
+                assert_eq!(fp.numel() as usize, numels.iter().sum::<usize>(), "{ctx}");
+                let me = if sw == 1 { 0 } else { r };
+                let want: Vec<f32> = flat[c * me..c * me + c].iter().map(|e| e.map_or(0.0, |(i, j)| value(i, j))).collect();
+                assert_eq!(bytes_f32(fp.shard_bytes()), want, "shard {ctx}");
+                for i in 0..numels.len() {
+                    let (t, off) = fp.shard_view(i as u64).unwrap();
+                    let pos: Vec<usize> = (0..c).filter(|k| matches!(flat[c * me + k], Some((pi, _)) if pi == i)).collect();
+                    assert_eq!(t.numel as usize, pos.len(), "shard view {i} {ctx}");
+                    if let Some(&k0) = pos.first() {
+                        assert_eq!(off as usize, flat[c * me + k0].unwrap().1, "offset in param {i} {ctx}");
+                        let v = view_f32(&t);
+                        for (k, x) in v.iter().enumerate() {
+                            assert_eq!(*x, value(i, off as usize + k), "{ctx}");
+                        }
+                    }
+                }
+                fp.unshard(&comm, UnshardOptions::default()).unwrap();
+                for (i, &n) in numels.iter().enumerate() {
+                    let t = fp.view(i as u64).unwrap();
+                    assert_eq!(t.numel as usize, n);
+                    assert_eq!(view_f32(&t).to_vec(), (0..n).map(|j| value(i, j)).collect::<Vec<_>>(), "view {i} {ctx}");
+                    assert!(grad_f32(&t).map_or(n == 0, |g| g.iter().all(|x| *x == 0.0)), "training grad starts at zero");
+                }
+                fp.reshard(&comm).unwrap();
+            }
+        }
+    }
+    comm.barrier().unwrap();
+}
+
+#[test]
+fn shards_match_reference_w1() {
+    ranks("shards_match_reference_w1", 1, &[], check_shards);
+}
+#[test]
+fn shards_match_reference_w2() {
+    ranks("shards_match_reference_w2", 2, &[], check_shards);
+}
+#[test]
+fn shards_match_reference_w3() {
+    ranks("shards_match_reference_w3", 3, &[], check_shards);
+}
+#[test]
+fn shards_match_reference_w4() {
+    ranks("shards_match_reference_w4", 4, &[], check_shards);
+}
+
+#[test]
+fn sync_from_rank0_and_bf16_training_gather() {
+    ranks("sync_from_rank0_and_bf16_training_gather", 3, &[], |comm| {
+        let r = comm.rank();
+        let numels = [21usize, 35, 25];
+        let mut bufs = params(&numels);
+        if r != 0 {
+            bufs = numels.iter().map(|&n| f32_bytes(&vec![-7.0; n])).collect();
+        }
+        let opts = FlatParamOptions { sync_from_rank0: true, align_params: true, param_dtype: Some(DType::BF16), ..Default::default() };
+        let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &opts).unwrap();
+        // bf16 alignment (a = 8): 21 | 3 | 35 | 5 | 25 → 89, padded to 90 for 3 ranks
+        assert_eq!(fp.padded_numel(), 90);
+        fp.unshard(&comm, UnshardOptions { writeback: true, ..Default::default() }).unwrap();
+        for (i, &n) in numels.iter().enumerate() {
+            let t = fp.view(i as u64).unwrap();
+            assert_eq!(t.dtype, DType::F32, "summon with writeback gathers in full precision");
+            assert_eq!(view_f32(&t).to_vec(), (0..n).map(|j| value(i, j)).collect::<Vec<_>>());
+        }
+        fp.reshard(&comm).unwrap();
+        fp.unshard(&comm, UnshardOptions::default()).unwrap();
+        let t = fp.view(1).unwrap();
+        assert_eq!(t.dtype, DType::BF16, "training unshard gathers in param_dtype");
+        let v = unsafe { std::slice::from_raw_parts(t.data as *const u16, 35) };
+        for (j, b) in v.iter().enumerate() {
+            assert_eq!(*b, flatshard::reduce::f32_to_bf16_bits(value(1, j)));
+        }
+        fp.reshard(&comm).unwrap();
+    });
+}
+
+/// writeback × rank0_only × with_grads × strategy: after reshard each rank's
+/// shard holds exactly what SPEC §2 says.
+fn writeback_matrix(comm: Comm) {
+    let (r, w) = (comm.rank(), comm.size());
+    let numels = [21usize, 35, 25];
+    for sharding in [Sharding::FullShard, Sharding::ShardGradOp, Sharding::NoShard] {
+        for align in [false, true] {
+            for writeback in [false, true] {
+                for rank0_only in [false, true] {
+                    // grads: 0 = none anywhere, 1 = only rank 0, 2 = every rank
+                    for (with_grads, grads) in [(false, 2), (true, 0), (true, 1), (true, 2)] {
+                        let ctx = format!("rank {r}/{w} {sharding:?} align {align} wb {writeback} r0 {rank0_only} wg {with_grads} grads {grads}");
+                        let bufs = params(&numels);
+                        let opts = FlatParamOptions { sharding, align_params: align, ..Default::default() };
+                        let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &opts).unwrap();
+                        let c = fp.shard_numel() as usize;
+                        let sw = if sharding == Sharding::NoShard { 1 } else { w };
+                        let me = if sw == 1 { 0 } else { r };
+                        let (flat, _) = reference_layout(&numels, align, w, sw);
+                        // shard grad = -(flat index) on real elements, 9 on padding
+                        let has_grad = grads == 2 || (grads == 1 && r == 0);
+                        if has_grad {
+                            let g: Vec<f32> = (0..c).map(|k| if flat[c * me + k].is_some() { -((c * me + k) as f32) } else { 9.0 }).collect();
+                            fp.ensure_shard_grad().unwrap().copy_from_slice(&f32_bytes(&g));
+                        }
+                        let before = bytes_f32(fp.shard_bytes());
+                        let grad_before = fp.shard_grad_bytes().map(bytes_f32);
+                        let uo = UnshardOptions { writeback, rank0_only, with_grads, offload_to_cpu: false };
+                        fp.unshard(&comm, uo).unwrap();
+                        let holds_full = !rank0_only || r == 0;
+                        for i in 0..numels.len() {
+                            let res = fp.view(i as u64);
+                            if !holds_full {
+                                let e = res.unwrap_err();
+                                assert_eq!(e.kind, ErrorKind::InvalidState, "{ctx}");
+                                assert!(e.msg.contains("shard_view"), "{}", e.msg);
+                                continue;
+                            }
+                            let t = res.unwrap();
+                            let s = fp.layout().offsets[i] as usize;
+                            if with_grads {
+                                match grad_f32(&t) {
+                                    None => assert_eq!(grads, 0, "grad view NULL only when nobody has grads: {ctx}"),
+                                    Some(g) => {
+                                        assert_ne!(grads, 0, "{ctx}");
+                                        for (j, x) in g.iter().enumerate() {
+                                            let k = s + j;
+                                            let owner = if sw == 1 { r } else { k / c };
+                                            let want = if grads == 2 || owner == 0 { -(k as f32) } else { 0.0 };
+                                            let want = if sw == 1 && !(grads == 2 || r == 0) { 0.0 } else { want };
+                                            assert_eq!(*x, want, "gathered grad param {i} elem {j}: {ctx}");
+                                        }
+                                        for x in g.iter_mut() {
+                                            *x = 500.0;
+                                        }
+                                    }
+                                }
+                            }
+                            for x in view_f32(&t).iter_mut() {
+                                *x = -*x;
+                            }
+                        }
+                        fp.reshard(&comm).unwrap();
+                        let after = bytes_f32(fp.shard_bytes());
+                        // Which ranks see the edits: writeback → everyone (rank 0's edits
+                        // under rank0_only); NO_SHARD without writeback → the editors
+                        // themselves (views are the shard).
+                        // NO_SHARD views are the shard itself: the editors keep their
+                        // edits; writeback brings rank 0's edits everywhere.
+                        let edited = if sw == 1 { holds_full || writeback } else { writeback };
+                        for k in 0..c {
+                            let want = match flat[c * me + k] {
+                                None => before[k], // padding is never written
+                                Some(_) if edited => -before[k],
+                                Some(_) => before[k],
+                            };
+                            assert_eq!(after[k], want, "shard elem {k}: {ctx}");
+                        }
+                        let grad_after = fp.shard_grad_bytes().map(bytes_f32);
+                        let grads_edited = with_grads
+                            && grads != 0
+                            && if sw > 1 { writeback } else { writeback || (holds_full && has_grad) };
+                        if grads_edited {
+                            let ga = grad_after.expect("edited grads land in the shard grad");
+                            for k in 0..c {
+                                let want = match flat[c * me + k] {
+                                    Some(_) => 500.0,
+                                    None => grad_before.as_ref().map_or(0.0, |g| g[k]),
+                                };
+                                assert_eq!(ga[k], want, "shard grad elem {k}: {ctx}");
+                            }
+                        } else {
+                            assert_eq!(grad_after, grad_before, "grads untouched: {ctx}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    comm.barrier().unwrap();
+}
+
+#[test]
+fn writeback_matrix_w2() {
+    ranks("writeback_matrix_w2", 2, &[], writeback_matrix);
+}
+#[test]
+fn writeback_matrix_w3() {
+    ranks("writeback_matrix_w3", 3, &[], writeback_matrix);
+}
+
+#[test]
+fn singleton_param_writeback() {
+    ranks("singleton_param_writeback", 2, &[], |comm| {
+        let r = comm.rank();
+        let bufs = vec![f32_bytes(&[1.0])];
+        let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();
+        assert_eq!((fp.numel(), fp.padded_numel(), fp.shard_numel()), (1, 2, 1));
+        fp.shard_bytes_mut().copy_from_slice(&f32_bytes(&[r as f32 + 2.0]));
+        fp.unshard(&comm, UnshardOptions { writeback: true, ..Default::default() }).unwrap();
+        let t = fp.view(0).unwrap();
+        assert_eq!(view_f32(&t).to_vec(), vec![2.0]);
+        view_f32(&t)[0] = 0.0;
+        fp.reshard(&comm).unwrap();
+        let want = if r == 0 { 0.0 } else { 3.0 };
+        assert_eq!(bytes_f32(fp.shard_bytes()), vec![want], "rank {r}");
+    });
+}
+
+/// y = W x + b with W 2x4, b 2 (two params), MSE loss, plain SGD.
+const IN: usize = 4;
+const OUT: usize = 2;
+const BATCH: usize = 6;
+
+fn sample(k: usize) -> ([f32; IN], [f32; OUT]) {
+    let x: [f32; IN] = std::array::from_fn(|i| (((k * 7 + i * 3) % 11) as f32 - 5.0) / 5.0);
+    let y: [f32; OUT] = std::array::from_fn(|o| x.iter().enumerate().map(|(i, v)| v * ((o + i) as f32 * 0.3 - 0.4)).sum::<f32>() + o as f32);
+    (x, y)
+}
+
+/// Mean-over-batch gradients of 0.5 * |W x + b - y|^2 for samples `ks`.
+fn grads(w: &[f32], b: &[f32], ks: std::ops::Range<usize>) -> (Vec<f32>, Vec<f32>) {
+    let (mut gw, mut gb) = (vec![0f32; OUT * IN], vec![0f32; OUT]);
+    let n = ks.len() as f32;
+    for k in ks {
+        let (x, y) = sample(k);
+        for o in 0..OUT {
+            let pred: f32 = (0..IN).map(|i| w[o * IN + i] * x[i]).sum::<f32>() + b[o];
+            let e = pred - y[o];
+            for i in 0..IN {
+                gw[o * IN + i] += e * x[i] / n;
+            }
+            gb[o] += e / n;
+        }
+    }
+    (gw, gb)
+}
+
+const LR: f32 = 0.1;
+const STEPS: usize = 20;
+
+fn init() -> (Vec<f32>, Vec<f32>) {
+    ((0..OUT * IN).map(|i| (i as f32 * 0.37).sin() * 0.5).collect(), vec![0.1, -0.2])
+}
+
+fn train(comm: Comm, replicate: Option<&Comm>, sharding: Sharding, global_rank: usize, global_world: usize) -> (Vec<f32>, Vec<f32>) {
+    let (w0, b0) = init();
+    let bufs = vec![f32_bytes(&w0), f32_bytes(&b0)];
+    let opts = FlatParamOptions { sharding, align_params: true, ..Default::default() };
+    let mut fp = FlatParam::new(&comm, replicate, &inputs(&bufs), &opts).unwrap();
+    for _ in 0..STEPS {
+        fp.unshard(&comm, UnshardOptions::default()).unwrap();
+        let (w, b) = (view_f32(&fp.view(0).unwrap()).to_vec(), view_f32(&fp.view(1).unwrap()).to_vec());
+        if sharding == Sharding::FullShard {
+            fp.reshard(&comm).unwrap(); // after forward
+            fp.unshard(&comm, UnshardOptions::default()).unwrap(); // before backward
+        }
+        let lo = global_rank * BATCH;
+        let (gw, gb) = grads(&w, &b, lo..lo + BATCH);
+        grad_f32(&fp.view(0).unwrap()).unwrap().copy_from_slice(&gw);
+        grad_f32(&fp.view(1).unwrap()).unwrap().copy_from_slice(&gb);
+        fp.reduce_grads(&comm, replicate).unwrap();
+        fp.reshard(&comm).unwrap();
+        let s = fp.shard();
+        let (d, g) = (view_f32(&s), grad_f32(&s).unwrap());
+        for (x, gx) in d.iter_mut().zip(g.iter()) {
+            *x -= LR * gx;
+        }
+        fp.zero_grad();
+        assert!(grad_f32(&fp.shard()).unwrap().iter().all(|x| *x == 0.0));
+    }
+    let _ = global_world;
+    fp.unshard(&comm, UnshardOptions::default()).unwrap();
+    let out = (view_f32(&fp.view(0).unwrap()).to_vec(), view_f32(&fp.view(1).unwrap()).to_vec());
+    fp.reshard(&comm).unwrap();
+    out
+}
+
+fn full_batch(world: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut w, mut b) = init();
+    for _ in 0..STEPS {
+        let (gw, gb) = grads(&w, &b, 0..BATCH * world);
+        w.iter_mut().zip(&gw).for_each(|(x, g)| *x -= LR * g);
+        b.iter_mut().zip(&gb).for_each(|(x, g)| *x -= LR * g);
+    }
+    (w, b)
+}
+
+fn assert_close(got: &(Vec<f32>, Vec<f32>), want: &(Vec<f32>, Vec<f32>), ctx: &str) {
+    let a = got.0.iter().chain(&got.1);
+    let b = want.0.iter().chain(&want.1);
+    let d = a.zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-5, "{ctx}: max abs diff {d} > 1e-5\n got {got:?}\nwant {want:?}");
+    // the model actually moved
+    assert!(got.1[0] != init().1[0]);
+}
+
+fn training(comm: Comm) {
+    let (r, w) = (comm.rank(), comm.size());
+    let want = full_batch(w);
+    for sharding in [Sharding::FullShard, Sharding::ShardGradOp, Sharding::NoShard] {
+        let c2 = comm.split(0, r as i32).unwrap().unwrap();
+        let got = train(c2, None, sharding, r, w);
+        assert_close(&got, &want, &format!("rank {r}/{w} {sharding:?}"));
+    }
+    if w == 4 {
+        // HYBRID_SHARD: shard over {0,1} / {2,3}, replicate over {0,2} / {1,3}
+        let shard = comm.new_subgroups(2).unwrap();
+        let rep = comm.split((r % 2) as i32, r as i32).unwrap().unwrap();
+        let got = train(shard, Some(&rep), Sharding::HybridShard, r, w);
+        assert_close(&got, &want, &format!("rank {r}/{w} HYBRID"));
+    }
+    comm.barrier().unwrap();
+}
+
+#[test]
+fn training_matches_full_batch_w2() {
+    ranks("training_matches_full_batch_w2", 2, &[], training);
+}
+#[test]
+fn training_matches_full_batch_w4() {
+    ranks("training_matches_full_batch_w4", 4, &[], training);
+}
+
+#[test]
+fn mismatch_and_bad_arguments() {
+    ranks("mismatch_and_bad_arguments", 3, &[], |comm| {
+        let r = comm.rank();
+        // rank 1 passes a different layout
+        let numels: &[usize] = if r == 1 { &[21, 36, 25] } else { &[21, 35, 25] };
+        let bufs = params(numels);
+        let e = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+        assert!(e.msg.contains("rank 1"), "{}", e.msg);
+        // rank 2 passes different options
+        let opts = FlatParamOptions { align_params: r == 2, ..Default::default() };
+        let bufs = params(&[21, 35]);
+        let e = FlatParam::new(&comm, None, &inputs(&bufs), &opts).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+        // rank 2: integer dtype at index 1 → INVALID_ARGUMENT there, MISMATCH elsewhere
+        let ints = vec![0u8; 16];
+        let mut ins = inputs(&bufs);
+        if r == 2 {
+            ins[1] = ParamInput::host(&ints, DType::I32);
+        }
+        let e = FlatParam::new(&comm, None, &ins, &FlatParamOptions::default()).err().unwrap();
+        if r == 2 {
+            assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+            assert!(e.msg.contains("params[1]"), "{}", e.msg);
+        } else {
+            assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+            assert!(e.msg.contains("rank 2"), "{}", e.msg);
+        }
+        // empty list everywhere; mixed dtypes on every rank
+        let e = FlatParam::new(&comm, None, &[], &FlatParamOptions::default()).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument);
+        assert!(e.msg.contains("n_params"), "{}", e.msg);
+        let halves = vec![0u8; 8];
+        let mixed = [ParamInput::host(&bufs[0], DType::F32), ParamInput::host(&halves, DType::BF16)];
+        let e = FlatParam::new(&comm, None, &mixed, &FlatParamOptions::default()).err().unwrap();
+        assert!(e.kind == ErrorKind::InvalidArgument && e.msg.contains("params[1].dtype") && e.msg.contains("f32"), "{e}");
+        // HYBRID without a replicate comm
+        let opts = FlatParamOptions { sharding: Sharding::HybridShard, ..Default::default() };
+        assert_eq!(FlatParam::new(&comm, None, &inputs(&bufs), &opts).err().unwrap().kind, ErrorKind::InvalidArgument);
+        // CUDA tensors: unsupported for now
+        let cuda = [ParamInput { data: None, numel: 4, dtype: DType::F32, device: flatshard::tensor::Device::Cuda(0) }];
+        let e = FlatParam::new(&comm, None, &cuda, &FlatParamOptions::default()).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+        // the communicator is still usable
+        let fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();
+        assert_eq!(fp.numel(), 56);
+        comm.barrier().unwrap();
+    });
+}
+
+#[test]
+fn invalid_state_paths_and_free_while_unsharded() {
+    ranks("invalid_state_paths_and_free_while_unsharded", 2, &[], |comm| {
+        let r = comm.rank();
+        let bufs = params(&[21, 35, 25]);
+        let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();
+        let st = |e: flatshard::Error, hint: &str| {
+            assert_eq!(e.kind, ErrorKind::InvalidState, "{e}");
+            assert!(e.msg.contains(hint) && e.msg.contains(&format!("rank {r}")), "message should say to call {hint}: {}", e.msg);
+        };
+        st(fp.view(0).unwrap_err(), "flatshard_flat_param_unshard");
+        st(fp.reshard(&comm).unwrap_err(), "flatshard_flat_param_unshard");
+        st(fp.reduce_grads(&comm, None).unwrap_err(), "flatshard_flat_param_unshard");
+        assert_eq!(fp.view(3).unwrap_err().kind, ErrorKind::InvalidArgument);
+        fp.unshard(&comm, UnshardOptions::default()).unwrap();
+        st(fp.unshard(&comm, UnshardOptions::default()).unwrap_err(), "flatshard_flat_param_reshard");
+        fp.reshard(&comm).unwrap();
+        fp.unshard(&comm, UnshardOptions { rank0_only: true, ..Default::default() }).unwrap();
+        if r != 0 {
+            st(fp.view(0).unwrap_err(), "flatshard_flat_param_shard_view");
+            assert_eq!(fp.shard_view(2).unwrap().0.numel, 25, "shard views still work");
+        }
+        st(fp.reduce_grads(&comm, None).unwrap_err(), "reshard");
+        fp.reshard(&comm).unwrap();
+        fp.unshard(&comm, UnshardOptions { with_grads: true, ..Default::default() }).unwrap();
+        st(fp.reduce_grads(&comm, None).unwrap_err(), "reshard");
+        fp.reshard(&comm).unwrap();
+        // free while unsharded (training grads allocated too)
+        fp.unshard(&comm, UnshardOptions::default()).unwrap();
+        grad_f32(&fp.view(2).unwrap()).unwrap()[0] = 1.0;
+        drop(fp);
+        comm.barrier().unwrap();
+    });
+}
+
+fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// rank0_only: the peak memory of ranks ≠ 0 does not grow by the full size.
+#[test]
+fn rank0_only_memory_is_bounded() {
+    ranks("rank0_only_memory_is_bounded", 4, &[], |comm| {
+        let r = comm.rank();
+        let n = 16 << 20; // 64 MiB of f32
+        let mut fp = {
+            let bufs = vec![f32_bytes(&vec![1.5f32; n])];
+            FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap()
+        };
+        let full_kib = (n * 4 / 1024) as u64;
+        for writeback in [false, true] {
+            comm.barrier().unwrap();
+            let base = status_kib("VmRSS:");
+            // reset the peak (VmHWM) to the current RSS
+            std::fs::write("/proc/self/clear_refs", "5").unwrap();
+            fp.unshard(&comm, UnshardOptions { rank0_only: true, writeback, ..Default::default() }).unwrap();
+            if r == 0 {
+                let t = fp.view(0).unwrap();
+                assert!(view_f32(&t).iter().all(|x| *x == 1.5));
+            }
+            fp.reshard(&comm).unwrap();
+            let peak = status_kib("VmHWM:").saturating_sub(base);
+            eprintln!("rank {r}: rank0_only unshard+reshard (writeback {writeback}): peak RSS growth {peak} KiB, full param {full_kib} KiB");
+            if r == 0 {
+                assert!(peak >= full_kib * 9 / 10, "rank 0 must hold the full param (growth {peak} KiB): the measurement works");
+            } else {
+                assert!(peak < full_kib / 2, "rank {r}: peak grew by {peak} KiB, full param is {full_kib} KiB");
+            }
+        }
+        comm.barrier().unwrap();
+    });
+}
+
+/// Mixed precision: grads written in param_dtype, reduced in reduce_dtype,
+/// accumulated into the full-precision shard grad.
+#[test]
+fn mixed_precision_reduce_grads() {
+    ranks("mixed_precision_reduce_grads", 2, &[], |comm| {
+        let r = comm.rank();
+        let numels = [21usize, 35, 25];
+        let bufs = params(&numels);
+        for (pd, rd) in [(DType::BF16, Some(DType::F32)), (DType::F16, None), (DType::BF16, None)] {
+            let ctx = format!("rank {r} param {pd:?} reduce {rd:?}");
+            let opts = FlatParamOptions { align_params: true, param_dtype: Some(pd), reduce_dtype: rd, ..Default::default() };
+            let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &opts).unwrap();
+            for step in 1..=2 {
+                fp.unshard(&comm, UnshardOptions::default()).unwrap();
+                for i in 0..numels.len() {
+                    let t = fp.view(i as u64).unwrap();
+                    assert_eq!(t.dtype, pd, "{ctx}");
+                    let g = unsafe { std::slice::from_raw_parts_mut(t.grad as *mut u16, t.numel as usize) };
+                    let v = (r as f32 + 1.0) * 0.5; // 0.5 / 1.0, exact in bf16 and f16
+                    let bits = if pd == DType::BF16 { half::bf16::from_f32(v).to_bits() } else { half::f16::from_f32(v).to_bits() };
+                    g.fill(bits);
+                }
+                fp.reduce_grads(&comm, None).unwrap();
+                fp.reduce_grads(&comm, None).unwrap(); // the full grad was zeroed: adds nothing
+                fp.reshard(&comm).unwrap();
+                let g = bytes_f32(fp.shard_grad_bytes().unwrap());
+                let c = fp.shard_numel();
+                for (k, x) in g.iter().enumerate() {
+                    let real = (0..numels.len()).any(|i| {
+                        let (t, _) = fp.shard_view(i as u64).unwrap();
+                        let base = fp.shard().data as usize;
+                        t.numel > 0 && (t.data as usize - base) / 4 <= k && k < (t.data as usize - base) / 4 + t.numel as usize
+                    });
+                    let want = if real { 0.75 * step as f32 } else { 0.0 };
+                    assert_eq!(*x, want, "shard grad elem {k} of {c} after step {step}: {ctx}");
+                }
+            }
+            fp.zero_grad();
+            assert!(bytes_f32(fp.shard_grad_bytes().unwrap()).iter().all(|x| *x == 0.0));
+        }
+    });
+}
