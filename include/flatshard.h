@@ -710,6 +710,18 @@ flatshard_status flatshard_flat_param_zero_grad(flatshard_flat_param *fp);
  */
 void flatshard_flat_param_free(flatshard_flat_param *fp);
 
+/**
+ * Average the shards of `fps[0..n]` in place over `replicate_comm` (the
+ * ranks holding the same shard, e.g. HYBRID_SHARD's replicate group) without
+ * unsharding: local SGD on a sharded model (PyTorch has no equivalent).
+ * Collective over `replicate_comm`; every flat param must be sharded (else
+ * INVALID_STATE) and, if it was built with a replicate_comm, built with this
+ * one (else INVALID_ARGUMENT). Ranks must pass the same layouts (MISMATCH).
+ */
+flatshard_status flatshard_average_flat_params(flatshard_comm *replicate_comm,
+                                               flatshard_flat_param *const *fps,
+                                               uint64_t n);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

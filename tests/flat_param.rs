@@ -554,3 +554,33 @@ fn mixed_precision_reduce_grads() {
         }
     });
 }
+
+/// HYBRID_SHARD local SGD: average the shards over the replicate group
+/// without unsharding; each shard becomes the mean of its replicas.
+#[test]
+fn average_flat_params_over_the_replicate_group() {
+    ranks("average_flat_params_over_the_replicate_group", 4, &[], |c| {
+        let r = c.rank();
+        let shard_comm = c.new_subgroups(2).unwrap(); // {0,1} {2,3}
+        let rep = c.split((r % 2) as i32, r as i32).unwrap().unwrap(); // {0,2} {1,3}
+        // replica group k = r / 2 holds values 10*k + i
+        let vals: Vec<f32> = (0..21).map(|i| (10 * (r / 2)) as f32 + i as f32).collect();
+        let buf = f32_bytes(&vals);
+        let opts = FlatParamOptions { sharding: Sharding::HybridShard, ..Default::default() };
+        let mut fp = FlatParam::new(&shard_comm, Some(&rep), &[ParamInput::host(&buf, DType::F32)], &opts).unwrap();
+        let mut fps = [&mut fp];
+        flatshard::averaging::average_flat_params(&rep, &mut fps).unwrap();
+        // mean over k in {0,1} of 10k + i = 5 + i
+        fp.unshard(&shard_comm, UnshardOptions::default()).unwrap();
+        let v = fp.view(0).unwrap();
+        let got = unsafe { std::slice::from_raw_parts(v.data as *const f32, 21) }.to_vec();
+        let want: Vec<f32> = (0..21).map(|i| 5.0 + i as f32).collect();
+        assert_eq!(got, want, "rank {r}");
+        // averaging while unsharded is refused
+        let mut fps = [&mut fp];
+        let e = flatshard::averaging::average_flat_params(&rep, &mut fps).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidState, "{e}");
+        fp.reshard(&shard_comm).unwrap();
+        c.barrier().unwrap();
+    });
+}

@@ -360,3 +360,39 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
 pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param) {
     boundary_value((), || handle::free::<Handle, _>(fp));
 }
+
+/// Average the shards of `fps[0..n]` in place over `replicate_comm` (the
+/// ranks holding the same shard, e.g. HYBRID_SHARD's replicate group) without
+/// unsharding: local SGD on a sharded model (PyTorch has no equivalent).
+/// Collective over `replicate_comm`; every flat param must be sharded (else
+/// INVALID_STATE) and, if it was built with a replicate_comm, built with this
+/// one (else INVALID_ARGUMENT). Ranks must pass the same layouts (MISMATCH).
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_average_flat_params(
+    replicate_comm: *mut flatshard_comm,
+    fps: *const *mut flatshard_flat_param,
+    n: u64,
+) -> flatshard_status {
+    boundary("flatshard_average_flat_params", || {
+        let rc = comm_ref(replicate_comm, "replicate_comm")?;
+        if n > 0 {
+            need(fps, "fps")?;
+        }
+        let n = usize::try_from(n).map_err(|_| Error::invalid_arg(format!("n: {n} is too large")))?;
+        let ptrs: &[*mut flatshard_flat_param] = if n == 0 { &[] } else { std::slice::from_raw_parts(fps, n) };
+        let mut handles: Vec<&mut FlatParam> = Vec::with_capacity(n);
+        for (i, p) in ptrs.iter().enumerate() {
+            if ptrs[..i].contains(p) {
+                return Err(Error::invalid_arg(format!("fps[{i}] repeats an earlier entry")));
+            }
+            let h = handle::get_mut::<Handle, _>(*p, &format!("fps[{i}]"))?;
+            if !h.replicate.is_null() && h.replicate != replicate_comm as *const flatshard_comm {
+                return Err(Error::invalid_arg(format!(
+                    "fps[{i}] was built with a different replicate_comm than the one passed here"
+                )));
+            }
+            handles.push(&mut h.fp);
+        }
+        crate::averaging::average_flat_params(rc, &mut handles)
+    })
+}
