@@ -14,6 +14,7 @@
  * Run: flatshard-run -n 4 -- ./train_mlp [out.safetensors]
  *  or: torchrun --no-python --nproc-per-node 4 ./train_mlp
  */
+#define _POSIX_C_SOURCE 200809L
 #include "flatshard.h"
 
 #include <math.h>
@@ -68,7 +69,7 @@ static void make_batch(float *x, int *y) {
   for (int b = 0; b < BATCH; b++) {
     int c = (int)(frand() * C) % C;
     y[b] = c;
-    for (int i = 0; i < D; i++) x[b * D + i] = centers[c][i] + 1.2f * gauss();
+    for (int i = 0; i < D; i++) x[b * D + i] = centers[c][i] + 2.5f * gauss();
   }
 }
 
@@ -290,9 +291,14 @@ int main(int argc, char **argv) {
     const uint64_t shapes[6][2] = {{H, D}, {H, 0}, {H, H}, {H, 0}, {C, H}, {C, 0}};
     const int ndims[6] = {2, 1, 2, 1, 2, 1};
     rc = write_safetensors(out_path, names, data, shapes, ndims, 6);
+    double checksum = 0; /* lets a reader verify the file against the unsharded model */
+    for (int i = 0; i < 6; i++) {
+      uint64_t numel = shapes[i][0] * (ndims[i] == 2 ? shapes[i][1] : 1);
+      for (uint64_t k = 0; k < numel; k++) checksum += (double)data[i][k] * (double)((k % 7) + 1);
+    }
     if (rc == 0)
-      printf("loss %.4f -> %.4f, accuracy %.1f%%; wrote %s\n", first_loss, last_loss,
-             100 * last_acc, out_path);
+      printf("loss %.4f -> %.4f, accuracy %.1f%%; wrote %s (checksum %.6f)\n", first_loss,
+             last_loss, 100 * last_acc, out_path, checksum);
     else
       fprintf(stderr, "could not write %s\n", out_path);
   }
