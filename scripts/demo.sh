@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=4
 if [ "${1:-}" = "-n" ]; then N=$2; shift 2; fi
-cargo build --quiet --release --lib --bin flatshard-run
+cargo build --quiet --lib --bin flatshard-run
 mkdir -p target/demo
 ${CC:-cc} -std=c11 -Wall -Wextra -Werror -pedantic -O2 -Iinclude \
   examples-c/collectives_demo.c -o target/demo/collectives_demo \
-  -Ltarget/release -lflatshard -Wl,-rpath,"$PWD/target/release"
-exec target/release/flatshard-run -n "$N" -- target/demo/collectives_demo "$@"
+  -Ltarget/debug -lflatshard -Wl,-rpath,"$PWD/target/debug"
+exec target/debug/flatshard-run -n "$N" -- target/demo/collectives_demo "$@"
