@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=4
 if [ "${1:-}" = "-n" ]; then N=$2; shift 2; fi
-cargo build --quiet --lib --bin flatshard-run
+# Quiet build; show the compiler's output only if it fails.
+if ! log=$(cargo build --lib --bin flatshard-run 2>&1); then echo "$log" >&2; exit 1; fi
 mkdir -p target/demo
 ${CC:-cc} -std=c11 -Wall -Wextra -Werror -pedantic -O2 -Iinclude \
   examples-c/collectives_demo.c -o target/demo/collectives_demo \
