@@ -19,11 +19,13 @@ fn lib_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// How to link: the shared library (with an rpath) or the static one.
+/// How to link: the shared library (with an rpath), the static one, or the
+/// shared one with the C side built under AddressSanitizer + UBSan.
 #[derive(Clone, Copy, PartialEq)]
 enum Link {
     Shared,
     Static,
+    Sanitized,
 }
 
 /// Compile tests/c/<name>.c once per test binary run (tests share it).
@@ -31,7 +33,14 @@ fn program(name: &str, link: Link) -> PathBuf {
     static BUILT: OnceLock<Mutex<Vec<(String, PathBuf)>>> = OnceLock::new();
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
-    let key = format!("{name}-{}", if link == Link::Shared { "so" } else { "a" });
+    let key = format!(
+        "{name}-{}",
+        match link {
+            Link::Shared => "so",
+            Link::Static => "a",
+            Link::Sanitized => "asan",
+        }
+    );
     if let Some((_, p)) = built.iter().find(|(k, _)| *k == key) {
         return p.clone();
     }
@@ -47,8 +56,11 @@ fn program(name: &str, link: Link) -> PathBuf {
         .arg(&src)
         .arg("-o")
         .arg(&out);
+    if link == Link::Sanitized {
+        cmd.args(["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]);
+    }
     match link {
-        Link::Shared => {
+        Link::Shared | Link::Sanitized => {
             assert!(lib.join("libflatshard.so").exists(), "{}/libflatshard.so missing: run cargo build", lib.display());
             cmd.arg(format!("-L{}", lib.display())).arg("-lflatshard").arg(format!("-Wl,-rpath,{}", lib.display()));
         }
@@ -248,6 +260,22 @@ fn api_conventions() {
 #[test]
 fn api_conventions_static() {
     job(&program("api", Link::Static), &[], 1, &[], LIMIT, all_ok);
+}
+
+/// The C side under AddressSanitizer + UBSan (leak checks included).
+#[test]
+fn api_conventions_sanitized() {
+    job(&program("api", Link::Sanitized), &[], 1, &[], LIMIT, all_ok);
+}
+
+#[test]
+fn collectives_world_2_sanitized() {
+    job(&program("collectives", Link::Sanitized), &["small"], 2, &[], LIMIT, all_ok);
+}
+
+#[test]
+fn mismatch_world_3_sanitized() {
+    job(&program("failures", Link::Sanitized), &["mismatch"], 3, &[], LIMIT, all_ok);
 }
 
 // ---- failures -----------------------------------------------------------------
