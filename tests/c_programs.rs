@@ -319,6 +319,11 @@ fn peer_exit_world_2() {
     job(&program("failures", Link::Shared), &["death", "100000", "exit"], 2, &[], LIMIT, dies(2, End::Code(42)));
 }
 
+#[test]
+fn abort_from_another_thread_world_3() {
+    job(&program("failures", Link::Shared), &["abort"], 3, &[], LIMIT, all_ok);
+}
+
 /// Intruders with a wrong or missing token claim rank 1 while rank 0 waits:
 /// both get AUTH, then the real rank 1 joins and the job completes.
 #[test]

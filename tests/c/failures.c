@@ -7,6 +7,10 @@
  *                      the last rank dies (_exit(42) or abort()) from a second
  *                      thread while collectives run: the others get PEER_LOST
  *                      within a few seconds, then ABORTED.
+ *   abort              rank 0 calls flatshard_comm_abort from a second thread
+ *                      while its main thread waits in a collective that the
+ *                      last rank joins late: ABORTED promptly on rank 0, an
+ *                      error (PEER_LOST) rather than a hang on the others.
  *   token              just join and all-reduce (the harness adds intruders
  *                      with a wrong or missing FLATSHARD_TOKEN, which must get
  *                      AUTH while this job completes).
@@ -139,6 +143,44 @@ static void death(size_t n, int use_abort) {
   flatshard_comm_free(c);
 }
 
+static flatshard_comm *g_abort_comm;
+static void *abort_soon(void *arg) {
+  (void)arg;
+  struct timespec ts = {0, 300 * 1000 * 1000};
+  nanosleep(&ts, NULL);
+  CHECK_OK(flatshard_comm_abort(g_abort_comm));
+  return NULL;
+}
+
+static void abort_case(void) {
+  flatshard_comm *c = join(60000);
+  int r = flatshard_comm_rank(c), w = flatshard_comm_size(c);
+  float buf[64] = {0};
+  CHECK_OK(flatshard_barrier(c));
+  if (r == w - 1) sleep(2); /* late: rank 0 is stuck waiting for us */
+  pthread_t t;
+  if (r == 0) {
+    g_abort_comm = c;
+    CHECK(pthread_create(&t, NULL, abort_soon, NULL) == 0, "pthread_create");
+  }
+  double t0 = now_s();
+  flatshard_status st = flatshard_all_reduce(c, buf, 64, FLATSHARD_F32, FLATSHARD_SUM);
+  double dt = now_s() - t0;
+  if (r == 0) {
+    pthread_join(t, NULL);
+    CHECK(st == FLATSHARD_ERR_ABORTED, "aborted call returned %s (%s)", flatshard_status_name(st),
+          flatshard_last_error());
+    CHECK(dt < 1.5, "abort took %.2f s to unblock the collective", dt);
+  } else {
+    CHECK(st == FLATSHARD_ERR_PEER_LOST || st == FLATSHARD_ERR_ABORTED,
+          "a peer of an aborted rank got %s (%s)", flatshard_status_name(st), flatshard_last_error());
+    CHECK(dt < 5.0, "a peer of an aborted rank waited %.2f s", dt);
+  }
+  printf("rank %d: %s after %.2f s\n", r, flatshard_status_name(st), dt);
+  EXPECT_STATUS(flatshard_barrier(c), FLATSHARD_ERR_ABORTED);
+  flatshard_comm_free(c);
+}
+
 static void token(void) {
   flatshard_comm *c = join(30000);
   expect_usable(c);
@@ -164,6 +206,7 @@ int main(int argc, char **argv) {
   if (strcmp(mode, "mismatch") == 0) mismatch();
   else if (strcmp(mode, "timeout") == 0) timeout_case(n);
   else if (strcmp(mode, "death") == 0) death(n, argc > 3 && strcmp(argv[3], "abort") == 0);
+  else if (strcmp(mode, "abort") == 0) abort_case();
   else if (strcmp(mode, "token") == 0) token();
   else if (strcmp(mode, "intruder") == 0) intruder();
   else FAIL("unknown mode '%s'", mode);
