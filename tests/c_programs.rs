@@ -13,10 +13,12 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>: where cargo put libflatshard.{so,a} (this test lives in deps/).
+/// target/<profile>/deps, beside this test binary: cargo test builds
+/// libflatshard.{so,a} there (it only copies them up to target/<profile> on
+/// `cargo build`), so this is the library of the same sources as the test.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
 /// How to link: the shared library (with an rpath), the static one, or the
@@ -61,7 +63,7 @@ fn program(name: &str, link: Link) -> PathBuf {
     }
     match link {
         Link::Shared | Link::Sanitized => {
-            assert!(lib.join("libflatshard.so").exists(), "{}/libflatshard.so missing: run cargo build", lib.display());
+            assert!(lib.join("libflatshard.so").exists(), "{}/libflatshard.so missing (cargo test builds it)", lib.display());
             cmd.arg(format!("-L{}", lib.display())).arg("-lflatshard").arg(format!("-Wl,-rpath,{}", lib.display()));
         }
         Link::Static => {

@@ -109,9 +109,12 @@ fn ctrl_c_is_forwarded() {
     assert!(rest.contains("[rank 0] got-int") && rest.contains("[rank 1] got-int"), "{rest}");
 }
 
+/// target/<profile>/deps, beside this test binary: cargo test builds
+/// libflatshard.{so,a} there (it only copies them up to target/<profile> on
+/// `cargo build`), so this is the library of the same sources as the test.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    exe.parent().unwrap().to_path_buf()
 }
 
 /// A real flatshard job: the C collectives demo, 4 ranks, through the launcher.
