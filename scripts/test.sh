@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# THE test command: builds the library and binaries, runs every Rust test
+# (unit tests, multi-process collectives, the C programs in tests/c/, the
+# header check, the launcher), then the Python interop tests in
+# tests/python/test_*.py with the project's PyTorch venv (skipped with a
+# message if there are none). Ends with one summary line.
+# Installs what it needs on first use: the pinned cbindgen (scripts/cbindgen.sh)
+# and, only when Python tests exist, the venv (scripts/venv.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "pinned cbindgen (for the header check)"
+scripts/cbindgen.sh
+
+step "cargo build"
+cargo build --all-targets
+
+step "cargo test"
+status=0
+cargo test --no-fail-fast 2>&1 | tee "$LOG" || status=$?
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$LOG" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$LOG" | awk '{s+=$1} END {print s+0}')
+
+step "python interop tests"
+py_summary="none found (skipped)"
+shopt -s nullglob
+py_tests=(tests/python/test_*.py)
+if [ ${#py_tests[@]} -eq 0 ]; then
+  echo "no tests/python/test_*.py: skipped"
+else
+  PY=$(scripts/venv.sh)
+  py_ok=0 py_bad=0
+  for t in "${py_tests[@]}"; do
+    echo "-- $t"
+    if FLATSHARD_LIB="$PWD/target/debug/libflatshard.so" FLATSHARD_REPO="$PWD" "$PY" "$t"; then
+      py_ok=$((py_ok + 1))
+    else
+      py_bad=$((py_bad + 1)); status=1
+      echo "FAILED: $t"
+    fi
+  done
+  py_summary="$py_ok passed, $py_bad failed"
+fi
+
+echo
+if [ "$status" -eq 0 ]; then
+  echo "test.sh: PASS — rust: $passed passed, $failed failed; python: $py_summary"
+else
+  echo "test.sh: FAIL — rust: $passed passed, $failed failed; python: $py_summary"
+fi
+exit "$status"

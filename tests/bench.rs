@@ -1,0 +1,45 @@
+//! flatshard-bench prints the rows of torch_baseline.py's format (smoke run).
+
+use std::process::Command;
+
+#[test]
+fn prints_baseline_format_rows() {
+    let o = Command::new(env!("CARGO_BIN_EXE_flatshard-bench"))
+        .args(["--world", "3", "--sizes", "4K,100000", "--iters", "2", "--transport", "tcp"])
+        .args(["--ops", "all_reduce,all_gather,reduce_scatter,broadcast,fsdp_unshard"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    let rows: Vec<&str> = out.lines().collect();
+    assert_eq!(rows.len(), 10, "{out}");
+    let mut i = 0;
+    for op in ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "fsdp_unshard"] {
+        for bytes in [4096, 100000] {
+            let row = rows[i];
+            i += 1;
+            let head = format!(r#"{{"impl": "flatshard-tcp", "op": "{op}", "world": 3, "bytes": {bytes}, "dtype": "f32", "#);
+            assert!(row.starts_with(&head), "{row}\nexpected to start with {head}");
+            if op == "fsdp_unshard" {
+                assert!(row.contains(r#""error": "#), "{row}");
+                continue;
+            }
+            for key in ["median_s", "algbw_GBps", "busbw_GBps", "peak_rss_bytes"] {
+                assert!(row.contains(&format!(r#""{key}": "#)), "{row} lacks {key}");
+            }
+            let field = |k: &str| -> f64 {
+                let rest = &row[row.find(&format!(r#""{k}": "#)).unwrap() + k.len() + 4..];
+                rest[..rest.find([',', '}']).unwrap()].parse().unwrap()
+            };
+            assert!(field("median_s") > 0.0, "{row}");
+            let factor = match op {
+                "all_reduce" => 4.0 / 3.0,
+                "broadcast" => 1.0,
+                _ => 2.0 / 3.0,
+            };
+            let (alg, bus) = (field("algbw_GBps"), field("busbw_GBps"));
+            assert!((bus - alg * factor).abs() <= 0.002 + 0.01 * bus, "{row}: busbw vs algbw x {factor}");
+            assert!(field("peak_rss_bytes") > 1e6, "{row}");
+        }
+    }
+}
