@@ -10,6 +10,9 @@ fn data(rank: usize, n: usize, salt: usize) -> Vec<f32> {
 
 fn check_all(comm: flatshard::Comm, sizes: &[usize]) {
     let (r, w) = (comm.rank(), comm.size());
+    if let Ok(t) = std::env::var("FLATSHARD_TEST_TRANSPORT") {
+        assert_eq!(comm.transport_name(), t, "forced transport not used");
+    }
     for &n in sizes {
         // all_reduce SUM / MAX / AVG
         for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg] {
@@ -56,67 +59,99 @@ fn check_all(comm: flatshard::Comm, sizes: &[usize]) {
 
 const SIZES: &[usize] = &[0, 1, 5, 1000, 8191, 300_000, 1_000_003];
 
+/// One test per (transport, world size): `$name` must be the function name.
+macro_rules! suite {
+    ($name:ident, $t:expr, $w:expr) => {
+        #[test]
+        fn $name() {
+            ranks(stringify!($name), $w, &[transport_env($t)], |c| check_all(c, SIZES));
+        }
+    };
+}
+suite!(tcp_collectives_w2, "tcp", 2);
+suite!(tcp_collectives_w3, "tcp", 3);
+suite!(tcp_collectives_w4, "tcp", 4);
+suite!(shm_collectives_w2, "shm", 2);
+suite!(shm_collectives_w3, "shm", 3);
+suite!(shm_collectives_w4, "shm", 4);
+
+/// Small shm chunks so every collective takes many rounds with ragged ends.
 #[test]
-fn tcp_collectives_w2() {
-    ranks("tcp_collectives_w2", 2, &[], |c| check_all(c, SIZES));
+fn shm_collectives_small_chunks_w3() {
+    let env = [transport_env("shm"), ("FLATSHARD_SHM_CHUNK", "65536".into()), ("FLATSHARD_SHM_SMALL", "4000".into())];
+    ranks("shm_collectives_small_chunks_w3", 3, &env, |c| check_all(c, SIZES));
 }
 
-#[test]
-fn tcp_collectives_w3() {
-    ranks("tcp_collectives_w3", 3, &[], |c| check_all(c, SIZES));
-}
-
-#[test]
-fn tcp_collectives_w4() {
-    ranks("tcp_collectives_w4", 4, &[], |c| check_all(c, SIZES));
+fn mismatch_body(c: flatshard::Comm) {
+    let r = c.rank();
+    // rank 1 passes a different count (small and large paths)
+    for n in [10usize, 200_000] {
+        let cnt = if r == 1 { n + 1 } else { n };
+        let mut buf = vec![0u8; cnt * 4];
+        let e = c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    }
+    // different op
+    let mut buf = vec![0u8; 16];
+    let op = if r == 0 { ReduceOp::Max } else { ReduceOp::Sum };
+    assert_eq!(c.all_reduce(&mut buf, DType::F32, op).unwrap_err().kind, ErrorKind::Mismatch);
+    // different collective altogether
+    let e = if r == 2 { c.barrier().unwrap_err() } else { c.broadcast(&mut buf, DType::F32, 0).unwrap_err() };
+    assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    // still usable
+    let mut buf = f32_bytes(&[r as f32; 4]);
+    c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+    assert_eq!(bytes_f32(&buf), vec![3.0; 4]);
+    let mut big = f32_bytes(&vec![r as f32; 300_000]);
+    c.all_reduce(&mut big, DType::F32, ReduceOp::Sum).unwrap();
+    assert!(bytes_f32(&big).iter().all(|x| *x == 3.0));
 }
 
 #[test]
 fn mismatch_is_reported_everywhere_and_comm_survives() {
-    ranks("mismatch_is_reported_everywhere_and_comm_survives", 3, &[], |c| {
-        let r = c.rank();
-        // rank 1 passes a different count (small and large paths)
-        for n in [10usize, 200_000] {
-            let cnt = if r == 1 { n + 1 } else { n };
-            let mut buf = vec![0u8; cnt * 4];
-            let e = c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    ranks("mismatch_is_reported_everywhere_and_comm_survives", 3, &[transport_env("tcp")], mismatch_body);
+}
+
+#[test]
+fn shm_mismatch_is_reported_everywhere_and_comm_survives() {
+    ranks("shm_mismatch_is_reported_everywhere_and_comm_survives", 3, &[transport_env("shm")], mismatch_body);
+}
+
+fn split_body(c: flatshard::Comm) {
+    let r = c.rank();
+    let sub = c.new_subgroups(2).unwrap();
+    assert_eq!(sub.size(), 2);
+    assert_eq!(sub.rank(), r % 2);
+    assert_eq!(sub.transport_name(), c.transport_name());
+    let mut buf = f32_bytes(&[r as f32]);
+    sub.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+    let want = if r < 2 { 1.0 } else { 5.0 };
+    assert_eq!(bytes_f32(&buf), vec![want]);
+    // odd ranks, reversed order by key; rank 0 opts out
+    let color = if r == 0 { -1 } else { (r % 2) as i32 };
+    let s = c.split(color, -(r as i32)).unwrap();
+    match r {
+        0 => assert!(s.is_none()),
+        1 | 3 => {
+            let s = s.unwrap();
+            assert_eq!(s.size(), 2);
+            assert_eq!(s.rank(), if r == 3 { 0 } else { 1 });
+            let mut b = f32_bytes(&[r as f32; 3]);
+            s.all_reduce(&mut b, DType::F32, ReduceOp::Sum).unwrap();
+            assert_eq!(bytes_f32(&b), vec![4.0; 3]);
         }
-        // different op
-        let mut buf = vec![0u8; 16];
-        let op = if r == 0 { ReduceOp::Max } else { ReduceOp::Sum };
-        assert_eq!(c.all_reduce(&mut buf, DType::F32, op).unwrap_err().kind, ErrorKind::Mismatch);
-        // still usable
-        let mut buf = f32_bytes(&[r as f32; 4]);
-        c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
-        assert_eq!(bytes_f32(&buf), vec![3.0; 4]);
-    });
+        _ => assert_eq!(s.unwrap().size(), 1),
+    }
+    // rank 0 serves the store: keep it alive until every group is built
+    c.barrier().unwrap();
 }
 
 #[test]
 fn split_and_subgroups() {
-    ranks("split_and_subgroups", 4, &[], |c| {
-        let r = c.rank();
-        let sub = c.new_subgroups(2).unwrap();
-        assert_eq!(sub.size(), 2);
-        assert_eq!(sub.rank(), r % 2);
-        let mut buf = f32_bytes(&[r as f32]);
-        sub.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
-        let want = if r < 2 { 1.0 } else { 5.0 };
-        assert_eq!(bytes_f32(&buf), vec![want]);
-        // odd ranks, reversed order by key; rank 0 opts out
-        let color = if r == 0 { -1 } else { (r % 2) as i32 };
-        let s = c.split(color, -(r as i32)).unwrap();
-        match r {
-            0 => assert!(s.is_none()),
-            1 | 3 => {
-                let s = s.unwrap();
-                assert_eq!(s.size(), 2);
-                assert_eq!(s.rank(), if r == 3 { 0 } else { 1 });
-            }
-            _ => assert_eq!(s.unwrap().size(), 1),
-        }
-        // rank 0 serves the store: keep it alive until every group is built
-        c.barrier().unwrap();
-    });
+    ranks("split_and_subgroups", 4, &[transport_env("tcp")], split_body);
+}
+
+#[test]
+fn shm_split_and_subgroups() {
+    ranks("shm_split_and_subgroups", 4, &[transport_env("shm")], split_body);
 }
