@@ -133,13 +133,19 @@ impl Elem for F16 {
 }
 
 /// The generic fused body. `scale_by`: divide the result by this (AVG), or 0 = no.
+/// The operator is matched once here so each loop gets a statically known,
+/// inlined combine function (a function pointer would cost a call per element).
 #[inline(always)]
 unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: ReduceOp, scale_by: f64) {
-    let f: fn(E::Acc, E::Acc) -> E::Acc = match op {
-        ReduceOp::Sum | ReduceOp::Avg => E::sum,
-        ReduceOp::Min => E::min,
-        ReduceOp::Max => E::max,
-    };
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::sum),
+        ReduceOp::Min => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::min),
+        ReduceOp::Max => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::max),
+    }
+}
+
+#[inline(always)]
+unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, scale_by: f64, f: F) {
     let mut acc = [E::Acc::default(); BLOCK];
     let mut start = 0;
     while start < n {
