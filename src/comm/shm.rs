@@ -252,6 +252,8 @@ pub struct ShmBackend {
     timeout: Duration,
     slot_bytes: usize,
     small_bytes: usize,
+    /// Outputs of at least this many bytes are written with streaming stores.
+    stream_min: usize,
     spin: Duration,
     yields: u32,
     /// 1 + the rank our last PEER_LOST blamed (DEAD_SELF: none); published in `dead` on abort.
@@ -345,6 +347,7 @@ pub fn connect(
         timeout,
         slot_bytes,
         small_bytes,
+        stream_min: env_bytes("FLATSHARD_SHM_STREAM_MIN", STREAM_MIN)?,
         spin: Duration::from_micros(spin_us as u64),
         yields: if oversubscribed { 8 } else { 2 },
         blame: AtomicU32::new(DEAD_SELF),
@@ -372,6 +375,45 @@ unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
     if len > 0 {
         std::ptr::copy_nonoverlapping(src, dst, len);
     }
+}
+
+/// Results bigger than this are written with non-temporal stores: they do not
+/// fit in the last-level cache anyway, and streaming them skips the
+/// read-for-ownership of every destination line.
+const STREAM_MIN: usize = 48 << 20;
+
+/// Copy out of a slot into the caller's buffer, streaming if `stream`.
+///
+/// # Safety
+/// As `copy`.
+#[inline]
+unsafe fn copy_out(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if stream && len >= 4096 {
+            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+            let head = dst.align_offset(16).min(len);
+            copy(src, dst, head);
+            let mut i = head;
+            while i + 64 <= len {
+                // SAFETY: SSE2 is baseline on x86_64; dst + i is 16-aligned,
+                // both ranges are within the caller's bounds.
+                let s = src.add(i) as *const __m128i;
+                let d = dst.add(i) as *mut __m128i;
+                let (a, b, c, e) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)), _mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
+                _mm_stream_si128(d, a);
+                _mm_stream_si128(d.add(1), b);
+                _mm_stream_si128(d.add(2), c);
+                _mm_stream_si128(d.add(3), e);
+                i += 64;
+            }
+            copy(src.add(i), dst.add(i), len - i);
+            _mm_sfence();
+            return;
+        }
+    }
+    let _ = stream;
+    copy(src, dst, len)
 }
 
 impl ShmBackend {
@@ -544,6 +586,7 @@ impl Backend for ShmBackend {
             return Ok(());
         }
         let per_round = (self.slot_bytes / es) * es;
+        let stream = nb >= self.stream_min;
         let mut srcs: Vec<*const u8> = vec![std::ptr::null(); n];
         let mut off = 0;
         while off < nb {
@@ -564,7 +607,7 @@ impl Backend for ShmBackend {
             for p in 0..n {
                 let (po, pl) = part(ne, n, p, es);
                 // SAFETY: rank p's reduced slice, published by its phase.
-                unsafe { copy(self.slot_ptr(p, slot).add(po), bp.add(off + po), pl) };
+                unsafe { copy_out(self.slot_ptr(p, slot).add(po), bp.add(off + po), pl, stream) };
             }
             off += len;
         }
@@ -578,6 +621,7 @@ impl Backend for ShmBackend {
         let w = self.wait("all_gather");
         let mut st = self.lock();
         let (sp, rp) = (send.as_ptr(), recv.as_mut_ptr());
+        let stream = recv.len() >= self.stream_min;
         let mut off = 0;
         loop {
             let len = self.slot_bytes.min(cb - off);
@@ -585,9 +629,10 @@ impl Backend for ShmBackend {
             // SAFETY: len <= slot_bytes, within send.
             let slot = self.round(&mut st, d, &w, |dst| unsafe { copy(sp.add(off), dst, len) })?;
             for p in 0..n {
-                let src = if p == r { unsafe { sp.add(off) } } else { self.slot_ptr(p, slot) as *const u8 };
+                // Our own block too comes from our slot: it is still in cache.
+                let src = self.slot_ptr(p, slot) as *const u8;
                 // SAFETY: block p of recv (recv.len() == n * cb).
-                unsafe { copy(src, rp.add(p * cb + off), len) };
+                unsafe { copy_out(src, rp.add(p * cb + off), len, stream) };
             }
             off += len;
             if off >= cb {
@@ -648,7 +693,7 @@ impl Backend for ShmBackend {
             })?;
             if !me_root {
                 // SAFETY: root's slot holds this piece.
-                unsafe { copy(self.slot_ptr(root, slot), bp.add(off), len) };
+                unsafe { copy_out(self.slot_ptr(root, slot), bp.add(off), len, nb >= self.stream_min) };
             }
             off += len;
             if off >= nb {
