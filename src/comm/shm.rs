@@ -615,7 +615,7 @@ impl Backend for ShmBackend {
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
-        let (n, r) = (self.size, self.rank);
+        let n = self.size;
         let cb = send.len();
         let desc = OpDesc::new(OpKind::AllGather, (cb / dt.size()) as u64, dt, ReduceOp::Sum, -1);
         let w = self.wait("all_gather");
