@@ -28,6 +28,22 @@ fn main() {
     let transport = arg("--transport", "shm");
     let sizes = arg("--sizes", "4K,16M,256M");
     let ops = arg("--ops", "all_reduce,all_gather,reduce_scatter");
+    if std::env::args().any(|a| a == "--kernel") {
+        // the fused reduction alone: 2 inputs of 4 MiB -> 1 output, best of 20
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let nb = 4 << 20;
+            let (a, b) = (vec![0x3cu8; nb], vec![0x3cu8; nb]);
+            let mut d = vec![0u8; nb];
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let t0 = Instant::now();
+                flatshard::reduce::reduce_n(&mut d, &[&a, &b], dt, ReduceOp::Sum);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            println!("{{\"kernel\": \"{}\", \"dtype\": \"{}\", \"in_GBps\": {:.2}}}", flatshard::reduce::kernel_name(), dt.name(), 2.0 * nb as f64 / best / 1e9);
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--memcpy") {
         // single-core memcpy of the largest size: the physical bound
         let nbytes = sizes.split(',').map(parse_size).max().unwrap_or(256 << 20);
@@ -67,6 +83,11 @@ fn main() {
         "shm" => Transport::Shm,
         _ => Transport::Auto,
     };
+    let dt = match arg("--dtype", "f32").as_str() {
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    };
     let c = Comm::init_from_env(CommOptions { timeout: Duration::from_secs(300), transport: t, ..Default::default() }).unwrap();
     let (r, n) = (c.rank(), c.size());
     for op in ops.split(',') {
@@ -81,23 +102,24 @@ fn main() {
                 "broadcast" => (1.0, vec![1u8; nbytes], vec![]),
                 _ => panic!("unknown op {op}"),
             };
-            // keep f32 values finite
-            for x in a.chunks_exact_mut(4) {
-                x.copy_from_slice(&0.5f32.to_ne_bytes());
-            }
+            // small finite values in every dtype (0x3800 = 0.5 in f16, 0x3f00 = 0.5 in bf16)
+            let fill = |a: &mut Vec<u8>| match dt {
+                DType::F16 => a.chunks_exact_mut(2).for_each(|x| x.copy_from_slice(&0x3800u16.to_ne_bytes())),
+                DType::BF16 => a.chunks_exact_mut(2).for_each(|x| x.copy_from_slice(&0x3f00u16.to_ne_bytes())),
+                _ => a.chunks_exact_mut(4).for_each(|x| x.copy_from_slice(&0.5f32.to_ne_bytes())),
+            };
+            fill(&mut a);
             for i in 0..iters + 2 {
                 c.barrier().unwrap();
                 let t0 = Instant::now();
                 match op {
-                    "all_reduce" => c.all_reduce(&mut a, DType::F32, ReduceOp::Sum).unwrap(),
-                    "all_gather" => c.all_gather(&a, &mut b, DType::F32).unwrap(),
-                    "reduce_scatter" => c.reduce_scatter(&a, &mut b, DType::F32, ReduceOp::Sum).unwrap(),
-                    _ => c.broadcast(&mut a, DType::F32, 0).unwrap(),
+                    "all_reduce" => c.all_reduce(&mut a, dt, ReduceOp::Sum).unwrap(),
+                    "all_gather" => c.all_gather(&a, &mut b, dt).unwrap(),
+                    "reduce_scatter" => c.reduce_scatter(&a, &mut b, dt, ReduceOp::Sum).unwrap(),
+                    _ => c.broadcast(&mut a, dt, 0).unwrap(),
                 }
                 if op == "all_reduce" && i % 8 == 7 {
-                    for x in a.chunks_exact_mut(4) {
-                        x.copy_from_slice(&0.5f32.to_ne_bytes());
-                    }
+                    fill(&mut a);
                 }
                 if i >= 2 {
                     times.push(t0.elapsed().as_secs_f64());
@@ -111,8 +133,9 @@ fn main() {
             if r == 0 {
                 let algbw = nbytes as f64 / med / 1e9;
                 println!(
-                    "{{\"impl\": \"flatshard-{}\", \"op\": \"{op}\", \"world\": {n}, \"bytes\": {nbytes}, \"median_s\": {med:.6}, \"median_us\": {:.1}, \"busbw_GBps\": {:.3}}}",
+                    "{{\"impl\": \"flatshard-{}\", \"op\": \"{op}\", \"dtype\": \"{}\", \"world\": {n}, \"bytes\": {nbytes}, \"median_s\": {med:.6}, \"median_us\": {:.1}, \"busbw_GBps\": {:.3}}}",
                     c.transport_name(),
+                    dt.name(),
                     med * 1e6,
                     algbw * factor
                 );
