@@ -268,6 +268,37 @@ pub fn connect(
     gid: &str,
     rank: usize,
     size: usize,
+    pids: &[i32],
+    store: &StoreClient,
+    timeout: Duration,
+    abort: Arc<AtomicBool>,
+) -> Result<Box<dyn Backend>> {
+    let r = connect_inner(job, gid, rank, size, pids, store, timeout, abort);
+    if r.is_err() {
+        // A peer that died between creating its segment and unlinking it
+        // would leave it behind: remove every name of the group (unlinking
+        // a name that is already gone is harmless; the group failed anyway).
+        for p in 0..size {
+            if let Ok(n) = CString::new(segment_name(job, gid, p)) {
+                // SAFETY: valid C string.
+                unsafe { libc::shm_unlink(n.as_ptr()) };
+            }
+        }
+    }
+    r
+}
+
+fn segment_name(job: &str, gid: &str, rank: usize) -> String {
+    let clean = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '_' }).collect() };
+    format!("/flatshard-{}-{}-{rank}", clean(job), clean(gid))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn connect_inner(
+    job: &str,
+    gid: &str,
+    rank: usize,
+    size: usize,
     _pids: &[i32],
     store: &StoreClient,
     timeout: Duration,
@@ -282,8 +313,7 @@ pub fn connect(
     let slot_bytes = slot_bytes & !63;
     let small_bytes = env_bytes("FLATSHARD_SHM_SMALL", DEFAULT_SMALL)?.min(slot_bytes);
     let seg_len = HDR_BYTES + 2 * slot_bytes;
-    let clean = |s: &str| -> String { s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '_' }).collect() };
-    let name_of = |r: usize| format!("/flatshard-{}-{}-{r}", clean(job), clean(gid));
+    let name_of = |r: usize| segment_name(job, gid, r);
     let own_name = name_of(rank);
     if own_name.len() > 250 {
         return Err(Error::invalid_arg(format!("group {gid}: shared-memory name '{own_name}' exceeds 250 characters (too deeply nested splits)")));
