@@ -158,6 +158,16 @@ fn map_segment(name: &CString, len: usize, create: bool) -> Result<Seg> {
             if unsafe { libc::ftruncate(fd, len as libc::off_t) } != 0 {
                 return Err(os_err("ftruncate", &shown));
             }
+            // Reserve the pages now: a full /dev/shm (Docker's default is
+            // 64 MiB) must be an error here, not a SIGBUS mid-collective.
+            // SAFETY: fd is ours.
+            let e = unsafe { libc::posix_fallocate(fd, 0, len as libc::off_t) };
+            if e != 0 {
+                return Err(Error::io(format!(
+                    "reserving {len} bytes for '{shown}' in /dev/shm: {} (enlarge /dev/shm, lower FLATSHARD_SHM_CHUNK, or use FLATSHARD_TRANSPORT_TCP)",
+                    io::Error::from_raw_os_error(e)
+                )));
+            }
         } else {
             // SAFETY: st is plain data filled by fstat.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
