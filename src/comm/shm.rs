@@ -5,7 +5,7 @@
 //! as soon as every peer reports (through the rendezvous store) that it has
 //! mapped it: after that, nothing is left in /dev/shm even if a rank crashes.
 //!
-//! Segment layout: a 4 KiB header, then two data slots of `slot_bytes`.
+//! Segment layout: a 4 KiB header, then three data slots of `slot_bytes`.
 //! The header holds static facts (magic, rank, size, pid, pid namespace, slot
 //! size) and three words on their own cache lines: `flag` (this rank's phase
 //! counter, the only thing peers wait on), `waiters` (how many peers sleep on
@@ -14,10 +14,11 @@
 //! operation descriptor per slot.
 //!
 //! Every collective is a sequence of rounds. A round writes into this rank's
-//! slot `gen % 2`, bumps `flag`, and waits until every peer's `flag` reached the
+//! slot `gen % 3`, bumps `flag`, and waits until every peer's `flag` reached the
 //! same value; after that every peer's slot of this round may be read. Writing
-//! slot `gen % 2` again (two rounds later) is safe because each peer bumped its
-//! flag for the round in between only after it finished reading this one.
+//! the slot again (three rounds later) is safe because each peer bumped its
+//! flag for a later round only after it finished reading this one (all_reduce
+//! writes one round ahead, which is why there are three slots, not two).
 //! The first round of every call also carries the call's `OpDesc`: each rank
 //! compares all peers' descriptors before using any data, so a disagreement is
 //! MISMATCH on every rank after exactly one round, and the group stays in step.
@@ -50,7 +51,9 @@ const HDR_BYTES: usize = 4096;
 const OFF_FLAG: usize = 64;
 const OFF_WAITERS: usize = 128;
 const OFF_DEAD: usize = 192;
-const OFF_DESC: usize = 256; // two 64-byte descriptor lines
+const OFF_DESC: usize = 256; // NSLOTS 64-byte descriptor lines
+/// Data slots per segment (see `all_reduce` for why three).
+const NSLOTS: usize = 3;
 /// Default slot size: big enough to amortise a round trip, small enough that
 /// a round's working set stays in cache.
 const DEFAULT_SLOT: usize = 1 << 20;
@@ -111,7 +114,7 @@ impl Seg {
         unsafe { self.base.add(OFF_DESC + 64 * slot) }
     }
     fn slot(&self, slot: usize, slot_bytes: usize) -> *mut u8 {
-        // SAFETY: HDR_BYTES + 2 * slot_bytes <= len (checked at map time).
+        // SAFETY: HDR_BYTES + NSLOTS * slot_bytes <= len (checked at map time).
         unsafe { self.base.add(HDR_BYTES + slot * slot_bytes) }
     }
     fn read_u64(&self, off: usize) -> u64 {
@@ -322,7 +325,7 @@ fn connect_inner(
     }
     let slot_bytes = slot_bytes & !63;
     let small_bytes = env_bytes("FLATSHARD_SHM_SMALL", DEFAULT_SMALL)?.min(slot_bytes);
-    let seg_len = HDR_BYTES + 2 * slot_bytes;
+    let seg_len = HDR_BYTES + NSLOTS * slot_bytes;
     let name_of = |r: usize| segment_name(job, gid, r);
     let own_name = name_of(rank);
     if own_name.len() > 250 {
@@ -537,16 +540,64 @@ impl ShmBackend {
         }
     }
 
-    /// Publish our next phase and wait until every peer reached it.
-    fn phase(&self, st: &mut State, w: &Wait) -> Result<()> {
+    /// Bump our flag to the next phase; returns its value.
+    fn signal(&self, st: &mut State) -> u32 {
         st.phase = st.phase.wrapping_add(1);
         let own = &self.segs[self.rank];
         own.flag().store(st.phase, Ordering::SeqCst);
         if own.waiters().load(Ordering::SeqCst) > 0 {
             futex_wake(own.flag());
         }
+        st.phase
+    }
+
+    /// Wait until every peer's flag reached `target`.
+    fn meet(&self, target: u32, w: &Wait) -> Result<()> {
         for k in 1..self.size {
-            self.wait_peer((self.rank + k) % self.size, st.phase, w)?;
+            self.wait_peer((self.rank + k) % self.size, target, w)?;
+        }
+        Ok(())
+    }
+
+    /// Start a round: write the descriptor (if any) and `fill` our slot, then
+    /// signal. Returns (slot, round number, phase to meet).
+    fn publish(&self, st: &mut State, desc: Option<&OpDesc>, fill: impl FnOnce(*mut u8)) -> (usize, u32, u32) {
+        let slot = (st.gen % NSLOTS as u32) as usize;
+        let gen = st.gen;
+        st.gen = st.gen.wrapping_add(1);
+        if let Some(d) = desc {
+            let h = d.encode(gen, 0);
+            // SAFETY: 32 bytes into our own descriptor line; peers read it only
+            // after our flag store in `signal`.
+            unsafe { copy(h.as_ptr(), self.segs[self.rank].desc(slot), 32) };
+        }
+        fill(self.slot_ptr(self.rank, slot));
+        (slot, gen, self.signal(st))
+    }
+
+    /// Compare every peer's descriptor of round `gen` with ours (after `meet`).
+    fn check_descs(&self, slot: usize, gen: u32, d: &OpDesc, w: &Wait) -> Result<()> {
+        let mut bad = Vec::new();
+        for p in (0..self.size).filter(|p| *p != self.rank) {
+            let mut h = [0u8; 32];
+            // SAFETY: peer's descriptor line, published before its flag.
+            unsafe { copy(self.segs[p].desc(slot), h.as_mut_ptr(), 32) };
+            let (theirs, _) = OpDesc::decode(&h).map_err(|e| self.lost(p, format!("{}: rank {p}: {}", w.what, e.msg)))?;
+            let their_gen = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            if their_gen != gen {
+                return Err(self.lost(p, format!("{}: rank {p} is out of step (round {their_gen}, this rank {gen})", w.what)));
+            }
+            if theirs != *d {
+                bad.push(format!("rank {p} called {}", theirs.describe()));
+            }
+        }
+        if !bad.is_empty() {
+            return Err(Error::mismatch(format!(
+                "rank {}: ranks disagree on the collective: this rank called {}; {}",
+                self.rank,
+                d.describe(),
+                bad.join("; ")
+            )));
         }
         Ok(())
     }
@@ -555,41 +606,10 @@ impl ShmBackend {
     /// descriptor (first round of a call), check every peer's against ours.
     /// Returns the slot index of the round.
     fn round(&self, st: &mut State, desc: Option<&OpDesc>, w: &Wait, fill: impl FnOnce(*mut u8)) -> Result<usize> {
-        let slot = (st.gen % 2) as usize;
-        let gen = st.gen;
-        st.gen = st.gen.wrapping_add(1);
-        let own = &self.segs[self.rank];
+        let (slot, gen, t) = self.publish(st, desc, fill);
+        self.meet(t, w)?;
         if let Some(d) = desc {
-            let h = d.encode(gen, 0);
-            // SAFETY: 32 bytes into our own descriptor line; peers read it only
-            // after our flag store below.
-            unsafe { copy(h.as_ptr(), own.desc(slot), 32) };
-        }
-        fill(self.slot_ptr(self.rank, slot));
-        self.phase(st, w)?;
-        if let Some(d) = desc {
-            let mut bad = Vec::new();
-            for p in (0..self.size).filter(|p| *p != self.rank) {
-                let mut h = [0u8; 32];
-                // SAFETY: peer's descriptor line, published before its flag.
-                unsafe { copy(self.segs[p].desc(slot), h.as_mut_ptr(), 32) };
-                let (theirs, _) = OpDesc::decode(&h).map_err(|e| self.lost(p, format!("{}: rank {p}: {}", w.what, e.msg)))?;
-                let their_gen = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-                if their_gen != gen {
-                    return Err(self.lost(p, format!("{}: rank {p} is out of step (round {their_gen}, this rank {gen})", w.what)));
-                }
-                if theirs != *d {
-                    bad.push(format!("rank {p} called {}", theirs.describe()));
-                }
-            }
-            if !bad.is_empty() {
-                return Err(Error::mismatch(format!(
-                    "rank {}: ranks disagree on the collective: this rank called {}; {}",
-                    self.rank,
-                    d.describe(),
-                    bad.join("; ")
-                )));
-            }
+            self.check_descs(slot, gen, d, w)?;
         }
         Ok(slot)
     }
@@ -628,12 +648,22 @@ impl Backend for ShmBackend {
         let per_round = (self.slot_bytes / es) * es;
         let stream = nb >= self.stream_min;
         let mut srcs: Vec<*const u8> = vec![std::ptr::null(); n];
-        let mut off = 0;
-        while off < nb {
+        // Round k: copy in, meet, reduce our slice into our slot, signal, then
+        // (lookahead) copy in and signal round k+1 before meeting the peers'
+        // reduced slices of round k and copying them out. Three slots make the
+        // early copy-in safe: it overwrites round k-2, which every peer
+        // finished copying out before it signalled its reduce of round k-1.
+        let fill_at = |off: usize| {
             let len = per_round.min(nb - off);
-            let d = (off == 0).then_some(&desc);
             // SAFETY: len <= slot_bytes, within buf.
-            let slot = self.round(&mut st, d, &w, |dst| unsafe { copy(bp.add(off), dst, len) })?;
+            move |dst: *mut u8| unsafe { copy(bp.add(off), dst, len) }
+        };
+        let (mut slot, gen, t) = self.publish(&mut st, Some(&desc), fill_at(0));
+        self.meet(t, &w)?;
+        self.check_descs(slot, gen, &desc, &w)?;
+        let mut off = 0;
+        loop {
+            let len = per_round.min(nb - off);
             let ne = len / es;
             let (so, sl) = part(ne, n, r, es);
             for (p, s) in srcs.iter_mut().enumerate() {
@@ -641,17 +671,25 @@ impl Backend for ShmBackend {
                 *s = unsafe { self.slot_ptr(p, slot).add(so) };
             }
             // SAFETY: our slice of every slot; we write only our own slot's
-            // slice, which no peer reads before the next phase.
+            // slice, which no peer reads before our next signal.
             unsafe { reduce::reduce_n_raw(self.slot_ptr(r, slot).add(so), &srcs, sl / es, dt, op, 0.0) };
-            self.phase(&mut st, &w)?;
+            let reduced = self.signal(&mut st);
+            let next = (off + len < nb).then(|| self.publish(&mut st, None, fill_at(off + len)));
+            self.meet(reduced, &w)?;
             for p in 0..n {
                 let (po, pl) = part(ne, n, p, es);
-                // SAFETY: rank p's reduced slice, published by its phase.
+                // SAFETY: rank p's reduced slice, published by its signal.
                 unsafe { copy_out(self.slot_ptr(p, slot).add(po), bp.add(off + po), pl, stream) };
             }
-            off += len;
+            match next {
+                None => return Ok(()),
+                Some((s2, _, t2)) => {
+                    self.meet(t2, &w)?;
+                    slot = s2;
+                    off += len;
+                }
+            }
         }
-        Ok(())
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
