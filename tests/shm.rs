@@ -162,3 +162,29 @@ fn no_leftovers_after_a_normal_run() {
     }
     assert_no_leftovers(&outs);
 }
+
+#[test]
+fn a_missing_peer_is_a_timeout() {
+    let name = "a_missing_peer_is_a_timeout";
+    if is_worker() {
+        let opts = flatshard::CommOptions { timeout: Duration::from_millis(1000), ..worker_options() };
+        let c = Comm::init_from_env(opts).unwrap();
+        assert_eq!(c.transport_name(), "shm");
+        if c.rank() == 0 {
+            let start = Instant::now();
+            let mut b = vec![0u8; 4 << 20];
+            let e = c.all_reduce(&mut b, DType::F32, ReduceOp::Sum).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+            let took = start.elapsed();
+            assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "timeout after {took:?}");
+        } else {
+            // alive but never joins the collective
+            std::thread::sleep(Duration::from_millis(2500));
+        }
+        return;
+    }
+    let outs = wait_all(spawn(name, 2, &[transport_env("shm")]), Duration::from_secs(60));
+    for (code, out) in &outs {
+        assert_eq!(*code, Some(0), "{out}");
+    }
+}
