@@ -324,6 +324,13 @@ fn connect_inner(
         return Err(Error::invalid_arg(format!("FLATSHARD_SHM_CHUNK: must be in [{MIN_SLOT}, {MAX_SLOT}] bytes, got {slot_bytes}")));
     }
     let slot_bytes = slot_bytes & !63;
+    if size * 64 > slot_bytes {
+        // reduce_scatter gives every rank a piece of the slot
+        return Err(Error::invalid_arg(format!(
+            "FLATSHARD_SHM_CHUNK: {slot_bytes} bytes is too small for {size} ranks (need at least {}); raise it or use FLATSHARD_TRANSPORT_TCP",
+            size * 64
+        )));
+    }
     let small_bytes = env_bytes("FLATSHARD_SHM_SMALL", DEFAULT_SMALL)?.min(slot_bytes);
     let seg_len = HDR_BYTES + NSLOTS * slot_bytes;
     let name_of = |r: usize| segment_name(job, gid, r);
