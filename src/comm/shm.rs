@@ -52,6 +52,9 @@ const OFF_FLAG: usize = 64;
 const OFF_WAITERS: usize = 128;
 const OFF_DEAD: usize = 192;
 const OFF_DESC: usize = 256; // NSLOTS 64-byte descriptor lines
+/// The CPU this rank last ran on (a hint: never spin for a peer that shares
+/// our CPU, it cannot run while we spin).
+const OFF_CPU: usize = 512;
 /// Data slots per segment (see `all_reduce` for why three).
 const NSLOTS: usize = 3;
 /// Default slot size: big enough to amortise a round trip, small enough that
@@ -108,6 +111,9 @@ impl Seg {
     }
     fn dead(&self) -> &AtomicU32 {
         self.word(OFF_DEAD)
+    }
+    fn cpu(&self) -> &AtomicU32 {
+        self.word(OFF_CPU)
     }
     fn desc(&self, slot: usize) -> *mut u8 {
         // SAFETY: within the header.
@@ -507,6 +513,9 @@ impl ShmBackend {
         if reached(f.load(Ordering::Acquire), target) {
             return Ok(());
         }
+        // SAFETY: no arguments (vDSO on Linux).
+        let my_cpu = unsafe { libc::sched_getcpu() } as u32;
+        let spin = if seg.cpu().load(Ordering::Relaxed) == my_cpu { Duration::ZERO } else { self.spin };
         let start = Instant::now();
         loop {
             for _ in 0..32 {
@@ -515,7 +524,7 @@ impl ShmBackend {
             if reached(f.load(Ordering::Acquire), target) {
                 return Ok(());
             }
-            if start.elapsed() >= self.spin {
+            if start.elapsed() >= spin {
                 break;
             }
         }
@@ -551,6 +560,8 @@ impl ShmBackend {
     fn signal(&self, st: &mut State) -> u32 {
         st.phase = st.phase.wrapping_add(1);
         let own = &self.segs[self.rank];
+        // SAFETY: no arguments.
+        own.cpu().store(unsafe { libc::sched_getcpu() } as u32, Ordering::Relaxed);
         own.flag().store(st.phase, Ordering::SeqCst);
         if own.waiters().load(Ordering::SeqCst) > 0 {
             futex_wake(own.flag());
