@@ -123,23 +123,73 @@ impl Elem for F16 {
     type Acc = f32;
     #[inline(always)]
     unsafe fn load(p: *const u8, i: usize) -> f32 {
-        half::f16::from_bits((p as *const u16).add(i).read_unaligned()).to_f32()
+        f16_bits_to_f32((p as *const u16).add(i).read_unaligned())
     }
     #[inline(always)]
     unsafe fn store(p: *mut u8, i: usize, v: f32) {
-        (p as *mut u16).add(i).write_unaligned(half::f16::from_f32(v).to_bits())
+        (p as *mut u16).add(i).write_unaligned(f32_to_f16_bits(v))
     }
     f32_ops!();
 }
 
+// f16 <-> f32 in straight-line integer/float code (selects, no branches or
+// calls), so the block loops vectorise in every flavour. Bit-identical to the
+// `half` crate (and to F16C): NaNs are quieted and keep their top payload bits;
+// f32 -> f16 rounds to nearest-even, overflows to infinity, and produces
+// subnormals exactly. The tests below check every f16 and a sweep of f32s.
+
+/// f16 bits -> f32, exact.
+#[inline(always)]
+pub fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let shifted_exp: u32 = 0x7c00 << 13;
+    let mut o = (h & 0x7fff) << 13;
+    let exp = shifted_exp & o;
+    o = o.wrapping_add((127 - 15) << 23);
+    let infnan = exp == shifted_exp;
+    let small = exp == 0;
+    // Inf/NaN: exponent all ones; NaN also gets the quiet bit.
+    let nan_quiet = if infnan && (h & 0x3ff) != 0 { 0x0040_0000 } else { 0 };
+    let o_inf = o.wrapping_add((128 - 16) << 23) | nan_quiet;
+    // zero/subnormal: renormalise through a float subtraction
+    let o_small = (f32::from_bits(o.wrapping_add(1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let o = if infnan { o_inf } else if small { o_small } else { o };
+    f32::from_bits(o | ((h & 0x8000) << 16))
+}
+
+/// f32 -> f16 bits, round to nearest-even.
+#[inline(always)]
+pub fn f32_to_f16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    let sign = (u >> 16) & 0x8000;
+    let a = u & 0x7fff_ffff;
+    let f16max: u32 = (127 + 16) << 23;
+    // NaN: quiet, top payload bits kept; Inf or overflow: infinity.
+    let special = if a > 0x7f80_0000 { 0x7e00 | ((a & 0x007f_ffff) >> 13) } else { 0x7c00 };
+    // subnormal or zero: let a float add do the rounding
+    let denorm_magic: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let sub = (f32::from_bits(a) + f32::from_bits(denorm_magic)).to_bits().wrapping_sub(denorm_magic);
+    // normal: rebias and round to nearest-even by hand
+    let mant_odd = (a >> 13) & 1;
+    let norm = a.wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff)).wrapping_add(mant_odd) >> 13;
+    let o = if a >= f16max { special } else if a < (113 << 23) { sub } else { norm };
+    (o | sign) as u16
+}
+
 /// The generic fused body. `scale_by`: divide the result by this (AVG), or 0 = no.
+/// The operator is matched once here so each loop gets a statically known,
+/// inlined combine function (a function pointer would cost a call per element).
 #[inline(always)]
 unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: ReduceOp, scale_by: f64) {
-    let f: fn(E::Acc, E::Acc) -> E::Acc = match op {
-        ReduceOp::Sum | ReduceOp::Avg => E::sum,
-        ReduceOp::Min => E::min,
-        ReduceOp::Max => E::max,
-    };
+    match op {
+        ReduceOp::Sum | ReduceOp::Avg => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::sum),
+        ReduceOp::Min => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::min),
+        ReduceOp::Max => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::max),
+    }
+}
+
+#[inline(always)]
+unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, scale_by: f64, f: F) {
     let mut acc = [E::Acc::default(); BLOCK];
     let mut start = 0;
     while start < n {
@@ -182,6 +232,53 @@ unsafe fn dispatch_body(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, o
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dispatch_avx2(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
+    if dt == DType::F16 {
+        return reduce_f16_f16c(dst, srcs, n, op, scale_by);
+    }
+    dispatch_body(dst, srcs, n, dt, op, scale_by)
+}
+
+/// f16 with the F16C conversion instructions, 8 lanes at a time (4x the
+/// bit-twiddling conversion). Same operations in the same order as the
+/// generic body: `min_ps(new, acc)` is `if new < acc { new } else { acc }`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn reduce_f16_f16c(dst: *mut u8, srcs: &[*const u8], n: usize, op: ReduceOp, scale_by: f64) {
+    use std::arch::x86_64::*;
+    let div = _mm256_set1_ps(scale_by as f32);
+    let mut i = 0;
+    while i + 8 <= n {
+        let load = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i));
+        let mut acc = load(srcs[0]);
+        for s in &srcs[1..] {
+            let v = load(*s);
+            acc = match op {
+                ReduceOp::Sum | ReduceOp::Avg => _mm256_add_ps(acc, v),
+                ReduceOp::Min => _mm256_min_ps(v, acc),
+                ReduceOp::Max => _mm256_max_ps(v, acc),
+            };
+        }
+        if scale_by != 0.0 {
+            acc = _mm256_div_ps(acc, div);
+        }
+        _mm_storeu_si128(dst.add(2 * i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(acc));
+        i += 8;
+    }
+    if i < n {
+        let rest: Vec<*const u8> = srcs.iter().map(|s| s.add(2 * i)).collect();
+        reduce_body::<F16>(dst.add(2 * i), &rest, n - i, op, scale_by);
+    }
+}
+
+/// AVX-512 (F/BW/VL) build of the same body: twice the lanes per
+/// instruction. Identical results: the same operations in the same order,
+/// element by element (Rust never contracts a*b+c into an FMA by itself).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn dispatch_avx512(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
+    if dt == DType::F16 {
+        return reduce_f16_f16c(dst, srcs, n, op, scale_by);
+    }
     dispatch_body(dst, srcs, n, dt, op, scale_by)
 }
 
@@ -189,10 +286,25 @@ unsafe fn dispatch_portable(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DTyp
     dispatch_body(dst, srcs, n, dt, op, scale_by)
 }
 
-/// Which kernel flavour this CPU runs ("avx2" or "portable").
+/// Which kernel flavour this CPU runs ("avx512", "avx2" or "portable").
+/// FLATSHARD_KERNEL=avx2|portable caps it (for comparisons).
 pub fn kernel_name() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
+        let cap = std::env::var("FLATSHARD_KERNEL").unwrap_or_default();
+        let avx2 = std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
+        if avx2
+            && cap != "avx2"
+            && cap != "portable"
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+        {
+            return "avx512";
+        }
+        if cap == "portable" {
+            return "portable";
+        }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
             return "avx2";
         }
@@ -200,10 +312,15 @@ pub fn kernel_name() -> &'static str {
     "portable"
 }
 
-fn use_avx2() -> bool {
+/// 0 portable, 1 avx2, 2 avx512 (decided once).
+fn flavour() -> u8 {
     use std::sync::OnceLock;
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| kernel_name() == "avx2")
+    static K: OnceLock<u8> = OnceLock::new();
+    *K.get_or_init(|| match kernel_name() {
+        "avx512" => 2,
+        "avx2" => 1,
+        _ => 0,
+    })
 }
 
 /// Raw fused reduction. `dst` may equal one of `srcs` (each block is read
@@ -217,8 +334,10 @@ pub unsafe fn reduce_n_raw(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if use_avx2() {
-            return dispatch_avx2(dst, srcs, n, dt, op, scale_by);
+        match flavour() {
+            2 => return dispatch_avx512(dst, srcs, n, dt, op, scale_by),
+            1 => return dispatch_avx2(dst, srcs, n, dt, op, scale_by),
+            _ => {}
         }
     }
     dispatch_portable(dst, srcs, n, dt, op, scale_by)
@@ -310,5 +429,80 @@ mod tests {
         let mut f = f32s(&[3.0, 9.0]);
         scale(&mut f, DType::F32, 3.0);
         assert_eq!(to_f32s(&f), vec![1.0, 3.0]);
+    }
+
+    #[test]
+    fn every_flavour_gives_identical_bits() {
+        // pseudo-random bit patterns (NaNs included) in every dtype, 3 inputs
+        let n = BLOCK * 3 + 5;
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rnd = |len: usize| -> Vec<u8> {
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect()
+        };
+        // NaN payloads may differ (IEEE leaves which NaN an op returns open,
+        // and LLVM may commute an add); any other bit difference is a bug.
+        let same = |dt: DType, a: &[u8], b: &[u8]| -> bool {
+            let es = dt.size();
+            a.chunks_exact(es).zip(b.chunks_exact(es)).all(|(x, y)| {
+                let nan = |v: &[u8]| match dt {
+                    DType::F32 => f32::from_ne_bytes(v.try_into().unwrap()).is_nan(),
+                    DType::F64 => f64::from_ne_bytes(v.try_into().unwrap()).is_nan(),
+                    DType::F16 => f16_bits_to_f32(u16::from_ne_bytes(v.try_into().unwrap())).is_nan(),
+                    DType::BF16 => bf16_bits_to_f32(u16::from_ne_bytes(v.try_into().unwrap())).is_nan(),
+                    _ => false,
+                };
+                x == y || (nan(x) && nan(y))
+            })
+        };
+        for dt in [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
+            let ins: Vec<Vec<u8>> = (0..3).map(|_| rnd(n * dt.size())).collect();
+            let ptrs: Vec<*const u8> = ins.iter().map(|v| v.as_ptr()).collect();
+            for op in [ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max] {
+                let mut want = vec![0u8; n * dt.size()];
+                unsafe { dispatch_portable(want.as_mut_ptr(), &ptrs, n, dt, op, 0.0) };
+                let mut got = vec![0u8; n * dt.size()];
+                unsafe { reduce_n_raw(got.as_mut_ptr(), &ptrs, n, dt, op, 0.0) };
+                assert!(same(dt, &got, &want), "{} {op:?}: {} kernel differs from portable", dt.name(), kernel_name());
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+                    unsafe { dispatch_avx2(got.as_mut_ptr(), &ptrs, n, dt, op, 0.0) };
+                    assert!(same(dt, &got, &want), "{} {op:?}: avx2 kernel differs from portable", dt.name());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_conversions_match_half_bit_for_bit() {
+        for h in 0..=u16::MAX {
+            let want = half::f16::from_bits(h).to_f32().to_bits();
+            assert_eq!(f16_bits_to_f32(h).to_bits(), want, "f16 {h:#06x}");
+        }
+        // every f32 exponent, mantissas around the f16 rounding points, NaNs, both signs
+        let mut check = |u: u32| {
+            let x = f32::from_bits(u);
+            assert_eq!(f32_to_f16_bits(x), half::f16::from_f32(x).to_bits(), "f32 {u:#010x} ({x:e})");
+        };
+        for e in 0..=255u32 {
+            for m in [0u32, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0x7fffff, 0x400000, 0x401000, 0x7fe000, 0x7ff000, 0x7fefff] {
+                for s in [0u32, 1] {
+                    check((s << 31) | (e << 23) | m);
+                }
+            }
+        }
+        let mut x: u32 = 12345;
+        for _ in 0..2_000_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            check(x);
+        }
     }
 }

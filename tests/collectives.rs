@@ -10,6 +10,9 @@ fn data(rank: usize, n: usize, salt: usize) -> Vec<f32> {
 
 fn check_all(comm: flatshard::Comm, sizes: &[usize]) {
     let (r, w) = (comm.rank(), comm.size());
+    if let Ok(t) = std::env::var("FLATSHARD_TEST_TRANSPORT") {
+        assert_eq!(comm.transport_name(), t, "forced transport not used");
+    }
     for &n in sizes {
         // all_reduce SUM / MAX / AVG
         for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Avg] {
@@ -56,67 +59,142 @@ fn check_all(comm: flatshard::Comm, sizes: &[usize]) {
 
 const SIZES: &[usize] = &[0, 1, 5, 1000, 8191, 300_000, 1_000_003];
 
+/// One test per (transport, world size): `$name` must be the function name.
+macro_rules! suite {
+    ($name:ident, $t:expr, $w:expr) => {
+        #[test]
+        fn $name() {
+            ranks(stringify!($name), $w, &[transport_env($t)], |c| check_all(c, SIZES));
+        }
+    };
+}
+suite!(tcp_collectives_w2, "tcp", 2);
+suite!(tcp_collectives_w3, "tcp", 3);
+suite!(tcp_collectives_w4, "tcp", 4);
+suite!(shm_collectives_w2, "shm", 2);
+suite!(shm_collectives_w3, "shm", 3);
+suite!(shm_collectives_w4, "shm", 4);
+
+/// Small shm chunks so every collective takes many rounds with ragged ends.
 #[test]
-fn tcp_collectives_w2() {
-    ranks("tcp_collectives_w2", 2, &[], |c| check_all(c, SIZES));
+fn shm_collectives_small_chunks_w3() {
+    let env = [transport_env("shm"), ("FLATSHARD_SHM_CHUNK", "65536".into()), ("FLATSHARD_SHM_SMALL", "4000".into())];
+    ranks("shm_collectives_small_chunks_w3", 3, &env, |c| check_all(c, SIZES));
 }
 
-#[test]
-fn tcp_collectives_w3() {
-    ranks("tcp_collectives_w3", 3, &[], |c| check_all(c, SIZES));
-}
-
-#[test]
-fn tcp_collectives_w4() {
-    ranks("tcp_collectives_w4", 4, &[], |c| check_all(c, SIZES));
+fn mismatch_body(c: flatshard::Comm) {
+    let r = c.rank();
+    // rank 1 passes a different count (small and large paths)
+    for n in [10usize, 200_000] {
+        let cnt = if r == 1 { n + 1 } else { n };
+        let mut buf = vec![0u8; cnt * 4];
+        let e = c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    }
+    // different op
+    let mut buf = vec![0u8; 16];
+    let op = if r == 0 { ReduceOp::Max } else { ReduceOp::Sum };
+    assert_eq!(c.all_reduce(&mut buf, DType::F32, op).unwrap_err().kind, ErrorKind::Mismatch);
+    // different collective altogether
+    let e = if r == 2 { c.barrier().unwrap_err() } else { c.broadcast(&mut buf, DType::F32, 0).unwrap_err() };
+    assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    // still usable
+    let mut buf = f32_bytes(&[r as f32; 4]);
+    c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+    assert_eq!(bytes_f32(&buf), vec![3.0; 4]);
+    let mut big = f32_bytes(&vec![r as f32; 300_000]);
+    c.all_reduce(&mut big, DType::F32, ReduceOp::Sum).unwrap();
+    assert!(bytes_f32(&big).iter().all(|x| *x == 3.0));
 }
 
 #[test]
 fn mismatch_is_reported_everywhere_and_comm_survives() {
-    ranks("mismatch_is_reported_everywhere_and_comm_survives", 3, &[], |c| {
-        let r = c.rank();
-        // rank 1 passes a different count (small and large paths)
-        for n in [10usize, 200_000] {
-            let cnt = if r == 1 { n + 1 } else { n };
-            let mut buf = vec![0u8; cnt * 4];
-            let e = c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::Mismatch, "{e}");
+    ranks("mismatch_is_reported_everywhere_and_comm_survives", 3, &[transport_env("tcp")], mismatch_body);
+}
+
+#[test]
+fn shm_mismatch_is_reported_everywhere_and_comm_survives() {
+    ranks("shm_mismatch_is_reported_everywhere_and_comm_survives", 3, &[transport_env("shm")], mismatch_body);
+}
+
+fn split_body(c: flatshard::Comm) {
+    let r = c.rank();
+    let sub = c.new_subgroups(2).unwrap();
+    assert_eq!(sub.size(), 2);
+    assert_eq!(sub.rank(), r % 2);
+    assert_eq!(sub.transport_name(), c.transport_name());
+    let mut buf = f32_bytes(&[r as f32]);
+    sub.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
+    let want = if r < 2 { 1.0 } else { 5.0 };
+    assert_eq!(bytes_f32(&buf), vec![want]);
+    // odd ranks, reversed order by key; rank 0 opts out
+    let color = if r == 0 { -1 } else { (r % 2) as i32 };
+    let s = c.split(color, -(r as i32)).unwrap();
+    match r {
+        0 => assert!(s.is_none()),
+        1 | 3 => {
+            let s = s.unwrap();
+            assert_eq!(s.size(), 2);
+            assert_eq!(s.rank(), if r == 3 { 0 } else { 1 });
+            let mut b = f32_bytes(&[r as f32; 3]);
+            s.all_reduce(&mut b, DType::F32, ReduceOp::Sum).unwrap();
+            assert_eq!(bytes_f32(&b), vec![4.0; 3]);
         }
-        // different op
-        let mut buf = vec![0u8; 16];
-        let op = if r == 0 { ReduceOp::Max } else { ReduceOp::Sum };
-        assert_eq!(c.all_reduce(&mut buf, DType::F32, op).unwrap_err().kind, ErrorKind::Mismatch);
-        // still usable
-        let mut buf = f32_bytes(&[r as f32; 4]);
-        c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
-        assert_eq!(bytes_f32(&buf), vec![3.0; 4]);
-    });
+        _ => assert_eq!(s.unwrap().size(), 1),
+    }
+    // rank 0 serves the store: keep it alive until every group is built
+    c.barrier().unwrap();
 }
 
 #[test]
 fn split_and_subgroups() {
-    ranks("split_and_subgroups", 4, &[], |c| {
-        let r = c.rank();
-        let sub = c.new_subgroups(2).unwrap();
-        assert_eq!(sub.size(), 2);
-        assert_eq!(sub.rank(), r % 2);
-        let mut buf = f32_bytes(&[r as f32]);
-        sub.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
-        let want = if r < 2 { 1.0 } else { 5.0 };
-        assert_eq!(bytes_f32(&buf), vec![want]);
-        // odd ranks, reversed order by key; rank 0 opts out
-        let color = if r == 0 { -1 } else { (r % 2) as i32 };
-        let s = c.split(color, -(r as i32)).unwrap();
-        match r {
-            0 => assert!(s.is_none()),
-            1 | 3 => {
-                let s = s.unwrap();
-                assert_eq!(s.size(), 2);
-                assert_eq!(s.rank(), if r == 3 { 0 } else { 1 });
-            }
-            _ => assert_eq!(s.unwrap().size(), 1),
+    ranks("split_and_subgroups", 4, &[transport_env("tcp")], split_body);
+}
+
+#[test]
+fn shm_split_and_subgroups() {
+    ranks("shm_split_and_subgroups", 4, &[transport_env("shm")], split_body);
+}
+
+/// Every dtype, SUM and MAX, small and chunked: exact small-integer data, so
+/// both transports must give the exact answer on every rank.
+fn dtypes_body(c: flatshard::Comm) {
+    let (r, w) = (c.rank(), c.size());
+    let enc = |dt: DType, v: f64| -> Vec<u8> {
+        match dt {
+            DType::F32 => (v as f32).to_ne_bytes().to_vec(),
+            DType::F64 => v.to_ne_bytes().to_vec(),
+            DType::F16 => half::f16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
+            DType::BF16 => half::bf16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
+            DType::I32 => (v as i32).to_ne_bytes().to_vec(),
+            DType::I64 => (v as i64).to_ne_bytes().to_vec(),
+            DType::U8 => vec![v as u8],
         }
-        // rank 0 serves the store: keep it alive until every group is built
-        c.barrier().unwrap();
-    });
+    };
+    let val = |q: usize, i: usize| ((i * 5 + q * 3) % 11) as f64;
+    for dt in [DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
+        for n in [7usize, 300_001] {
+            for op in [ReduceOp::Sum, ReduceOp::Max] {
+                let mut buf: Vec<u8> = (0..n).flat_map(|i| enc(dt, val(r, i))).collect();
+                c.all_reduce(&mut buf, dt, op).unwrap();
+                let want: Vec<u8> = (0..n)
+                    .flat_map(|i| {
+                        let vals = (0..w).map(|q| val(q, i));
+                        enc(dt, if op == ReduceOp::Sum { vals.sum() } else { vals.fold(0.0, f64::max) })
+                    })
+                    .collect();
+                assert!(buf == want, "all_reduce {} {op:?} n={n} rank {r}", dt.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn tcp_dtypes_w3() {
+    ranks("tcp_dtypes_w3", 3, &[transport_env("tcp")], dtypes_body);
+}
+
+#[test]
+fn shm_dtypes_w3() {
+    ranks("shm_dtypes_w3", 3, &[transport_env("shm")], dtypes_body);
 }

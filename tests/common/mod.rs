@@ -2,7 +2,7 @@
 //! rank (real processes, real sockets), with torchrun's variables set.
 #![allow(dead_code)]
 
-use flatshard::{Comm, CommOptions};
+use flatshard::{Comm, CommOptions, Transport};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,11 +90,25 @@ pub fn wait_all(children: Vec<Child>, limit: Duration) -> Vec<(Option<i32>, Stri
         .collect()
 }
 
+/// Options for a worker: 60 s timeout; FLATSHARD_TEST_TRANSPORT=tcp|shm|auto picks the transport.
+pub fn worker_options() -> CommOptions {
+    let transport = match std::env::var("FLATSHARD_TEST_TRANSPORT").as_deref() {
+        Ok("tcp") => Transport::Tcp,
+        Ok("shm") => Transport::Shm,
+        _ => Transport::Auto,
+    };
+    CommOptions { timeout: Duration::from_secs(60), transport, ..Default::default() }
+}
+
+/// Env for `ranks`/`spawn` that forces a transport.
+pub fn transport_env(t: &str) -> (&'static str, String) {
+    ("FLATSHARD_TEST_TRANSPORT", t.to_string())
+}
+
 /// Run `body` on `world` ranks (as separate processes) and require all to succeed.
 pub fn ranks(name: &str, world: usize, extra: &[(&str, String)], body: impl FnOnce(Comm)) {
     if is_worker() {
-        let comm = Comm::init_from_env(CommOptions { timeout: Duration::from_secs(60), ..Default::default() })
-            .unwrap_or_else(|e| panic!("rank {}: init failed: {e}", env_rank()));
+        let comm = Comm::init_from_env(worker_options()).unwrap_or_else(|e| panic!("rank {}: init failed: {e}", env_rank()));
         body(comm);
         return;
     }
