@@ -42,7 +42,7 @@ fn soak_small_collectives() {
         assert_eq!(bytes_f32(&buf)[0], 1.0);
         let _ = w;
         println!("#: soak rank {}: {iters} collectives, RSS {rss0} -> {rss1} KiB, fds {fd0} -> {fd1}", c.rank());
-        assert_eq!(fd0, fd1, "file descriptors leaked");
+        assert!(fd1 <= fd0, "file descriptors leaked: {fd0} -> {fd1}");
         assert!(rss1 < rss0 + 2048, "resident memory grew from {rss0} to {rss1} KiB");
     });
 }

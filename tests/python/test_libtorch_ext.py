@@ -26,6 +26,8 @@ def lib_dir():
 
 def build():
     from torch.utils.cpp_extension import load
+    # ninja lives beside this interpreter in the project's venv
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     libdir = lib_dir()
     return load(
         name="flatshard_torch",
@@ -82,6 +84,7 @@ def checks(ext, rank, world):
         g = torch.Generator().manual_seed(7 + rank)
         a = torch.randn(64, generator=g)
         ref = torch.nn.Parameter(a.clone())
+        ref.grad = torch.zeros_like(ref)  # torch averages only params that have a grad
         for step in range(12):
             noise = torch.randn(64, generator=g)
             a += noise
