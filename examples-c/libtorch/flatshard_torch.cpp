@@ -231,26 +231,30 @@ void average_parameters(std::shared_ptr<Comm> c, const std::vector<at::Tensor> &
   check(flatshard_average_parameters(c->c, d.data(), d.size(), 0));
 }
 
+// Collectives block; gloo's worker threads may need the GIL to free tensors,
+// so every call into flatshard runs with the GIL released.
+#define NOGIL py::call_guard<py::gil_scoped_release>()
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Comm, std::shared_ptr<Comm>>(m, "Comm")
-      .def_static("from_process_group", &Comm::from_process_group)
-      .def("rank", &Comm::rank)
-      .def("size", &Comm::size)
-      .def("all_reduce", &Comm::all_reduce, py::arg("tensor"), py::arg("op") = 0);
+      .def_static("from_process_group", &Comm::from_process_group, NOGIL)
+      .def("rank", &Comm::rank, NOGIL)
+      .def("size", &Comm::size, NOGIL)
+      .def("all_reduce", &Comm::all_reduce, NOGIL, py::arg("tensor"), py::arg("op") = 0);
   py::class_<FlatParam, std::shared_ptr<FlatParam>>(m, "FlatParam")
-      .def(py::init<std::shared_ptr<Comm>, const std::vector<at::Tensor> &, bool, int>(), py::arg("comm"),
+      .def(py::init<std::shared_ptr<Comm>, const std::vector<at::Tensor> &, bool, int>(), NOGIL, py::arg("comm"),
            py::arg("params"), py::arg("align_params") = false, py::arg("sharding") = 0)
-      .def("numel", &FlatParam::numel)
-      .def("padded_numel", &FlatParam::padded_numel)
-      .def("shard", &FlatParam::shard)
-      .def("unshard", &FlatParam::unshard, py::arg("writeback") = false, py::arg("rank0_only") = false,
+      .def("numel", &FlatParam::numel, NOGIL)
+      .def("padded_numel", &FlatParam::padded_numel, NOGIL)
+      .def("shard", &FlatParam::shard, NOGIL)
+      .def("unshard", &FlatParam::unshard, NOGIL, py::arg("writeback") = false, py::arg("rank0_only") = false,
            py::arg("offload_to_cpu") = false, py::arg("with_grads") = false)
-      .def("view", &FlatParam::view)
-      .def("reshard", &FlatParam::reshard);
+      .def("view", &FlatParam::view, NOGIL)
+      .def("reshard", &FlatParam::reshard, NOGIL);
   py::class_<Averager, std::shared_ptr<Averager>>(m, "Averager")
-      .def_static("periodic", &Averager::periodic)
-      .def_static("hierarchical", &Averager::hierarchical)
-      .def("step", &Averager::step)
-      .def("get_step", &Averager::get_step);
-  m.def("average_parameters", &average_parameters);
+      .def_static("periodic", &Averager::periodic, NOGIL)
+      .def_static("hierarchical", &Averager::hierarchical, NOGIL)
+      .def("step", &Averager::step, NOGIL)
+      .def("get_step", &Averager::get_step, NOGIL);
+  m.def("average_parameters", &average_parameters, NOGIL);
 }

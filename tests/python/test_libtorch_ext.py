@@ -48,6 +48,8 @@ def checks(ext, rank, world):
     results = []
 
     def case(name, fn):
+        if os.environ.get("FLATSHARD_TEST_VERBOSE"):
+            print(f"rank {rank}: {name}", file=sys.stderr, flush=True)
         try:
             fn()
             results.append((name, None))
@@ -89,10 +91,18 @@ def checks(ext, rank, world):
             noise = torch.randn(64, generator=g)
             a += noise
             ref.data += noise
+            if os.environ.get("FLATSHARD_TEST_VERBOSE"):
+                print(f"rank {rank} step {step}", file=sys.stderr, flush=True)
             ref_avg.average_parameters(iter([ref]))
+            if os.environ.get("FLATSHARD_TEST_VERBOSE"):
+                print(f"rank {rank} step {step} torch done", file=sys.stderr, flush=True)
             ours.step([a])
-            assert torch.allclose(a, ref.data, atol=1e-6, rtol=0), f"step {step}"
-            assert ours.get_step() == ref_avg.step
+            bad = None if torch.allclose(a, ref.data, atol=1e-6, rtol=0) else f"step {step}: max diff {(a - ref.data).abs().max()}"
+            bad = bad or (None if ours.get_step() == ref_avg.step else f"step counters {ours.get_step()} vs {ref_avg.step}")
+            # decide together so both ranks leave the loop at the same step
+            flag = torch.tensor([1.0 if bad else 0.0])
+            dist.all_reduce(flag)
+            assert flag.item() == 0, bad or "the other rank saw a difference"
     case("periodic averager vs torch", periodic)
 
     def fsdp():
@@ -139,12 +149,21 @@ def main():
     build()  # compile once, in the parent
     world = 2
     ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
+    q = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=worker, args=(r, world, port, q)) for r in range(world)]
     for p in procs:
         p.start()
-    got = [q.get() for _ in range(world)]
+    import queue
+    got = []
+    try:
+        for _ in range(world):
+            got.append(q.get(timeout=240))
+    except queue.Empty:
+        for p in procs:
+            p.kill()
+        print("0 passed, 1 failed (timed out: a rank hung)")
+        sys.exit(1)
     for p in procs:
         p.join(60)
     passed = failed = 0
