@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 const TOKEN: &str = "s3cret-job-token";
-const ITERS: usize = 150;
+const ITERS: usize = 300;
 
 fn job_body(c: flatshard::Comm) {
     let (r, w) = (c.rank(), c.size());
@@ -64,6 +64,9 @@ fn intruders_are_refused_and_the_job_completes() {
     let abort = AtomicBool::new(false);
     let w = net::Wait::new(Duration::from_secs(10), &abort, "intruder");
     let mut refused = 0;
+    // attack the running job (both ranks registered), not its start-up
+    drop(connect(port));
+    std::thread::sleep(Duration::from_millis(1000));
 
     // 1. garbage instead of a handshake
     let mut s = connect(port);
