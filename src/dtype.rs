@@ -15,15 +15,6 @@ pub enum DType {
 }
 
 impl DType {
-    pub(crate) const ALL: [DType; 7] = [
-        DType::F32,
-        DType::F64,
-        DType::F16,
-        DType::BF16,
-        DType::I32,
-        DType::I64,
-        DType::U8,
-    ];
 
     /// Validate an integer coming from C; `what` names the argument.
     pub fn from_raw(v: i64, what: &str) -> Result<DType> {

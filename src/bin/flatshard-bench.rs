@@ -55,11 +55,42 @@ fn make_op(op: &str, rank: usize, world: usize, nbytes: usize) -> Result<Step, S
             let mut out = vec![0u8; numel / world * 4];
             Box::new(move |c| c.reduce_scatter(&inp, &mut out, DType::F32, ReduceOp::Sum))
         }
-        // Add here once the modules merge, mirroring torch_baseline.py:
-        //   "average_parameters": 10 tensors of numel/10 → flatshard::averaging.
-        //   "fsdp_unshard": 10 layers of numel/10 in flat params → unshard + reshard
-        //                   (writeback, as summon_full_params(writeback=True)).
-        "average_parameters" | "fsdp_unshard" => return Err(format!("{op}: not in this build of flatshard-bench yet")),
+        // As torch_baseline.py: 10 tensors of numel/10, averaged in place.
+        "average_parameters" => {
+            let mut bufs: Vec<Vec<u8>> = (0..10).map(|_| fill(numel / 10)).collect();
+            Box::new(move |c| {
+                let ts: Vec<flatshard::tensor::TensorRef> = bufs
+                    .iter_mut()
+                    .map(|b| flatshard::tensor::TensorRef {
+                        data: b.as_mut_ptr(),
+                        grad: std::ptr::null_mut(),
+                        numel: (b.len() / 4) as u64,
+                        dtype: DType::F32,
+                        device: flatshard::tensor::Device::Cpu,
+                    })
+                    .collect();
+                // SAFETY: the tensors point into `bufs`, alive and unaliased here.
+                unsafe { flatshard::averaging::average_parameters(c, &ts, 0) }
+            })
+        }
+        // As torch_baseline.py: one FSDP unit of 10 Linear(numel/10 -> 1)
+        // layers; summon_full_params(writeback=True) = unshard + reshard.
+        "fsdp_unshard" => {
+            let layer = numel / 10;
+            let bufs: Vec<Vec<u8>> = (0..10).map(|_| fill(layer)).collect();
+            let mut fp: Option<flatshard::flat_param::FlatParam> = None;
+            Box::new(move |c| {
+                use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, UnshardOptions};
+                if fp.is_none() {
+                    // built during the untimed warm-up call
+                    let ins: Vec<ParamInput> = bufs.iter().map(|b| ParamInput::host(b, DType::F32)).collect();
+                    fp = Some(FlatParam::new(c, None, &ins, &FlatParamOptions::default())?);
+                }
+                let fp = fp.as_mut().ok_or_else(|| flatshard::Error::internal("flat param missing"))?;
+                fp.unshard(c, UnshardOptions { writeback: true, ..Default::default() })?;
+                fp.reshard(c)
+            })
+        }
         other => return Err(format!("unknown op '{other}'")),
     })
 }

@@ -35,13 +35,6 @@ fn reduce_grain() -> usize {
     *G.get_or_init(|| std::env::var("FLATSHARD_GRAIN").ok().and_then(|v| v.parse().ok()).unwrap_or(256 << 10))
 }
 const HDR: usize = 32;
-/// Bytes per rank per round of the mesh all-reduce.
-const MESH_BLOCK: usize = 4 << 20;
-
-fn mesh_for_large() -> bool {
-    static M: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *M.get_or_init(|| std::env::var("FLATSHARD_TCP_ALGO").map(|v| v == "mesh").unwrap_or(false))
-}
 
 pub struct TcpBackend {
     rank: usize,
@@ -406,50 +399,6 @@ impl TcpBackend {
         }
     }
 
-    /// All-reduce without multi-hop chains: in rounds, every rank sends block p
-    /// of the round straight to rank p, reduces what it got for its own block
-    /// (one fused pass), then sends the result straight to everyone. Nobody
-    /// waits for a neighbour's neighbour, which matters when ranks outnumber cores.
-    fn all_reduce_mesh(&self, desc: &OpDesc, buf: &mut [u8], dt: DType, op: ReduceOp) -> Result<()> {
-        let (w, r, es) = (self.size, self.rank, dt.size());
-        let n = buf.len() / es;
-        let per_round = (MESH_BLOCK / es) * w;
-        let bp = buf.as_mut_ptr();
-        let mut sc = self.scratch(MESH_BLOCK * (w - 1))?;
-        let sp = sc.as_mut_ptr();
-        let slot_of = |p: usize| if p < r { p } else { p - 1 };
-        let mut start = 0;
-        while start < n {
-            let len = per_round.min(n - start);
-            let base = unsafe { bp.add(start * es) };
-            let ch = |c: usize| chunk(len, w, c, es);
-            self.exchange(
-                desc,
-                &|p| {
-                    let (o, l) = ch(p);
-                    (unsafe { base.add(o) as *const u8 }, l)
-                },
-                &|p| (unsafe { sp.add(slot_of(p) * MESH_BLOCK) }, ch(r).1),
-                "all_reduce",
-            )?;
-            let (mo, ml) = ch(r);
-            let mine = unsafe { base.add(mo) };
-            let srcs: Vec<*const u8> = (0..w).map(|p| if p == r { mine as *const u8 } else { unsafe { sp.add(slot_of(p) * MESH_BLOCK) as *const u8 } }).collect();
-            unsafe { reduce::reduce_n_raw(mine, &srcs, ml / es, dt, op, 0.0) };
-            self.exchange(
-                desc,
-                &|_| (mine as *const u8, ml),
-                &|p| {
-                    let (o, l) = ch(p);
-                    (unsafe { base.add(o) }, l)
-                },
-                "all_reduce",
-            )?;
-            start += len;
-        }
-        Ok(())
-    }
-
     fn scratch(&self, len: usize) -> Result<std::sync::MutexGuard<'_, Vec<u8>>> {
         let mut g = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         if g.len() < len {
@@ -518,9 +467,6 @@ impl Backend for TcpBackend {
             let srcs: Vec<*const u8> = (0..w).map(|p| if p == r { bp as *const u8 } else { unsafe { sp.add(slot_of(p) * nbytes) as *const u8 } }).collect();
             unsafe { reduce::reduce_n_raw(bp, &srcs, nbytes / es, dt, op, 0.0) };
             return Ok(());
-        }
-        if w >= 3 && mesh_for_large() {
-            return self.all_reduce_mesh(&desc, buf, dt, op);
         }
         self.exchange(&desc, &|_| (std::ptr::null(), 0), &|_| (std::ptr::null_mut(), 0), "all_reduce")?;
         let n = nbytes / es;
