@@ -6,6 +6,7 @@
 //! scripts/reliability.sh runs 50).
 mod common;
 use common::*;
+use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, UnshardOptions};
 use flatshard::{Comm, CommOptions, DType, ErrorKind, ReduceOp};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +15,7 @@ fn now_ms() -> u128 {
 }
 
 fn worker_comm(timeout: Duration) -> Comm {
-    Comm::init_from_env(CommOptions { timeout, ..Default::default() }).unwrap()
+    Comm::init_from_env(CommOptions { timeout, ..worker_options() }).unwrap()
 }
 
 /// Worker: loop on collectives until one fails; report how and when.
@@ -24,9 +25,13 @@ fn collective_loop() {
     println!("READY {r}");
     let n = 256 * 1024; // 1 MiB of f32: the ring path
     let mut buf = vec![0u8; n * 4];
+    let init = f32_bytes(&(0..300_000).map(|i| (i % 97) as f32).collect::<Vec<_>>());
+    let mut fp = FlatParam::new(&c, None, &[ParamInput::host(&init, DType::F32)], &FlatParamOptions::default()).unwrap();
+    let mut avg = vec![vec![1u8; 400_000], vec![2u8; 4000]];
     let mut i = 0u64;
     loop {
-        let op = i % 3;
+        let op = i % 5;
+        let shard_before = fp.shard_bytes().to_vec();
         let res = match op {
             0 => c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum),
             1 => {
@@ -34,14 +39,30 @@ fn collective_loop() {
                 let mut recv = vec![0u8; 4096 * c.size()];
                 c.all_gather(&send, &mut recv, DType::U8)
             }
-            _ => c.barrier(),
+            2 => c.barrier(),
+            3 => fp.unshard(&c, UnshardOptions { writeback: true, ..Default::default() }).and_then(|_| fp.reshard(&c)),
+            _ => {
+                let ts: Vec<flatshard::tensor::TensorRef> = avg
+                    .iter_mut()
+                    .map(|b| flatshard::tensor::TensorRef {
+                        data: b.as_mut_ptr(),
+                        grad: std::ptr::null_mut(),
+                        numel: (b.len() / 4) as u64,
+                        dtype: DType::F32,
+                        device: flatshard::tensor::Device::Cpu,
+                    })
+                    .collect();
+                unsafe { flatshard::averaging::average_parameters(&c, &ts, 0) }
+            }
         };
         if let Err(e) = res {
             assert!(
                 matches!(e.kind, ErrorKind::PeerLost | ErrorKind::Timeout | ErrorKind::Aborted),
-                "rank {r}: unexpected error kind: {e}"
+                "rank {r}: unexpected error kind in op {op}: {e}"
             );
-            println!("FAILED_AT {} kind {:?} msg {}", now_ms(), e.kind, e.msg);
+            // a failed unshard/reshard leaves this rank's shard as it was
+            assert!(fp.shard_bytes() == &shard_before[..], "rank {r}: op {op} changed the shard although it failed");
+            println!("FAILED_AT {} op {op} kind {:?} msg {}", now_ms(), e.kind, e.msg);
             // poisoned: later calls fail at once
             let t = Instant::now();
             let e2 = c.barrier().unwrap_err();
@@ -68,7 +89,8 @@ fn kill_a_rank_at_random_points() {
         let world = 2 + (seed % 3) as usize; // 2..=4
         let victim = (seed / 7) as usize % world;
         let delay = Duration::from_millis(100 + (seed / 11) % 600);
-        let mut kids = spawn("kill_a_rank_at_random_points", world, &[]);
+        let transport = if run % 2 == 0 { "shm" } else { "tcp" };
+        let mut kids = spawn("kill_a_rank_at_random_points", world, &[transport_env(transport)]);
         std::thread::sleep(Duration::from_millis(300) + delay);
         kids[victim].kill().unwrap(); // SIGKILL
         let killed_at = now_ms();
@@ -77,17 +99,17 @@ fn kill_a_rank_at_random_points() {
             if r == victim {
                 continue;
             }
-            assert_eq!(*code, Some(0), "run {run}: survivor rank {r} (world {world}, victim {victim}) failed:\n{out}");
+            assert_eq!(*code, Some(0), "run {run} ({transport}): survivor rank {r} (world {world}, victim {victim}) failed:\n{out}");
             let at: u128 = out
                 .lines()
                 .find_map(|l| l.strip_prefix("FAILED_AT ").and_then(|s| s.split_whitespace().next()).and_then(|v| v.parse().ok()))
                 .unwrap_or_else(|| panic!("run {run}: rank {r} never reported the failure:\n{out}"));
             let lag = at.saturating_sub(killed_at);
             worst = worst.max(lag);
-            assert!(lag < 2000, "run {run}: rank {r} noticed the death of rank {victim} after {lag} ms:\n{out}");
+            assert!(lag < 2000, "run {run} ({transport}): rank {r} noticed the death of rank {victim} after {lag} ms:\n{out}");
         }
     }
-    println!("fault injection: {runs} kills, every survivor returned an error; worst detection {worst} ms");
+    println!("fault injection: {runs} SIGKILLs (shm and tcp alternating, worlds 2-4, mid collective / unshard / averaging): every survivor returned an error, shards intact; worst detection {worst} ms");
 }
 
 #[test]

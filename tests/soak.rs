@@ -46,3 +46,41 @@ fn soak_small_collectives() {
         assert!(rss1 < rss0 + 2048, "resident memory grew from {rss0} to {rss1} KiB");
     });
 }
+
+#[test]
+fn soak_unshard_reshard_cycles() {
+    use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, UnshardOptions};
+    ranks("soak_unshard_reshard_cycles", 2, &[], |c| {
+        let cycles: usize = std::env::var("FLATSHARD_SOAK_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+        let w = f32_bytes(&(0..10_000).map(|i| i as f32).collect::<Vec<_>>());
+        let b = f32_bytes(&[0.5; 100]);
+        let inputs = [ParamInput::host(&w, DType::F32), ParamInput::host(&b, DType::F32)];
+        let mut fp = FlatParam::new(&c, None, &inputs, &FlatParamOptions::default()).unwrap();
+        let wb = UnshardOptions { writeback: true, ..Default::default() };
+        for _ in 0..20 {
+            fp.unshard(&c, wb).unwrap();
+            fp.reshard(&c).unwrap();
+        }
+        let (rss0, fd0) = (rss_kib(), open_fds());
+        for i in 0..cycles {
+            let opts = if i % 3 == 0 { UnshardOptions { rank0_only: true, ..wb } } else { wb };
+            fp.unshard(&c, opts).unwrap();
+            if !opts.rank0_only || c.rank() == 0 {
+                let v = fp.view(1).unwrap();
+                // SAFETY: view 1 has 100 f32 elements, valid until reshard.
+                unsafe { *(v.data as *mut f32) += 1.0 };
+            }
+            fp.reshard(&c).unwrap();
+        }
+        let (rss1, fd1) = (rss_kib(), open_fds());
+        fp.unshard(&c, UnshardOptions::default()).unwrap();
+        let v = fp.view(1).unwrap();
+        // SAFETY: as above.
+        let first = unsafe { *(v.data as *const f32) };
+        assert_eq!(first, 0.5 + cycles as f32, "writeback lost edits");
+        fp.reshard(&c).unwrap();
+        println!("#: soak rank {}: {cycles} unshard/reshard cycles (writeback, every third rank0_only), RSS {rss0} -> {rss1} KiB, fds {fd0} -> {fd1}", c.rank());
+        assert!(fd1 <= fd0, "file descriptors leaked: {fd0} -> {fd1}");
+        assert!(rss1 < rss0 + 2048, "resident memory grew from {rss0} to {rss1} KiB");
+    });
+}
