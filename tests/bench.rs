@@ -6,24 +6,20 @@ use std::process::Command;
 fn prints_baseline_format_rows() {
     let o = Command::new(env!("CARGO_BIN_EXE_flatshard-bench"))
         .args(["--world", "3", "--sizes", "4K,100000", "--iters", "2", "--transport", "tcp"])
-        .args(["--ops", "all_reduce,all_gather,reduce_scatter,broadcast,fsdp_unshard"])
+        .args(["--ops", "all_reduce,all_gather,reduce_scatter,broadcast,fsdp_unshard,average_parameters"])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
     let rows: Vec<&str> = out.lines().collect();
-    assert_eq!(rows.len(), 10, "{out}");
+    assert_eq!(rows.len(), 12, "{out}");
     let mut i = 0;
-    for op in ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "fsdp_unshard"] {
+    for op in ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "fsdp_unshard", "average_parameters"] {
         for bytes in [4096, 100000] {
             let row = rows[i];
             i += 1;
             let head = format!(r#"{{"impl": "flatshard-tcp", "op": "{op}", "world": 3, "bytes": {bytes}, "dtype": "f32", "#);
             assert!(row.starts_with(&head), "{row}\nexpected to start with {head}");
-            if op == "fsdp_unshard" {
-                assert!(row.contains(r#""error": "#), "{row}");
-                continue;
-            }
             for key in ["median_s", "algbw_GBps", "busbw_GBps", "peak_rss_bytes"] {
                 assert!(row.contains(&format!(r#""{key}": "#)), "{row} lacks {key}");
             }
@@ -33,7 +29,7 @@ fn prints_baseline_format_rows() {
             };
             assert!(field("median_s") > 0.0, "{row}");
             let factor = match op {
-                "all_reduce" => 4.0 / 3.0,
+                "all_reduce" | "average_parameters" => 4.0 / 3.0,
                 "broadcast" => 1.0,
                 _ => 2.0 / 3.0,
             };
