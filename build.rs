@@ -12,10 +12,12 @@ fn main() {
     if let Ok(out) = std::env::var("OUT_DIR") {
         let profile_dir = std::path::Path::new(&out).ancestors().nth(3).map(|p| p.to_path_buf());
         if let Some(dir) = profile_dir {
-            let link = dir.join("libflatshard.so.0");
-            if std::fs::symlink_metadata(&link).is_err() {
-                #[cfg(unix)]
-                let _ = std::os::unix::fs::symlink("libflatshard.so", &link);
+            for d in [dir.clone(), dir.join("deps")] {
+                let link = d.join("libflatshard.so.0");
+                if std::fs::symlink_metadata(&link).is_err() {
+                    #[cfg(unix)]
+                    let _ = std::os::unix::fs::symlink("libflatshard.so", &link);
+                }
             }
         }
     }

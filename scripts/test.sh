@@ -16,7 +16,7 @@ step() { printf '\n== %s\n' "$*"; }
 step "pinned cbindgen (for the header check)"
 scripts/cbindgen.sh
 
-step "system tools (cmake for the install test)"
+step "system tools (cmake for the install test, valgrind)"
 if ! command -v cmake >/dev/null 2>&1; then
   if [ "$(id -u)" -eq 0 ]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake pkg-config) >/dev/null
@@ -25,6 +25,9 @@ if ! command -v cmake >/dev/null 2>&1; then
   fi
 fi
 command -v cmake
+if ! command -v valgrind >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+fi
 
 step "cargo build"
 cargo build --all-targets

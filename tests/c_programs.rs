@@ -350,3 +350,18 @@ fn wrong_or_missing_token_is_refused_and_job_goes_on() {
     }
     assert!(res[0].out.contains("token: job completed"), "{}", report("token job", &res));
 }
+
+/// The API conventions program under valgrind memcheck: no memory errors and
+/// no definite leaks, in the C program or in the library.
+#[test]
+fn api_conventions_under_valgrind() {
+    let prog = program("api", Link::Shared);
+    let o = Command::new("valgrind")
+        .args(["-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"])
+        .arg(&prog)
+        .output()
+        .expect("valgrind is part of this machine image (apt-get install valgrind)");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "valgrind reported errors:\n{text}");
+    assert!(text.contains("conventions OK"), "{text}");
+}
