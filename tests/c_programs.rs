@@ -365,3 +365,37 @@ fn api_conventions_under_valgrind() {
     assert_eq!(o.status.code(), Some(0), "valgrind reported errors:\n{text}");
     assert!(text.contains("conventions OK"), "{text}");
 }
+
+/// The collectives program on 2 ranks, both under valgrind memcheck: no
+/// memory errors, no definite leaks. Rank 0 starts first (valgrind is slow to
+/// start; the rendezvous store must be up before the long retry loop).
+#[test]
+fn collectives_world_2_under_valgrind() {
+    let prog = program("collectives", Link::Shared);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spawn = |rank: usize| {
+        Command::new("valgrind")
+            .args(["-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"])
+            .arg(&prog)
+            .arg("small")
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("valgrind")
+    };
+    let r0 = spawn(0);
+    let t = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r1 = spawn(1);
+    for (r, child) in [r0, r1].into_iter().enumerate() {
+        let o = child.wait_with_output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "rank {r} under valgrind:\n{text}");
+    }
+}

@@ -198,3 +198,20 @@ fn tcp_dtypes_w3() {
 fn shm_dtypes_w3() {
     ranks("shm_dtypes_w3", 3, &[transport_env("shm")], dtypes_body);
 }
+
+/// Misaligned buffers (C callers may pass any address): the kernels use
+/// unaligned loads, results are exact.
+#[test]
+fn misaligned_buffers() {
+    ranks("misaligned_buffers", 2, &[], |c| {
+        let r = c.rank();
+        for n in [7usize, 100_000] {
+            let vals: Vec<f32> = (0..n).map(|i| (i % 11) as f32 + r as f32).collect();
+            let mut storage = vec![0u8; n * 4 + 1];
+            storage[1..].copy_from_slice(&f32_bytes(&vals));
+            c.all_reduce(&mut storage[1..], DType::F32, ReduceOp::Sum).unwrap();
+            let got = bytes_f32(&storage[1..]);
+            assert!(got.iter().enumerate().all(|(i, x)| *x == 2.0 * (i % 11) as f32 + 1.0), "n={n}");
+        }
+    });
+}

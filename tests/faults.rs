@@ -164,3 +164,55 @@ fn a_rank_that_never_calls_times_out() {
         assert_eq!(*code, Some(0), "rank {r}:\n{out}");
     }
 }
+
+#[test]
+fn kill_during_rendezvous() {
+    if is_worker() {
+        // the victim never gets here: it is killed while the others wait for it
+        let r = env_rank();
+        let res = Comm::init_from_env(CommOptions { timeout: Duration::from_secs(3), ..worker_options() });
+        if r != 1 {
+            let e = res.err().expect("a job with a dead rank formed");
+            assert!(matches!(e.kind, ErrorKind::Timeout | ErrorKind::PeerLost), "{e}");
+            println!("REND_FAILED {:?}", e.kind);
+        }
+        return;
+    }
+    for delay_ms in [0u64, 30, 120] {
+        let port = free_port();
+        // rank 1 is started and killed at once, before or during its handshake
+        let mut victim = spawn_on_port_ranks("kill_during_rendezvous", 3, port, &[], &[1]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        victim[0].kill().unwrap();
+        let _ = victim[0].wait();
+        let t = Instant::now();
+        let res = wait_all(spawn_on_port_ranks("kill_during_rendezvous", 3, port, &[], &[0, 2]), Duration::from_secs(30));
+        for (code, out) in &res {
+            assert_eq!(*code, Some(0), "delay {delay_ms} ms:\n{out}");
+            assert!(out.contains("REND_FAILED"), "{out}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(3 + 2 + 3), "survivors took {:?}", t.elapsed());
+    }
+}
+
+/// Handles carry a tag checked on every call and cleared on free: a freed
+/// flat param or a communicator passed where the other is expected is
+/// INVALID_ARGUMENT, and a double free is ignored. (Reading a freed block is
+/// still undefined behaviour in C terms; with glibc's allocator the tag is gone.)
+#[test]
+fn stale_and_foreign_handles_are_refused() {
+    use flatshard::ffi::comm::*;
+    use flatshard::ffi::flat_param::*;
+    use flatshard::ffi::*;
+    unsafe {
+        let mut c = std::ptr::null_mut();
+        assert_eq!(flatshard_comm_init(std::ptr::null(), 0, 0, 1, std::ptr::null(), &mut c), flatshard_status::FLATSHARD_OK);
+        // a comm handle where a flat param is expected
+        let st = flatshard_flat_param_reshard(c as *mut flatshard_flat_param);
+        assert_eq!(st, flatshard_status::FLATSHARD_ERR_INVALID_ARGUMENT);
+        let msg = std::ffi::CStr::from_ptr(flatshard_last_error()).to_string_lossy().into_owned();
+        assert!(msg.contains("not a live flatshard_flat_param"), "{msg}");
+        flatshard_comm_free(c);
+        flatshard_comm_free(c); // double free: ignored, no crash
+    }
+}
