@@ -486,7 +486,7 @@ mod tests {
             assert_eq!(f16_bits_to_f32(h).to_bits(), want, "f16 {h:#06x}");
         }
         // every f32 exponent, mantissas around the f16 rounding points, NaNs, both signs
-        let mut check = |u: u32| {
+        let check = |u: u32| {
             let x = f32::from_bits(u);
             assert_eq!(f32_to_f16_bits(x), half::f16::from_f32(x).to_bits(), "f32 {u:#010x} ({x:e})");
         };

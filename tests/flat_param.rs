@@ -599,7 +599,7 @@ fn sharded_save_restore_round_trips_exactly() {
         let bufs: Vec<Vec<u8>> = orig.iter().map(|v| f32_bytes(v)).collect();
         let opts = FlatParamOptions { align_params: true, ..Default::default() };
         let inputs: Vec<ParamInput> = bufs.iter().map(|b| ParamInput::host(b, DType::F32)).collect();
-        let mut fp = FlatParam::new(&c, None, &inputs, &opts).unwrap();
+        let fp = FlatParam::new(&c, None, &inputs, &opts).unwrap();
         // save: layout header + shard bytes
         let path = dir.join(format!("rank{r}.shard"));
         let mut file = Vec::new();
