@@ -30,6 +30,10 @@ fn job_body(c: flatshard::Comm) {
     c.barrier().unwrap();
 }
 
+fn ready_file(port: u16) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("flatshard-hostile-{port}.ready"))
+}
+
 fn connect(port: u16) -> TcpStream {
     let abort = AtomicBool::new(false);
     let w = net::Wait::new(Duration::from_secs(20), &abort, "intruder");
@@ -56,6 +60,8 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 fn intruders_are_refused_and_the_job_completes() {
     if is_worker() {
         let c = flatshard::Comm::init_from_env(Default::default()).unwrap();
+        // tell the intruder the job has formed (both ranks registered)
+        let _ = std::fs::write(ready_file(std::env::var("MASTER_PORT").unwrap().parse().unwrap()), b"1");
         return job_body(c);
     }
     let port = free_port();
@@ -65,8 +71,11 @@ fn intruders_are_refused_and_the_job_completes() {
     let w = net::Wait::new(Duration::from_secs(10), &abort, "intruder");
     let mut refused = 0;
     // attack the running job (both ranks registered), not its start-up
-    drop(connect(port));
-    std::thread::sleep(Duration::from_millis(1000));
+    let t = std::time::Instant::now();
+    while !ready_file(port).exists() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(ready_file(port));
 
     // 1. garbage instead of a handshake
     let mut s = connect(port);
