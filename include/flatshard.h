@@ -320,11 +320,16 @@ const char *flatshard_version(void);
  * small all-gather), so a rank with different tensors, or one that refused its
  * arguments, makes every rank return at once and nothing is averaged.
  *
+ * CUDA tensors (all of the call's tensors on the device): on an NCCL
+ * communicator each is averaged on the device (ncclAvg, ordered on the
+ * communicator's stream); on a host communicator each is staged through host
+ * memory. (Not yet verified on a GPU.)
+ *
  * Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
  * device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
  * n == 0, nothing left after the grad filter: "no parameter has a gradient",
- * bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (a CUDA tensor: host memory only
- * for now); MISMATCH (another rank passed different tensors or bucket size, or
+ * bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (CUDA tensors without a CUDA
+ * driver, or host and CUDA tensors mixed in one call); MISMATCH (another rank passed different tensors or bucket size, or
  * refused its arguments: the message names the ranks); OUT_OF_MEMORY (bucket);
  * TIMEOUT / PEER_LOST / ABORTED / IO from the communicator (the tensors'
  * contents are then unspecified: partly averaged). A NULL pointer or a bad

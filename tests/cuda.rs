@@ -44,3 +44,30 @@ fn nccl_world_one_all_reduce_on_device() {
     assert_eq!(st, flatshard_status::FLATSHARD_OK, "{}", last_error());
     unsafe { flatshard::ffi::comm::flatshard_comm_free(c) };
 }
+
+#[test]
+fn averaging_cuda_tensors_without_a_driver_is_unsupported() {
+    use flatshard::ffi::averaging::flatshard_average_parameters;
+    use flatshard::ffi::comm::{flatshard_comm_free, flatshard_comm_init};
+    use flatshard::ffi::{flatshard_device, flatshard_tensor, DeviceTypeArg, DtypeArg};
+    if has_gpu() {
+        eprintln!("a CUDA driver is present: the no-driver path is not reachable here");
+        return;
+    }
+    let mut c: *mut flatshard_comm = std::ptr::null_mut();
+    unsafe {
+        assert_eq!(flatshard_comm_init(std::ptr::null(), 0, 0, 1, std::ptr::null(), &mut c), flatshard_status::FLATSHARD_OK);
+        let mut fake = [0f32; 4];
+        let mut t = [flatshard_tensor {
+            data: fake.as_mut_ptr() as *mut _,
+            grad: std::ptr::null_mut(),
+            numel: 4,
+            dtype: DtypeArg(0),
+            device: flatshard_device { r#type: DeviceTypeArg(1), index: 0 },
+        }];
+        assert_eq!(flatshard_average_parameters(c, t.as_mut_ptr(), 1, 0), flatshard_status::FLATSHARD_ERR_UNSUPPORTED);
+        assert!(last_error().contains("CUDA"), "{}", last_error());
+        assert_eq!(fake, [0.0; 4]);
+        flatshard_comm_free(c);
+    }
+}

@@ -6,6 +6,7 @@
 
 pub mod average;
 pub mod averager;
+pub mod device;
 pub mod schedule;
 
 pub use average::{average_parameters, average_parameters_with, AvgOptions, AVG_ONLY_WITH_GRAD, BUCKET_ENV, DEFAULT_BUCKET_BYTES};

@@ -56,11 +56,16 @@ unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorR
 /// small all-gather), so a rank with different tensors, or one that refused its
 /// arguments, makes every rank return at once and nothing is averaged.
 ///
+/// CUDA tensors (all of the call's tensors on the device): on an NCCL
+/// communicator each is averaged on the device (ncclAvg, ordered on the
+/// communicator's stream); on a host communicator each is staged through host
+/// memory. (Not yet verified on a GPU.)
+///
 /// Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
 /// device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
 /// n == 0, nothing left after the grad filter: "no parameter has a gradient",
-/// bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (a CUDA tensor: host memory only
-/// for now); MISMATCH (another rank passed different tensors or bucket size, or
+/// bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (CUDA tensors without a CUDA
+/// driver, or host and CUDA tensors mixed in one call); MISMATCH (another rank passed different tensors or bucket size, or
 /// refused its arguments: the message names the ranks); OUT_OF_MEMORY (bucket);
 /// TIMEOUT / PEER_LOST / ABORTED / IO from the communicator (the tensors'
 /// contents are then unspecified: partly averaged). A NULL pointer or a bad
@@ -71,6 +76,9 @@ pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm,
     boundary("flatshard_average_parameters", || {
         let c = comm_ref(comm, "comm")?;
         let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", c.rank())))?;
+        if ts.iter().any(|t| matches!(t.device, crate::tensor::Device::Cuda(_))) {
+            return averaging::device::average_device(c, &ts, flags);
+        }
         averaging::average_parameters(c, &ts, flags)
     })
 }
