@@ -44,13 +44,7 @@ fn collective_loop() {
             _ => {
                 let ts: Vec<flatshard::tensor::TensorRef> = avg
                     .iter_mut()
-                    .map(|b| flatshard::tensor::TensorRef {
-                        data: b.as_mut_ptr(),
-                        grad: std::ptr::null_mut(),
-                        numel: (b.len() / 4) as u64,
-                        dtype: DType::F32,
-                        device: flatshard::tensor::Device::Cpu,
-                    })
+                    .map(|b| flatshard::tensor::TensorRef::host(b, DType::F32))
                     .collect();
                 unsafe { flatshard::averaging::average_parameters(&c, &ts, 0) }
             }

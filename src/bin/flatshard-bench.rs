@@ -61,13 +61,7 @@ fn make_op(op: &str, rank: usize, world: usize, nbytes: usize) -> Result<Step, S
             Box::new(move |c| {
                 let ts: Vec<flatshard::tensor::TensorRef> = bufs
                     .iter_mut()
-                    .map(|b| flatshard::tensor::TensorRef {
-                        data: b.as_mut_ptr(),
-                        grad: std::ptr::null_mut(),
-                        numel: (b.len() / 4) as u64,
-                        dtype: DType::F32,
-                        device: flatshard::tensor::Device::Cpu,
-                    })
+                    .map(|b| flatshard::tensor::TensorRef::host(b, DType::F32))
                     .collect();
                 // SAFETY: the tensors point into `bufs`, alive and unaliased here.
                 unsafe { flatshard::averaging::average_parameters(c, &ts, 0) }
