@@ -103,6 +103,18 @@ static void linear_back(const float *W, const float *x, const float *dy, float *
       }
 }
 
+/* Unshard both layers and take the views of their weight and bias. */
+static void gather(flatshard_flat_param *fp1, flatshard_flat_param *fp2,
+                   const flatshard_unshard_options *o, flatshard_tensor *w1, flatshard_tensor *b1,
+                   flatshard_tensor *w2, flatshard_tensor *b2) {
+  CHECK(flatshard_flat_param_unshard(fp1, o));
+  CHECK(flatshard_flat_param_unshard(fp2, o));
+  CHECK(flatshard_flat_param_view(fp1, 0, w1));
+  CHECK(flatshard_flat_param_view(fp1, 1, b1));
+  CHECK(flatshard_flat_param_view(fp2, 0, w2));
+  CHECK(flatshard_flat_param_view(fp2, 1, b2));
+}
+
 static void sgd_shard(flatshard_flat_param *fp) {
   flatshard_tensor s;
   CHECK(flatshard_flat_param_shard(fp, &s));
@@ -206,12 +218,7 @@ int main(int argc, char **argv) {
     make_batch(x, y);
     flatshard_tensor v1w, v1b, v2w, v2b;
     /* forward: gather, compute, free (FULL_SHARD) */
-    CHECK(flatshard_flat_param_unshard(fp1, &train));
-    CHECK(flatshard_flat_param_unshard(fp2, &train));
-    CHECK(flatshard_flat_param_view(fp1, 0, &v1w));
-    CHECK(flatshard_flat_param_view(fp1, 1, &v1b));
-    CHECK(flatshard_flat_param_view(fp2, 0, &v2w));
-    CHECK(flatshard_flat_param_view(fp2, 1, &v2b));
+    gather(fp1, fp2, &train, &v1w, &v1b, &v2w, &v2b);
     linear(v1w.data, v1b.data, x, h1, D, H, 1);
     linear(v2w.data, v2b.data, h1, h2, H, H, 1);
     linear(wh, bh, h2, logits, H, C, 0);
@@ -232,12 +239,7 @@ int main(int argc, char **argv) {
     }
 
     /* backward: gather again; grads go into the views' zero-filled grad buffers */
-    CHECK(flatshard_flat_param_unshard(fp1, &train));
-    CHECK(flatshard_flat_param_unshard(fp2, &train));
-    CHECK(flatshard_flat_param_view(fp1, 0, &v1w));
-    CHECK(flatshard_flat_param_view(fp1, 1, &v1b));
-    CHECK(flatshard_flat_param_view(fp2, 0, &v2w));
-    CHECK(flatshard_flat_param_view(fp2, 1, &v2b));
+    gather(fp1, fp2, &train, &v1w, &v1b, &v2w, &v2b);
     memset(gwh, 0, sizeof gwh);
     memset(gbh, 0, sizeof gbh);
     linear_back(wh, h2, dlog, gwh, gbh, dh2, H, C);
@@ -279,7 +281,7 @@ int main(int argc, char **argv) {
   CHECK(flatshard_flat_param_unshard(fp1, &exp));
   CHECK(flatshard_flat_param_unshard(fp2, &exp));
   int rc = 0;
-  if (rank == 0) {
+  if (rank == 0) { /* only rank 0 holds the full parameters */
     flatshard_tensor v[4];
     CHECK(flatshard_flat_param_view(fp1, 0, &v[0]));
     CHECK(flatshard_flat_param_view(fp1, 1, &v[1]));
