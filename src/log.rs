@@ -21,9 +21,14 @@ pub fn level() -> Level {
     })
 }
 
+/// Pass `usize::MAX` as the rank where none is known (e.g. at the C boundary).
 fn emit(l: Level, tag: &str, rank: usize, msg: &str) {
     if level() >= l {
-        eprintln!("[flatshard rank {rank}] {tag} {msg}");
+        if rank == usize::MAX {
+            eprintln!("[flatshard pid {}] {tag} {msg}", std::process::id());
+        } else {
+            eprintln!("[flatshard rank {rank}] {tag} {msg}");
+        }
     }
 }
 
