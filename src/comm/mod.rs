@@ -194,7 +194,6 @@ pub struct JobCtx {
     pub job_id: String,
     pub host_id: String,
     pub bind_ip: IpAddr,
-    pub global_rank: usize,
 }
 
 /// A communicator: a group of ranks and the transport that joins them.
@@ -241,7 +240,6 @@ impl Comm {
                 job_id: "solo".into(),
                 host_id: host_id(),
                 bind_ip: IpAddr::from([127, 0, 0, 1]),
-                global_rank: 0,
             };
             let abort = Arc::new(AtomicBool::new(false));
             return Ok(Comm { backend: Box::new(SelfBackend), abort, poisoned: Mutex::new(None), ctx: Some(Arc::new(ctx)), gid: "w".into(), splits: AtomicU64::new(0) });
@@ -273,7 +271,7 @@ impl Comm {
         } else {
             String::from_utf8_lossy(&store.get("job_id", &w)?).into_owned()
         };
-        let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip, global_rank: rank });
+        let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip });
         let backend = create_group(&ctx, "w", rank, world, &abort)?;
         crate::log::info(rank, &format!("joined job {} ({} ranks, {} transport)", ctx.job_id, world, backend.transport_name()));
         Ok(Comm { backend, abort, poisoned: Mutex::new(None), ctx: Some(ctx), gid: "w".into(), splits: AtomicU64::new(0) })
@@ -343,11 +341,13 @@ impl Comm {
     pub fn transport_name(&self) -> &'static str {
         self.backend.transport_name()
     }
-    pub fn abort_flag(&self) -> &Arc<AtomicBool> {
-        &self.abort
-    }
+    /// The job this communicator belongs to (job id, options); None for
+    /// communicators built on callbacks or NCCL.
     pub fn job_ctx(&self) -> Option<&Arc<JobCtx>> {
         self.ctx.as_ref()
+    }
+    pub fn abort_flag(&self) -> &Arc<AtomicBool> {
+        &self.abort
     }
 
     /// Run one collective with the poison rules of API.md §3.

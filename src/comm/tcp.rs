@@ -30,10 +30,9 @@ pub(crate) const SMALL_BYTES: usize = 32 << 10;
 /// Receive window for data that must be reduced before it can be forwarded.
 const TMP_BYTES: usize = 4 << 20;
 /// Reduce as soon as this many received bytes are waiting.
-fn reduce_grain() -> usize {
-    static G: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *G.get_or_init(|| std::env::var("FLATSHARD_GRAIN").ok().and_then(|v| v.parse().ok()).unwrap_or(256 << 10))
-}
+/// (Kernel autotuning of socket buffers is left on: fixed SO_SNDBUF/SO_RCVBUF
+/// sizes and other grains were measured and did not help.)
+const REDUCE_GRAIN: usize = 256 << 10;
 const HDR: usize = 32;
 
 pub struct TcpBackend {
@@ -97,9 +96,6 @@ impl TcpBackend {
             }
         }
         drop(listener); // nobody else may join this group
-        for s in peers.iter().flatten() {
-            set_bufs(s);
-        }
         Ok(TcpBackend { rank, size, peers, abort, timeout, seq: AtomicU32::new(0), scratch: Mutex::new(Vec::new()) })
     }
 
@@ -348,7 +344,7 @@ impl TcpBackend {
                             None => whole,
                         };
                         let waiting = lim.saturating_sub(rd);
-                        if waiting > 0 && (waiting >= reduce_grain() || lim == r.len || eagain || rp - rd >= cap) {
+                        if waiting > 0 && (waiting >= REDUCE_GRAIN || lim == r.len || eagain || rp - rd >= cap) {
                             while rd < lim {
                                 let off = rd % cap;
                                 let k = (lim - rd).min(cap - off);
@@ -584,27 +580,6 @@ impl Backend for TcpBackend {
         self.abort.store(true, Ordering::SeqCst);
         for s in self.peers.iter().flatten() {
             let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
-/// Big socket buffers let a whole ring segment sit in the kernel, so a rank
-/// that is descheduled (more ranks than cores) does not stall its neighbours.
-/// SO_*BUFFORCE works as root and exceeds net.core.*mem_max; else best effort.
-fn set_bufs(s: &TcpStream) {
-    let bytes: libc::c_int = std::env::var("FLATSHARD_SOCKBUF").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-    if bytes <= 0 {
-        return;
-    }
-    let fd = s.as_raw_fd();
-    for (force, plain) in [(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF), (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)] {
-        let p = &bytes as *const libc::c_int as *const libc::c_void;
-        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: valid fd and a c_int option value.
-        unsafe {
-            if libc::setsockopt(fd, libc::SOL_SOCKET, force, p, len) != 0 {
-                libc::setsockopt(fd, libc::SOL_SOCKET, plain, p, len);
-            }
         }
     }
 }
