@@ -67,6 +67,15 @@ pub unsafe extern "C" fn flatshard_comm_options_init(o: *mut flatshard_comm_opti
     }
 }
 
+/// `master_addr` as given; a job of one rank may pass NULL (nothing to reach).
+pub(crate) unsafe fn master_addr_arg(master_addr: *const c_char, world_size: i32) -> Result<String> {
+    if world_size == 1 && master_addr.is_null() {
+        return Ok("127.0.0.1".to_string());
+    }
+    need(master_addr, "master_addr")?;
+    Ok(opt_str(master_addr, "master_addr")?.unwrap_or_default())
+}
+
 fn publish(c: Comm, out: *mut *mut flatshard_comm) {
     unsafe { *out = handle::into_raw::<Comm, flatshard_comm>(c) };
 }
@@ -87,12 +96,7 @@ pub unsafe extern "C" fn flatshard_comm_init(
 ) -> flatshard_status {
     boundary("flatshard_comm_init", || {
         need(out, "out")?;
-        let addr = if world_size == 1 && master_addr.is_null() {
-            "127.0.0.1".to_string()
-        } else {
-            need(master_addr, "master_addr")?;
-            opt_str(master_addr, "master_addr")?.unwrap_or_default()
-        };
+        let addr = master_addr_arg(master_addr, world_size)?;
         let opts = parse_options(opts)?;
         publish(Comm::init(&addr, master_port, rank, world_size, opts)?, out);
         Ok(())

@@ -3,7 +3,7 @@
 use super::comm::{comm_ref, flatshard_comm};
 #[cfg(feature = "cuda")]
 use super::handle;
-use super::{boundary, need, opt_str, types::*};
+use super::{boundary, need, types::*};
 #[cfg(feature = "cuda")]
 use crate::comm::Comm;
 use crate::error::{Error, Result};
@@ -29,10 +29,7 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
     boundary("flatshard_comm_init_nccl", || {
         need(out, "out")?;
         let opts = super::comm::parse_options(opts)?;
-        let addr = if world_size == 1 && master_addr.is_null() { "127.0.0.1".to_string() } else {
-            need(master_addr, "master_addr")?;
-            opt_str(master_addr, "master_addr")?.unwrap_or_default()
-        };
+        let addr = super::comm::master_addr_arg(master_addr, world_size)?;
         #[cfg(feature = "cuda")]
         {
             let c = Comm::init_nccl(&addr, master_port, rank, world_size, cuda_device, cuda_stream, opts)?;
