@@ -109,6 +109,40 @@ fn ctrl_c_is_forwarded() {
     assert!(rest.contains("[rank 0] got-int") && rest.contains("[rank 1] got-int"), "{rest}");
 }
 
+/// The C++17 example (include/flatshard.hpp) on 2 ranks through the launcher.
+#[test]
+fn cpp_example_runs_on_two_ranks() {
+    let exe = build_example("g++", &["-std=c++17", "-O1"], "cpp_example.cpp");
+    let o = run(&["-n", "2", "--", exe.to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("C++ example OK: 2 ranks"), "{out}");
+}
+
+/// Compile examples-c/<src> with `compiler` against the library of this build
+/// (-Wall -Wextra -Werror plus `flags`); returns the executable.
+fn build_example(compiler: &str, flags: &[&str], src: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stem = src.split('.').next().unwrap_or(src);
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{stem}-{}", std::process::id()));
+    let lib = lib_dir();
+    let o = Command::new(compiler)
+        .args(["-Wall", "-Wextra", "-Werror"])
+        .args(flags)
+        .arg("-I")
+        .arg(repo.join("include"))
+        .arg(repo.join("examples-c").join(src))
+        .arg("-o")
+        .arg(&exe)
+        .arg(format!("-L{}", lib.display()))
+        .arg("-lflatshard")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{compiler} {src} failed:\n{}", text(&o));
+    exe
+}
+
 /// target/<profile>/deps, beside this test binary: cargo test builds
 /// libflatshard.{so,a} there (it only copies them up to target/<profile> on
 /// `cargo build`), so this is the library of the same sources as the test.
@@ -120,23 +154,7 @@ fn lib_dir() -> PathBuf {
 /// A real flatshard job: the C collectives demo, 4 ranks, through the launcher.
 #[test]
 fn runs_a_real_flatshard_job() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let exe = out_dir.join(format!("collectives_demo-{}", std::process::id()));
-    let lib = lib_dir();
-    let o = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O2"])
-        .arg("-I")
-        .arg(repo.join("include"))
-        .arg(repo.join("examples-c/collectives_demo.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg(format!("-L{}", lib.display()))
-        .arg("-lflatshard")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    let exe = build_example("cc", &["-std=c11", "-pedantic", "-O2"], "collectives_demo.c");
     let o = run(&["-n", "4", "--", exe.to_str().unwrap(), "--quick"]);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
