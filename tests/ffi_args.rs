@@ -90,3 +90,40 @@ fn bad_tensors_for_flat_params_and_averaging() {
         flatshard_comm_free(c);
     }
 }
+
+/// flatshard_average_flat_params through the C ABI: the replicate comm must be
+/// the one the flat param was built with, the flat param must be sharded, and
+/// NULL arrays are refused.
+#[test]
+fn average_flat_params_argument_checks() {
+    let c = solo();
+    let rep = solo();
+    let other = solo();
+    let mut x = [3f32; 8];
+    unsafe {
+        let mut o: flatshard_flat_param_options = std::mem::zeroed();
+        flatshard_flat_param_options_init(&mut o);
+        o.sharding = ShardingArg(3); // HYBRID_SHARD
+        o.replicate_comm = rep;
+        let ts = [tensor(x.as_mut_ptr() as *mut u8, 8, 0, 0)];
+        let mut fp = std::ptr::null_mut();
+        assert_eq!(flatshard_flat_param_new(c, ts.as_ptr(), 1, &o, &mut fp), flatshard_status::FLATSHARD_OK, "{}", last());
+        let fps = [fp];
+        assert_eq!(flatshard_average_flat_params(other, fps.as_ptr(), 1), flatshard_status::FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert!(last().contains("replicate_comm"), "{}", last());
+        assert_eq!(flatshard_average_flat_params(rep, std::ptr::null(), 1), flatshard_status::FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert_eq!(flatshard_average_flat_params(rep, [fp, fp].as_ptr(), 2), flatshard_status::FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert!(last().contains("repeats"), "{}", last());
+        assert_eq!(flatshard_flat_param_unshard(fp, std::ptr::null()), flatshard_status::FLATSHARD_OK, "{}", last());
+        assert_eq!(flatshard_average_flat_params(rep, fps.as_ptr(), 1), flatshard_status::FLATSHARD_ERR_INVALID_STATE);
+        assert_eq!(flatshard_flat_param_reshard(fp), flatshard_status::FLATSHARD_OK);
+        assert_eq!(flatshard_average_flat_params(rep, fps.as_ptr(), 1), flatshard_status::FLATSHARD_OK, "{}", last());
+        let mut s: flatshard_tensor = std::mem::zeroed();
+        assert_eq!(flatshard_flat_param_shard(fp, &mut s), flatshard_status::FLATSHARD_OK);
+        assert_eq!(std::slice::from_raw_parts(s.data as *const f32, 8), &[3.0; 8]);
+        flatshard_flat_param_free(fp);
+        flatshard_comm_free(other);
+        flatshard_comm_free(rep);
+        flatshard_comm_free(c);
+    }
+}
