@@ -79,6 +79,32 @@ flatshard_tensor cpu_tensor(T *data, std::size_t numel, T *grad = nullptr) {
   return t;
 }
 
+namespace detail {
+/** Owns one C handle and frees it with `Free`; move-only. */
+template <typename T, void (*Free)(T *)>
+class Owned {
+ public:
+  Owned() = default;
+  explicit Owned(T *p) : p_(p) {}
+  Owned(Owned &&o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  Owned &operator=(Owned &&o) noexcept {
+    if (this != &o) {
+      Free(p_);
+      p_ = std::exchange(o.p_, nullptr);
+    }
+    return *this;
+  }
+  Owned(const Owned &) = delete;
+  Owned &operator=(const Owned &) = delete;
+  ~Owned() { Free(p_); }
+  T *get() const { return p_; }
+  T **out() { return &p_; } /* for a C out-param, while empty */
+
+ private:
+  T *p_ = nullptr;
+};
+}  // namespace detail
+
 /** A communicator (owning, move-only). */
 class Comm {
  public:
@@ -96,56 +122,45 @@ class Comm {
     check(flatshard_comm_init(addr.c_str(), port, rank, world, o, &c));
     return Comm(c);
   }
-  Comm(Comm &&o) noexcept : c_(std::exchange(o.c_, nullptr)) {}
-  Comm &operator=(Comm &&o) noexcept {
-    if (this != &o) {
-      flatshard_comm_free(c_);
-      c_ = std::exchange(o.c_, nullptr);
-    }
-    return *this;
-  }
-  Comm(const Comm &) = delete;
-  Comm &operator=(const Comm &) = delete;
-  ~Comm() { flatshard_comm_free(c_); }
 
-  int rank() const { return flatshard_comm_rank(c_); }
-  int size() const { return flatshard_comm_size(c_); }
-  flatshard_comm *get() const { return c_; }
-  explicit operator bool() const { return c_ != nullptr; }
+  int rank() const { return flatshard_comm_rank(c_.get()); }
+  int size() const { return flatshard_comm_size(c_.get()); }
+  flatshard_comm *get() const { return c_.get(); }
+  explicit operator bool() const { return c_.get() != nullptr; }
 
   template <typename T>
   void all_reduce(Span<T> buf, flatshard_reduce_op op = FLATSHARD_SUM) {
-    check(flatshard_all_reduce(c_, buf.data, buf.size, dtype_of<T>(), op));
+    check(flatshard_all_reduce(c_.get(), buf.data, buf.size, dtype_of<T>(), op));
   }
   template <typename T>
   void all_gather(Span<const T> send, Span<T> recv) {
-    check(flatshard_all_gather(c_, send.data, recv.data, send.size, dtype_of<T>()));
+    check(flatshard_all_gather(c_.get(), send.data, recv.data, send.size, dtype_of<T>()));
   }
   template <typename T>
   void reduce_scatter(Span<const T> send, Span<T> recv, flatshard_reduce_op op = FLATSHARD_SUM) {
-    check(flatshard_reduce_scatter(c_, send.data, recv.data, recv.size, dtype_of<T>(), op));
+    check(flatshard_reduce_scatter(c_.get(), send.data, recv.data, recv.size, dtype_of<T>(), op));
   }
   template <typename T>
   void broadcast(Span<T> buf, int root) {
-    check(flatshard_broadcast(c_, buf.data, buf.size, dtype_of<T>(), root));
+    check(flatshard_broadcast(c_.get(), buf.data, buf.size, dtype_of<T>(), root));
   }
-  void barrier() { check(flatshard_barrier(c_)); }
-  void abort() { check(flatshard_comm_abort(c_)); }
+  void barrier() { check(flatshard_barrier(c_.get())); }
+  void abort() { check(flatshard_comm_abort(c_.get())); }
   /** Contiguous blocks of group_size ranks. */
   Comm new_subgroups(int group_size) {
     flatshard_comm *c = nullptr;
-    check(flatshard_comm_new_subgroups(c_, group_size, &c));
+    check(flatshard_comm_new_subgroups(c_.get(), group_size, &c));
     return Comm(c);
   }
   /** MPI_Comm_split; an empty Comm (operator bool false) for color < 0. */
   Comm split(int color, int key) {
     flatshard_comm *c = nullptr;
-    check(flatshard_comm_split(c_, color, key, &c));
+    check(flatshard_comm_split(c_.get(), color, key, &c));
     return Comm(c);
   }
 
  private:
-  flatshard_comm *c_ = nullptr;
+  detail::Owned<flatshard_comm, flatshard_comm_free> c_;
 };
 
 /** One FSDP flat parameter (owning, move-only). */
@@ -153,41 +168,30 @@ class FlatParam {
  public:
   FlatParam(Comm &comm, const std::vector<flatshard_tensor> &params,
             const flatshard_flat_param_options *o = nullptr) {
-    check(flatshard_flat_param_new(comm.get(), params.data(), params.size(), o, &fp_));
+    check(flatshard_flat_param_new(comm.get(), params.data(), params.size(), o, fp_.out()));
   }
-  FlatParam(FlatParam &&o) noexcept : fp_(std::exchange(o.fp_, nullptr)) {}
-  FlatParam &operator=(FlatParam &&o) noexcept {
-    if (this != &o) {
-      flatshard_flat_param_free(fp_);
-      fp_ = std::exchange(o.fp_, nullptr);
-    }
-    return *this;
-  }
-  FlatParam(const FlatParam &) = delete;
-  FlatParam &operator=(const FlatParam &) = delete;
-  ~FlatParam() { flatshard_flat_param_free(fp_); }
 
-  uint64_t numel() const { return flatshard_flat_param_numel(fp_); }
-  uint64_t padded_numel() const { return flatshard_flat_param_padded_numel(fp_); }
-  uint64_t shard_numel() const { return flatshard_flat_param_shard_numel(fp_); }
+  uint64_t numel() const { return flatshard_flat_param_numel(fp_.get()); }
+  uint64_t padded_numel() const { return flatshard_flat_param_padded_numel(fp_.get()); }
+  uint64_t shard_numel() const { return flatshard_flat_param_shard_numel(fp_.get()); }
   flatshard_tensor shard() {
     flatshard_tensor t;
-    check(flatshard_flat_param_shard(fp_, &t));
+    check(flatshard_flat_param_shard(fp_.get(), &t));
     return t;
   }
-  void unshard(const flatshard_unshard_options *o = nullptr) { check(flatshard_flat_param_unshard(fp_, o)); }
+  void unshard(const flatshard_unshard_options *o = nullptr) { check(flatshard_flat_param_unshard(fp_.get(), o)); }
   flatshard_tensor view(uint64_t i) {
     flatshard_tensor t;
-    check(flatshard_flat_param_view(fp_, i, &t));
+    check(flatshard_flat_param_view(fp_.get(), i, &t));
     return t;
   }
-  void reshard() { check(flatshard_flat_param_reshard(fp_)); }
-  void reduce_grads() { check(flatshard_flat_param_reduce_grads(fp_)); }
-  void zero_grad() { check(flatshard_flat_param_zero_grad(fp_)); }
-  flatshard_flat_param *get() const { return fp_; }
+  void reshard() { check(flatshard_flat_param_reshard(fp_.get())); }
+  void reduce_grads() { check(flatshard_flat_param_reduce_grads(fp_.get())); }
+  void zero_grad() { check(flatshard_flat_param_zero_grad(fp_.get())); }
+  flatshard_flat_param *get() const { return fp_.get(); }
 
  private:
-  flatshard_flat_param *fp_ = nullptr;
+  detail::Owned<flatshard_flat_param, flatshard_flat_param_free> fp_;
 };
 
 /** Unshard for a scope (summon_full_params); reshards on exit. */
@@ -225,30 +229,19 @@ class Averager {
     check(flatshard_hierarchical_averager_new(comm.get(), p.data(), g.data(), p.size(), warmup, &a));
     return Averager(a);
   }
-  Averager(Averager &&o) noexcept : a_(std::exchange(o.a_, nullptr)) {}
-  Averager &operator=(Averager &&o) noexcept {
-    if (this != &o) {
-      flatshard_averager_free(a_);
-      a_ = std::exchange(o.a_, nullptr);
-    }
-    return *this;
-  }
-  Averager(const Averager &) = delete;
-  Averager &operator=(const Averager &) = delete;
-  ~Averager() { flatshard_averager_free(a_); }
 
   /** Returns the size of the group that averaged (0 if none). */
   int step(std::vector<flatshard_tensor> &params, uint32_t flags = 0) {
     int32_t g = 0;
-    check(flatshard_averager_step(a_, params.data(), params.size(), flags, &g));
+    check(flatshard_averager_step(a_.get(), params.data(), params.size(), flags, &g));
     return g;
   }
-  uint64_t get_step() const { return flatshard_averager_get_step(a_); }
-  void set_step(uint64_t s) { check(flatshard_averager_set_step(a_, s)); }
+  uint64_t get_step() const { return flatshard_averager_get_step(a_.get()); }
+  void set_step(uint64_t s) { check(flatshard_averager_set_step(a_.get(), s)); }
 
  private:
   explicit Averager(flatshard_averager *a) : a_(a) {}
-  flatshard_averager *a_ = nullptr;
+  detail::Owned<flatshard_averager, flatshard_averager_free> a_;
 };
 
 /** In-place mean of `params` over `comm` (bounded extra memory). */
