@@ -490,20 +490,18 @@ fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &
     let w = Wait::new(ctx.opts.timeout, abort, &what);
     let listener = net::listen(SocketAddr::new(ctx.bind_ip, 0))?;
     let addr = listener.local_addr().map_err(|e| Error::io(format!("data listener: {e}")))?;
-    let info = format!("{}|{}|{}", ctx.host_id, std::process::id(), addr);
+    let info = format!("{}|{}", ctx.host_id, addr);
     store.set(&format!("{gid}/info/{rank}"), info.as_bytes(), &w)?;
     let mut hosts = Vec::with_capacity(size);
-    let mut pids = Vec::with_capacity(size);
     let mut addrs = Vec::with_capacity(size);
     for r in 0..size {
         let v = if r == rank { info.clone() } else { String::from_utf8_lossy(&store.get(&format!("{gid}/info/{r}"), &w)?).into_owned() };
-        let parts: Vec<&str> = v.rsplitn(3, '|').collect();
-        if parts.len() != 3 {
+        let parts: Vec<&str> = v.rsplitn(2, '|').collect();
+        if parts.len() != 2 {
             return Err(Error::peer_lost(format!("{what}: rank {r} published a malformed address '{v}'")));
         }
         addrs.push(parts[0].parse::<SocketAddr>().map_err(|_| Error::peer_lost(format!("{what}: rank {r} published a bad address '{}'", parts[0])))?);
-        pids.push(parts[1].parse::<i32>().unwrap_or(0));
-        hosts.push(parts[2].to_string());
+        hosts.push(parts[1].to_string());
     }
     let one_host = hosts.iter().all(|h| *h == hosts[0]);
     let use_shm = match ctx.opts.transport {
@@ -522,7 +520,7 @@ fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &
     let ident = format!("{}/{}", ctx.job_id, gid);
     if use_shm {
         drop(listener);
-        return shm::connect(&ctx.job_id, gid, rank, size, &pids, store, ctx.opts.timeout, abort.clone());
+        return shm::connect(&ctx.job_id, gid, rank, size, store, ctx.opts.timeout, abort.clone());
     }
     let b = tcp::TcpBackend::connect(rank, size, listener, &addrs, &ctx.key, &ident, ctx.opts.timeout, abort.clone())?;
     Ok(Box::new(b))

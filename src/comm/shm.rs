@@ -281,18 +281,16 @@ pub struct ShmBackend {
 }
 
 /// Build the shm backend for one group (every rank of the group calls this).
-#[allow(clippy::too_many_arguments)]
 pub fn connect(
     job: &str,
     gid: &str,
     rank: usize,
     size: usize,
-    pids: &[i32],
     store: &StoreClient,
     timeout: Duration,
     abort: Arc<AtomicBool>,
 ) -> Result<Box<dyn Backend>> {
-    let r = connect_inner(job, gid, rank, size, pids, store, timeout, abort);
+    let r = connect_inner(job, gid, rank, size, store, timeout, abort);
     if r.is_err() {
         // A peer that died between creating its segment and unlinking it
         // would leave it behind: remove every name of the group (unlinking
@@ -312,13 +310,11 @@ fn segment_name(job: &str, gid: &str, rank: usize) -> String {
     format!("/flatshard-{}-{}-{rank}", clean(job), clean(gid))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn connect_inner(
     job: &str,
     gid: &str,
     rank: usize,
     size: usize,
-    _pids: &[i32],
     store: &StoreClient,
     timeout: Duration,
     abort: Arc<AtomicBool>,
