@@ -42,6 +42,8 @@ fn nccl_world_one_all_reduce_on_device() {
     let mut c: *mut flatshard_comm = std::ptr::null_mut();
     let st = unsafe { flatshard_comm_init_nccl(std::ptr::null(), 0, 0, 1, 0, std::ptr::null_mut(), std::ptr::null(), &mut c) };
     assert_eq!(st, flatshard_status::FLATSHARD_OK, "{}", last_error());
+    assert_eq!(unsafe { flatshard::ffi::comm::flatshard_barrier(c) }, flatshard_status::FLATSHARD_OK, "{}", last_error());
+    assert_eq!(unsafe { flatshard_comm_synchronize(c) }, flatshard_status::FLATSHARD_OK, "{}", last_error());
     unsafe { flatshard::ffi::comm::flatshard_comm_free(c) };
 }
 

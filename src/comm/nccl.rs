@@ -23,6 +23,7 @@ pub struct NcclBackend {
     timeout: Duration,
     abort: Arc<AtomicBool>,
     destroyed: AtomicBool,
+    scratch: std::sync::OnceLock<u64>,
 }
 
 // The NCCL handle is used by one thread at a time (Comm's contract), except
@@ -73,7 +74,7 @@ impl NcclBackend {
         let mut comm = std::ptr::null_mut();
         // SAFETY: valid out-pointer and id.
         nccl_check(unsafe { nc::ncclCommInitRank(&mut comm, size as i32, uid, rank as i32) }, "ncclCommInitRank")?;
-        Ok(NcclBackend { comm, stream, device, rank, size, owned: true, timeout, abort: Arc::new(AtomicBool::new(false)), destroyed: AtomicBool::new(false) })
+        Ok(NcclBackend { comm, stream, device, rank, size, owned: true, timeout, abort: Arc::new(AtomicBool::new(false)), destroyed: AtomicBool::new(false), scratch: std::sync::OnceLock::new() })
     }
 
     /// Adopt an existing ncclComm_t (not destroyed on drop).
@@ -86,7 +87,7 @@ impl NcclBackend {
             nccl_check(nc::ncclCommCount(comm, &mut n), "ncclCommCount")?;
             nccl_check(nc::ncclCommUserRank(comm, &mut r), "ncclCommUserRank")?;
         }
-        Ok(NcclBackend { comm, stream, device, rank: r as usize, size: n as usize, owned: false, timeout, abort: Arc::new(AtomicBool::new(false)), destroyed: AtomicBool::new(false) })
+        Ok(NcclBackend { comm, stream, device, rank: r as usize, size: n as usize, owned: false, timeout, abort: Arc::new(AtomicBool::new(false)), destroyed: AtomicBool::new(false), scratch: std::sync::OnceLock::new() })
     }
 
     /// A fresh 128-byte ncclUniqueId (rank 0 creates it, the others receive it).
@@ -111,6 +112,20 @@ impl NcclBackend {
             return Err(Error::aborted("the NCCL communicator was aborted"));
         }
         cuda::set_device(self.device)
+    }
+
+    /// 4 bytes of device memory for barriers, allocated on first use.
+    fn scratch_word(&self) -> Result<u64> {
+        if let Some(p) = self.scratch.get() {
+            return Ok(*p);
+        }
+        self.enter()?;
+        let mut p: cu::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; freed in Drop.
+        cuda::check(unsafe { cu::cuMemAlloc_v2(&mut p, 4) }, "cuMemAlloc (barrier word)")?;
+        // SAFETY: fresh allocation of 4 bytes.
+        cuda::check(unsafe { cu::cuMemsetD32_v2(p, 0, 1) }, "cuMemsetD32")?;
+        Ok(*self.scratch.get_or_init(|| p))
     }
 
     fn kill(&self) {
@@ -203,8 +218,11 @@ impl Backend for NcclBackend {
         Err(host_refused())
     }
     fn barrier(&self) -> Result<()> {
-        // A one-element all-reduce on a scratch device word would need an
-        // allocation; synchronising the stream is what callers want here.
+        // A one-word all-reduce on a scratch device word, then wait for it:
+        // returns once every rank has reached the barrier.
+        let word = self.scratch_word()?;
+        // SAFETY: `word` is 4 bytes of device memory owned by this backend.
+        unsafe { DeviceCollectives::all_reduce(self, word as *const u8, word as *mut u8, 1, DType::F32, ReduceOp::Sum)? };
         self.synchronize()
     }
     fn abort(&self) {
@@ -218,6 +236,12 @@ impl Backend for NcclBackend {
 
 impl Drop for NcclBackend {
     fn drop(&mut self) {
+        if let Some(p) = self.scratch.get() {
+            // SAFETY: allocated by scratch_word, not used after this.
+            unsafe {
+                cu::cuMemFree_v2(*p);
+            }
+        }
         if self.owned && !self.destroyed.swap(true, Ordering::SeqCst) {
             // SAFETY: owned, live, not used again.
             unsafe {
