@@ -330,7 +330,7 @@ fn train(comm: Comm, replicate: Option<&Comm>, sharding: Sharding, global_rank: 
         for (x, gx) in d.iter_mut().zip(g.iter()) {
             *x -= LR * gx;
         }
-        fp.zero_grad();
+        fp.zero_grad().unwrap();
         assert!(grad_f32(&fp.shard()).unwrap().iter().all(|x| *x == 0.0));
     }
     let _ = global_world;
@@ -426,10 +426,15 @@ fn mismatch_and_bad_arguments() {
         // HYBRID without a replicate comm
         let opts = FlatParamOptions { sharding: Sharding::HybridShard, ..Default::default() };
         assert_eq!(FlatParam::new(&comm, None, &inputs(&bufs), &opts).err().unwrap().kind, ErrorKind::InvalidArgument);
-        // CUDA tensors: unsupported for now
-        let cuda = [ParamInput { data: None, numel: 4, dtype: DType::F32, device: flatshard::tensor::Device::Cuda(0) }];
+        // CUDA tensors: UNSUPPORTED without a driver; with one, host memory
+        // that claims to be on the device is INVALID_ARGUMENT
+        let cuda = [unsafe { ParamInput::raw(bufs[0].as_ptr(), 4, DType::F32, flatshard::tensor::Device::Cuda(0)) }];
         let e = FlatParam::new(&comm, None, &cuda, &FlatParamOptions::default()).err().unwrap();
-        assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+        if flatshard::cuda::driver().is_err() {
+            assert!(e.kind == ErrorKind::Unsupported && e.msg.contains("cuda:0") && e.msg.contains("driver"), "{e}");
+        } else {
+            assert!(e.kind == ErrorKind::InvalidArgument && e.msg.contains("not CUDA device memory"), "{e}");
+        }
         // the communicator is still usable
         let fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();
         assert_eq!(fp.numel(), 56);
@@ -549,7 +554,7 @@ fn mixed_precision_reduce_grads() {
                     assert_eq!(*x, want, "shard grad elem {k} of {c} after step {step}: {ctx}");
                 }
             }
-            fp.zero_grad();
+            fp.zero_grad().unwrap();
             assert!(bytes_f32(fp.shard_grad_bytes().unwrap()).iter().all(|x| *x == 0.0));
         }
     });

@@ -149,6 +149,14 @@ pub trait DeviceCollectives {
     unsafe fn broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: usize) -> Result<()>;
     /// Wait for the queued work with the deadline; report asynchronous errors.
     fn synchronize(&self) -> Result<()>;
+    /// The CUDA device ordinal the communicator runs on.
+    fn device_index(&self) -> i32;
+    /// The stream its collectives are ordered on (null = legacy default).
+    fn stream(&self) -> crate::cuda::Stream;
+    /// MPI-style split (ncclCommSplit): None for color < 0. Collective.
+    fn split(&self, color: i32, key: i32) -> Result<Option<Box<dyn Backend>>>;
+    /// Fuse the collectives issued inside `f` into one launch (ncclGroupStart/End).
+    fn group(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()>;
 }
 
 /// A group of one: every collective is a copy or nothing.
@@ -306,6 +314,69 @@ impl Comm {
         self.backend.device().is_some()
     }
 
+    /// The CUDA device of a device communicator (NCCL), None for host ones.
+    pub fn device_index(&self) -> Option<i32> {
+        self.backend.device().map(|d| d.device_index())
+    }
+
+    /// The stream device work is ordered on: the NCCL communicator's stream,
+    /// or the legacy default stream (null) for host communicators.
+    pub fn stream(&self) -> crate::cuda::Stream {
+        self.backend.device().map_or(std::ptr::null_mut(), |d| d.stream())
+    }
+
+    fn dev<'a>(b: &'a dyn Backend) -> Result<&'a dyn DeviceCollectives> {
+        b.device().ok_or_else(|| Error::unsupported("device collectives need an NCCL communicator (flatshard_comm_init_nccl / _wrap_nccl)"))
+    }
+
+    /// All-reduce of device memory, stream-ordered. `send == recv` is in place.
+    ///
+    /// # Safety
+    /// Device pointers on this communicator's device, valid for `count` elements.
+    pub unsafe fn dev_all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
+        op.check(dt)?;
+        self.run(|b| Self::dev(b)?.all_reduce(send, recv, count, dt, op))
+    }
+
+    /// # Safety
+    /// As `dev_all_reduce`; `recv` holds size × count elements.
+    pub unsafe fn dev_all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()> {
+        self.run(|b| Self::dev(b)?.all_gather(send, recv, count, dt))
+    }
+
+    /// # Safety
+    /// As `dev_all_reduce`; `send` holds size × count elements.
+    pub unsafe fn dev_reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
+        op.check(dt)?;
+        self.run(|b| Self::dev(b)?.reduce_scatter(send, recv, count, dt, op))
+    }
+
+    /// # Safety
+    /// As `dev_all_reduce`.
+    pub unsafe fn dev_broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: i32) -> Result<()> {
+        if root < 0 || root as usize >= self.size() {
+            return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", self.size())));
+        }
+        self.run(|b| Self::dev(b)?.broadcast(buf, count, dt, root as usize))
+    }
+
+    /// Issue the device collectives of `f` as one fused NCCL group.
+    pub fn dev_group(&self, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+        match self.backend.device() {
+            Some(d) => d.group(&mut f),
+            None => f(),
+        }
+    }
+
+    /// Wait for the device work queued on the communicator's stream, with the
+    /// deadline (NCCL); OK at once for host communicators.
+    pub fn synchronize(&self) -> Result<()> {
+        if !self.is_device() {
+            return Ok(());
+        }
+        self.run(|b| Self::dev(b)?.synchronize())
+    }
+
     /// torchrun's environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE.
     pub fn init_from_env(opts: CommOptions) -> Result<Comm> {
         let var = |name: &str| {
@@ -432,8 +503,12 @@ impl Comm {
     /// MPI_Comm_split: ranks with the same `color` form a group ordered by
     /// (key, rank); color < 0 joins none (returns None). Collective.
     pub fn split(&self, color: i32, key: i32) -> Result<Option<Comm>> {
+        if self.is_device() {
+            let b = self.run(|b| Self::dev(b)?.split(color, key))?;
+            return Ok(b.map(|b| Comm::from_backend(b, Arc::new(AtomicBool::new(false)))));
+        }
         let ctx = self.ctx.clone().ok_or_else(|| {
-            Error::unsupported("split: this communicator was built from user callbacks or a wrapped NCCL comm; create subgroups with your own library")
+            Error::unsupported("split: this communicator was built from user callbacks; create subgroups with your own library")
         })?;
         let n = self.size();
         let mut mine = [0u8; 8];

@@ -155,6 +155,51 @@ impl DeviceCollectives for NcclBackend {
         self.enter()?;
         nccl_check(nc::ncclBroadcast(buf as _, buf as _, count, nccl_dtype(dt)?, root as i32, self.comm, self.stream()), "ncclBroadcast")
     }
+    fn device_index(&self) -> i32 {
+        self.device
+    }
+    fn stream(&self) -> crate::cuda::Stream {
+        self.stream
+    }
+    fn split(&self, color: i32, key: i32) -> Result<Option<Box<dyn Backend>>> {
+        self.enter()?;
+        let mut child: nc::ncclComm_t = std::ptr::null_mut();
+        // NCCL_SPLIT_NOCOLOR (-1): take part in the split without joining a group.
+        let c = if color < 0 { -1 } else { color };
+        // SAFETY: live communicator, valid out-pointer; a NULL config inherits
+        // the parent's.
+        nccl_check(unsafe { nc::ncclCommSplit(self.comm, c, key, &mut child, std::ptr::null_mut()) }, &format!("rank {}: ncclCommSplit", self.rank))?;
+        if color < 0 || child.is_null() {
+            return Ok(None);
+        }
+        let (mut n, mut r) = (0, 0);
+        // SAFETY: the fresh child communicator.
+        unsafe {
+            nccl_check(nc::ncclCommCount(child, &mut n), "ncclCommCount")?;
+            nccl_check(nc::ncclCommUserRank(child, &mut r), "ncclCommUserRank")?;
+        }
+        Ok(Some(Box::new(NcclBackend {
+            comm: child,
+            stream: self.stream,
+            device: self.device,
+            rank: r as usize,
+            size: n as usize,
+            owned: true,
+            timeout: self.timeout,
+            abort: Arc::new(AtomicBool::new(false)),
+            destroyed: AtomicBool::new(false),
+            scratch: std::sync::OnceLock::new(),
+        })))
+    }
+    fn group(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.enter()?;
+        // SAFETY: group calls bracket the collectives issued by f.
+        nccl_check(unsafe { nc::ncclGroupStart() }, "ncclGroupStart")?;
+        let r = f();
+        // Always close the group, also when f failed part-way.
+        let end = nccl_check(unsafe { nc::ncclGroupEnd() }, "ncclGroupEnd");
+        r.and(end)
+    }
     fn synchronize(&self) -> Result<()> {
         self.enter()?;
         let deadline = Instant::now() + self.timeout;

@@ -141,3 +141,224 @@ pub unsafe fn copy_to_device(dst: *mut u8, src: *const u8, len: usize) -> Result
         driver()
     }
 }
+
+/// A CUstream (cudaStream_t); null = the legacy default stream.
+pub type Stream = *mut std::ffi::c_void;
+
+/// The ordinal of the device that owns `p`, if `p` is device memory.
+pub fn device_of(p: *const u8) -> Option<i32> {
+    if !is_device_ptr(p) {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let mut ord: i32 = -1;
+        // SAFETY: the attribute query only inspects the address.
+        let r = unsafe {
+            cu::cuPointerGetAttribute(
+                &mut ord as *mut i32 as *mut std::ffi::c_void,
+                cu::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                p as cu::CUdeviceptr,
+            )
+        };
+        (r == cu::CUresult::CUDA_SUCCESS).then_some(ord)
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Device memory owned by flatshard (cuMemAlloc / cuMemFree).
+pub struct DevMem {
+    ptr: u64,
+    len: usize,
+    device: i32,
+}
+
+impl DevMem {
+    /// `len` bytes on `device`, zero-filled in order on `stream`.
+    pub fn zeroed(device: i32, len: usize, stream: Stream, what: &str) -> Result<DevMem> {
+        #[cfg(feature = "cuda")]
+        {
+            set_device(device)?;
+            let mut p: cu::CUdeviceptr = 0;
+            if len > 0 {
+                // SAFETY: valid out-pointer; freed in Drop.
+                check(unsafe { cu::cuMemAlloc_v2(&mut p, len) }, &format!("cuMemAlloc of {len} bytes for {what} on cuda:{device}"))?;
+            }
+            let m = DevMem { ptr: p, len, device };
+            if len > 0 {
+                // SAFETY: fresh allocation of len bytes.
+                check(unsafe { cu::cuMemsetD8Async(p, 0, len, stream as cu::CUstream) }, "cuMemsetD8Async")?;
+            }
+            Ok(m)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (device, len, stream, what);
+            driver().map(|_| unreachable!())
+        }
+    }
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr as *mut u8
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn device(&self) -> i32 {
+        self.device
+    }
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if self.ptr != 0 {
+            // cuMemFree waits for work still using the allocation.
+            // SAFETY: allocated by cuMemAlloc in `zeroed`, not used after this.
+            unsafe {
+                let _ = set_device(self.device);
+                cu::cuMemFree_v2(self.ptr);
+            }
+        }
+    }
+}
+
+/// Page-locked host memory (cuMemHostAlloc, portable): the staging and
+/// offload buffers, so device copies are true DMA and can be asynchronous.
+pub struct PinnedMem {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl PinnedMem {
+    pub fn zeroed(len: usize, what: &str) -> Result<PinnedMem> {
+        #[cfg(feature = "cuda")]
+        {
+            driver()?;
+            let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
+            if len > 0 {
+                // SAFETY: valid out-pointer; freed in Drop.
+                check(unsafe { cu::cuMemHostAlloc(&mut p, len, cu::CU_MEMHOSTALLOC_PORTABLE) }, &format!("cuMemHostAlloc of {len} bytes for {what}"))?;
+                // SAFETY: fresh host allocation of len bytes.
+                unsafe { std::ptr::write_bytes(p as *mut u8, 0, len) };
+            }
+            Ok(PinnedMem { ptr: p as *mut u8, len })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (len, what);
+            driver().map(|_| unreachable!())
+        }
+    }
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for PinnedMem {
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if !self.ptr.is_null() {
+            // SAFETY: allocated by cuMemHostAlloc, not used after this.
+            unsafe {
+                cu::cuMemFreeHost(self.ptr as *mut std::ffi::c_void);
+            }
+        }
+    }
+}
+
+// SAFETY: plain memory owned by one value.
+unsafe impl Send for PinnedMem {}
+
+/// Where a copy goes from and to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Dir {
+    HtoD,
+    DtoH,
+    DtoD,
+}
+
+/// Asynchronous copy on `stream`.
+///
+/// # Safety
+/// `dst`/`src` valid for `len` bytes on the sides `dir` says; a host side
+/// must stay alive until the stream has passed the copy.
+pub unsafe fn copy_async(dst: *mut u8, src: *const u8, len: usize, dir: Dir, stream: Stream) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let s = stream as cu::CUstream;
+        match dir {
+            Dir::HtoD => check(cu::cuMemcpyHtoDAsync_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len, s), "cuMemcpyHtoDAsync"),
+            Dir::DtoH => check(cu::cuMemcpyDtoHAsync_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoHAsync"),
+            Dir::DtoD => check(cu::cuMemcpyDtoDAsync_v2(dst as cu::CUdeviceptr, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoDAsync"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dst, src, dir, stream);
+        driver()
+    }
+}
+
+/// Zero `len` device bytes in order on `stream`.
+///
+/// # Safety
+/// `dst` is device memory valid for `len` bytes.
+pub unsafe fn memset0_async(dst: *mut u8, len: usize, stream: Stream) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        check(cu::cuMemsetD8Async(dst as cu::CUdeviceptr, 0, len, stream as cu::CUstream), "cuMemsetD8Async")
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dst, stream);
+        driver()
+    }
+}
+
+/// Wait for everything queued on `stream` (local work only: copies and
+/// kernels; NCCL work is waited for through the communicator, with its
+/// deadline).
+pub fn stream_sync(stream: Stream) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        // SAFETY: a stream handle the caller gave us (or the default stream).
+        check(unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) }, "cuStreamSynchronize")
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = stream;
+        driver()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod kernels;
+#[cfg(feature = "cuda")]
+pub use kernels::{launch_add, launch_convert};
+
+/// Without the `cuda` feature there are no kernels; callers never get here
+/// because no device buffer can exist.
+#[cfg(not(feature = "cuda"))]
+pub unsafe fn launch_convert(_: *const u8, _: crate::dtype::DType, _: *mut u8, _: crate::dtype::DType, _: usize, _: i32, _: Stream) -> Result<bool> {
+    driver().map(|_| false)
+}
+#[cfg(not(feature = "cuda"))]
+pub unsafe fn launch_add(_: *mut u8, _: *const u8, _: crate::dtype::DType, _: usize, _: i32, _: Stream) -> Result<()> {
+    driver()
+}

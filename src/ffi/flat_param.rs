@@ -12,7 +12,6 @@ use super::{boundary, boundary_value, check_struct_size, need, types::*};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
 use crate::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
-use crate::tensor::Device;
 
 /// Opaque flat parameter handle.
 pub struct flatshard_flat_param {
@@ -193,14 +192,9 @@ unsafe fn parse_new_args<'a>(params: *const flatshard_tensor, n_params: u64, opt
         let mut inputs = Vec::with_capacity(n);
         for (i, t) in ts.iter().enumerate() {
             let t = tensor_from_c(t, &format!("params[{i}]"))?;
-            let data = if t.device == Device::Cpu && t.numel > 0 {
-                Some(std::slice::from_raw_parts(t.data as *const u8, t.bytes()?))
-            } else if t.device == Device::Cpu {
-                Some(&[][..])
-            } else {
-                None
-            };
-            inputs.push(ParamInput { data, numel: t.numel, dtype: t.dtype, device: t.device });
+            // The tensor's memory is the caller's; FlatParam::new checks it
+            // (NULL, host vs device) before reading it.
+            inputs.push(ParamInput::raw(t.data, t.numel, t.dtype, t.device));
         }
         Ok((inputs, o, replicate, rep))
 }
@@ -349,8 +343,7 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_zero_grad", || {
-        fp_mut(fp)?.fp.zero_grad();
-        Ok(())
+        fp_mut(fp)?.fp.zero_grad()
     })
 }
 

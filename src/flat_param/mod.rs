@@ -6,8 +6,10 @@
 //! lifetimes or reference counts; the C layer keeps the handles and documents
 //! that they must outlive the flat param (as NCCL does for its comms).
 //!
-//! Memory: the shard (and its gradient) are library-owned host buffers of
-//! exactly `c` elements. The full buffer exists only between `unshard` and
+//! Memory: the shard (and its gradient) are library-owned buffers of exactly
+//! `c` elements, in host memory for host params and in device memory for
+//! CUDA params (`mem` holds the buffers and the operations on them; one code
+//! path serves both). The full buffer exists only between `unshard` and
 //! `reshard`, and with `rank0_only` only on rank 0: other ranks then take
 //! part through one broadcast per rank chunk, receiving into one shard-sized
 //! scratch buffer (Comm has no point-to-point gather; a broadcast per chunk
@@ -15,12 +17,14 @@
 //! seeing every chunk go by, which the ring/shm broadcast forwards anyway).
 
 pub mod layout;
+pub mod mem;
 
 use crate::comm::Comm;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::tensor::{Device, TensorRef};
 pub use layout::{Layout, ShardView};
+use mem::{Buf, Ops, Place, Region};
 
 /// FSDP sharding strategy (C `flatshard_sharding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,97 +74,49 @@ impl Default for FlatParamOptions {
 pub struct UnshardOptions {
     pub writeback: bool,
     pub rank0_only: bool,
-    /// Host memory only for now: the full buffer is always in host memory.
+    /// CUDA params: the full buffer goes to pinned host memory. Host params:
+    /// nothing changes (the full buffer is host memory anyway).
     pub offload_to_cpu: bool,
     pub with_grads: bool,
 }
 
-/// One input parameter: its bytes (host memory) or, for a device tensor, only
-/// its description (`data` None) so that it can be rejected with a message.
+/// One input parameter: a host byte slice, or a CUDA tensor's device pointer.
 #[derive(Debug, Clone, Copy)]
 pub struct ParamInput<'a> {
-    pub data: Option<&'a [u8]>,
+    data: *const u8,
     pub numel: u64,
     pub dtype: DType,
     pub device: Device,
+    _borrow: std::marker::PhantomData<&'a [u8]>,
 }
 
 impl<'a> ParamInput<'a> {
     /// A host tensor of `dtype` over `data` (whole elements).
     pub fn host(data: &'a [u8], dtype: DType) -> ParamInput<'a> {
-        ParamInput { data: Some(data), numel: (data.len() / dtype.size()) as u64, dtype, device: Device::Cpu }
+        ParamInput { data: data.as_ptr(), numel: (data.len() / dtype.size()) as u64, dtype, device: Device::Cpu, _borrow: std::marker::PhantomData }
     }
-}
-
-/// A library-owned, zero-filled, 8-byte-aligned host buffer.
-struct Buf {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl Buf {
-    fn zeroed(len: usize, what: &str) -> Result<Buf> {
-        let n = len.div_ceil(8);
-        if n == 0 {
-            return Ok(Buf { words: Vec::new(), len });
-        }
-        // alloc_zeroed (calloc) gets fresh zero pages from the OS for large
-        // buffers instead of writing zeros that the gather overwrites anyway;
-        // unlike vec![0; n] it reports failure instead of aborting.
-        let layout = std::alloc::Layout::array::<u64>(n).map_err(|_| Error::oom(format!("{len} bytes for {what} exceed the address space")))?;
-        // SAFETY: layout has non-zero size; the pointer is checked for null and
-        // owned by the Vec with the same layout (capacity n, all n zeroed).
-        let words = unsafe {
-            let p = std::alloc::alloc_zeroed(layout) as *mut u64;
-            if p.is_null() {
-                return Err(Error::oom(format!("cannot allocate {len} bytes for {what}")));
-            }
-            Vec::from_raw_parts(p, n, n)
-        };
-        advise_huge_pages(words.as_ptr() as usize, len);
-        Ok(Buf { words, len })
+    /// A tensor described by pointer (host or CUDA device memory).
+    ///
+    /// # Safety
+    /// `data` valid for `numel` elements of `dtype` on `device` (may be null
+    /// to describe a tensor that `FlatParam::new` will reject) while `'a` lasts.
+    pub unsafe fn raw(data: *const u8, numel: u64, dtype: DType, device: Device) -> ParamInput<'a> {
+        ParamInput { data, numel, dtype, device, _borrow: std::marker::PhantomData }
     }
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: a Vec<u64> of n words is 8n >= len initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr() as *const u8, self.len) }
-    }
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr() as *mut u8, self.len) }
-    }
-    /// Null for an empty buffer (a zero-numel flat param).
-    fn ptr(&mut self) -> *mut u8 {
-        if self.len == 0 {
-            return std::ptr::null_mut();
-        }
-        self.words.as_mut_ptr() as *mut u8
-    }
-}
-
-/// Ask for transparent huge pages on a large, still untouched buffer: the
-/// gather then takes one page fault per 2 MiB instead of per 4 KiB (the
-/// kernel's default THP mode is often `madvise`). Advisory; errors ignored.
-fn advise_huge_pages(addr: usize, len: usize) {
-    const HUGE: usize = 2 << 20;
-    if len < 2 * HUGE {
-        return;
-    }
-    let start = addr.next_multiple_of(HUGE);
-    let end = (addr + len) / HUGE * HUGE;
-    #[cfg(target_os = "linux")]
-    if end > start {
-        // SAFETY: [start, end) lies inside a live allocation we own; MADV_HUGEPAGE
-        // changes no contents.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    fn place(&self) -> Place {
+        match self.device {
+            Device::Cpu => Place::Host,
+            Device::Cuda(d) => Place::Device(d),
         }
     }
-    let _ = (start, end);
+    fn region(&self) -> Region {
+        Region::new(self.data as *mut u8, (self.numel as usize).saturating_mul(self.dtype.size()), self.place())
+    }
 }
 
 /// The full parameter while unsharded.
 enum Full {
-    /// Views point into the shard itself (unsharded layout, same dtype).
+    /// Views point into the shard itself (unsharded layout, same dtype and place).
     Shard,
     /// A gathered buffer of `padded_numel` elements of the gather dtype.
     Owned(Buf),
@@ -183,6 +139,8 @@ struct Unsharded {
     opts: UnshardOptions,
     /// dtype of the full buffer and the views.
     dtype: DType,
+    /// Where the full buffer (and gradient) live.
+    place: Place,
     full: Full,
     grad: FullGrad,
 }
@@ -193,6 +151,8 @@ pub struct FlatParam {
     layout: Layout,
     opts: FlatParamOptions,
     dtype: DType,
+    /// Where the shard lives: host memory or the params' CUDA device.
+    place: Place,
     /// Size and rank of the communicator it was built on, checked per call.
     comm_size: usize,
     comm_rank: usize,
@@ -212,56 +172,6 @@ fn fnv(words: &[u64]) -> u64 {
         }
     }
     h
-}
-
-/// Convert `src` (elements of `from`) into `dst` (elements of `to`); float dtypes.
-fn convert(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
-    if from == to {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let n = src.len() / from.size();
-    debug_assert_eq!(dst.len(), n * to.size());
-    match (from, to) {
-        (DType::F32, DType::BF16) => {
-            for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
-                let x = f32::from_ne_bytes(s.try_into().expect("4"));
-                d.copy_from_slice(&crate::reduce::f32_to_bf16_bits(x).to_ne_bytes());
-            }
-        }
-        (DType::BF16, DType::F32) => {
-            for (s, d) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
-                let x = crate::reduce::bf16_bits_to_f32(u16::from_ne_bytes(s.try_into().expect("2")));
-                d.copy_from_slice(&x.to_ne_bytes());
-            }
-        }
-        _ => {
-            for i in 0..n {
-                let x = read_f64(&src[i * from.size()..], from);
-                write_f64(&mut dst[i * to.size()..], to, x);
-            }
-        }
-    }
-}
-
-fn read_f64(b: &[u8], dt: DType) -> f64 {
-    match dt {
-        DType::F32 => f32::from_ne_bytes(b[..4].try_into().expect("4")) as f64,
-        DType::F64 => f64::from_ne_bytes(b[..8].try_into().expect("8")),
-        DType::F16 => half::f16::from_bits(u16::from_ne_bytes(b[..2].try_into().expect("2"))).to_f64(),
-        DType::BF16 => half::bf16::from_bits(u16::from_ne_bytes(b[..2].try_into().expect("2"))).to_f64(),
-        _ => unreachable!("flat params hold floating dtypes only"),
-    }
-}
-
-fn write_f64(b: &mut [u8], dt: DType, x: f64) {
-    match dt {
-        DType::F32 => b[..4].copy_from_slice(&(x as f32).to_ne_bytes()),
-        DType::F64 => b[..8].copy_from_slice(&x.to_ne_bytes()),
-        DType::F16 => b[..2].copy_from_slice(&half::f16::from_f64(x).to_bits().to_ne_bytes()),
-        DType::BF16 => b[..2].copy_from_slice(&half::bf16::from_f64(x).to_bits().to_ne_bytes()),
-        _ => unreachable!("flat params hold floating dtypes only"),
-    }
 }
 
 /// What every rank must agree on; exchanged before any data moves.
@@ -310,12 +220,13 @@ impl FlatParam {
         let layout = Layout::new(&numels, align, w, if sharded { w } else { 1 })?;
         let shard_rank = if sharded { rank as u64 } else { 0 };
         let c = layout.chunk;
-        let es = dtype.size();
-        let shard = Buf::zeroed(dtype.bytes(c, "shard numel")?, "the shard")?;
+        let place = params[0].place();
+        let shard = Buf::zeroed_on(place, dtype.bytes(c, "shard numel")?, "the shard")?;
         let mut fp = FlatParam {
             layout,
             opts: *opts,
             dtype,
+            place,
             comm_size: comm.size(),
             comm_rank: rank,
             replicate_size: replicate.map_or(1, |r| r.size()),
@@ -324,12 +235,13 @@ impl FlatParam {
             shard_grad: None,
             state: None,
         };
-        let srcs: Vec<&[u8]> = params.iter().map(|p| p.data.unwrap_or(&[])).collect();
-        let own = fp.shard_rank;
-        fp.fill_shard_from(&srcs, own, es);
+        let srcs: Vec<Region> = params.iter().map(|p| p.region()).collect();
+        let mut ops = Ops::new(comm);
+        Self::fill_chunk(&mut ops, &fp.layout, &srcs, fp.shard_rank, dtype.size(), fp.shard.region())?;
         if opts.sync_from_rank0 {
-            fp.sync_from_rank0(comm, replicate, &srcs)?;
+            fp.sync_from_rank0(&mut ops, comm, replicate, &srcs)?;
         }
+        ops.finish(Some(comm))?;
         Ok(fp)
     }
 
@@ -350,6 +262,14 @@ impl FlatParam {
             return Err(Error::invalid_arg("n_params: 0 params; a flat param needs at least one tensor"));
         }
         let (d0, dev0) = (params[0].dtype, params[0].device);
+        if let Device::Cuda(d) = dev0 {
+            crate::cuda::driver().map_err(|e| e.context(format!("params[0].device: cuda:{d} flat params need a CUDA driver")))?;
+            if let Some(cd) = comm.device_index() {
+                if cd != d {
+                    return Err(Error::invalid_arg(format!("params[0].device: cuda:{d}, but the NCCL communicator runs on cuda:{cd}")));
+                }
+            }
+        }
         for (i, p) in params.iter().enumerate() {
             if p.dtype != d0 {
                 return Err(Error::invalid_arg(format!(
@@ -368,16 +288,16 @@ impl FlatParam {
             if !p.dtype.is_float() {
                 return Err(Error::invalid_arg(format!("params[{i}].dtype: {} is an integer dtype; flat params hold f32/f64/f16/bf16", p.dtype.name())));
             }
-            if p.device != Device::Cpu {
-                return Err(Error::unsupported(format!(
-                    "params[{i}].device: {} flat params are not supported yet; pass host (FLATSHARD_DEVICE_CPU) tensors",
-                    p.device.describe()
-                )));
+            p.dtype.bytes(p.numel, &format!("params[{i}].numel"))?;
+            if p.numel > 0 && p.data.is_null() {
+                return Err(Error::invalid_arg(format!("params[{i}].data: NULL but numel is {}", p.numel)));
             }
-            let bytes = p.dtype.bytes(p.numel, &format!("params[{i}].numel"))?;
-            match p.data {
-                Some(d) if d.len() >= bytes => {}
-                _ => return Err(Error::invalid_arg(format!("params[{i}].data: NULL or shorter than numel {}", p.numel))),
+            if let (Device::Cuda(d), true) = (p.device, p.numel > 0) {
+                match crate::cuda::device_of(p.data) {
+                    Some(x) if x == d => {}
+                    Some(x) => return Err(Error::invalid_arg(format!("params[{i}].data: memory of cuda:{x}, but device says cuda:{d}"))),
+                    None => return Err(Error::invalid_arg(format!("params[{i}].data: not CUDA device memory, but device says cuda:{d}"))),
+                }
             }
         }
         for (name, d) in [("param_dtype", opts.param_dtype), ("reduce_dtype", opts.reduce_dtype)] {
@@ -404,7 +324,9 @@ impl FlatParam {
         let w = c.size();
         let send: Vec<u8> = desc.iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut recv = vec![0u8; send.len() * w];
-        c.all_gather(&send, &mut recv, DType::I64)?;
+        let mut ops = Ops::new(c);
+        ops.all_gather_host(c, &send, &mut recv, DType::I64)?;
+        ops.finish(Some(c))?;
         let all: Vec<Vec<u64>> = recv
             .chunks_exact(8 * DESC_WORDS)
             .map(|b| b.chunks_exact(8).map(|x| u64::from_le_bytes(x.try_into().expect("8"))).collect())
@@ -436,44 +358,40 @@ impl FlatParam {
         Ok(())
     }
 
-    /// Copy sharding-rank `r`'s piece of `srcs` into the shard buffer.
-    fn fill_shard_from(&mut self, srcs: &[&[u8]], r: u64, es: usize) {
-        let mut out = std::mem::replace(&mut self.shard, Buf { words: Vec::new(), len: 0 });
-        Self::fill_chunk(&self.layout, srcs, r, es, out.bytes_mut());
-        self.shard = out;
-    }
-
-    fn fill_chunk(layout: &Layout, srcs: &[&[u8]], r: u64, es: usize, out: &mut [u8]) {
-        out.fill(0);
+    /// Copy sharding-rank `r`'s piece of `srcs` into `out` (one chunk).
+    fn fill_chunk(ops: &mut Ops, layout: &Layout, srcs: &[Region], r: u64, es: usize, out: Region) -> Result<()> {
+        ops.fill0(out)?;
         for (i, src) in srcs.iter().enumerate() {
             let v = layout.shard_view(i, r);
             if v.numel == 0 {
                 continue;
             }
             let (s, p, n) = (v.offset_in_shard as usize * es, v.offset_in_param as usize * es, v.numel as usize * es);
-            out[s..s + n].copy_from_slice(&src[p..p + n]);
+            ops.copy(out.sub(s, n), src.sub(p, n))?;
         }
+        Ok(())
     }
 
-    fn sync_from_rank0(&mut self, comm: &Comm, replicate: Option<&Comm>, srcs: &[&[u8]]) -> Result<()> {
+    fn sync_from_rank0(&mut self, ops: &mut Ops, comm: &Comm, replicate: Option<&Comm>, srcs: &[Region]) -> Result<()> {
         let es = self.dtype.size();
         if self.layout.world > 1 {
             // Rank 0 sends each rank's chunk in turn; memory stays O(shard).
-            let mut scratch = Buf::zeroed(self.shard.len, "sync scratch")?;
+            let scratch = Buf::zeroed_on(self.place, self.shard.len(), "sync scratch")?;
             for q in 0..self.layout.world {
                 if comm.rank() == 0 {
-                    Self::fill_chunk(&self.layout, srcs, q, es, scratch.bytes_mut());
+                    Self::fill_chunk(ops, &self.layout, srcs, q, es, scratch.region())?;
                 }
-                comm.broadcast(scratch.bytes_mut(), self.dtype, 0)?;
+                ops.broadcast(comm, scratch.region(), self.dtype, 0)?;
                 if q == self.shard_rank {
-                    self.shard.bytes_mut().copy_from_slice(scratch.bytes());
+                    ops.copy(self.shard.region(), scratch.region())?;
                 }
             }
+            ops.finish_step(comm)?;
         } else {
-            comm.broadcast(self.shard.bytes_mut(), self.dtype, 0)?;
+            ops.broadcast(comm, self.shard.region(), self.dtype, 0)?;
         }
         if let (Sharding::HybridShard, Some(rep)) = (self.opts.sharding, replicate) {
-            rep.broadcast(self.shard.bytes_mut(), self.dtype, 0)?;
+            ops.broadcast(rep, self.shard.region(), self.dtype, 0)?;
         }
         Ok(())
     }
@@ -496,6 +414,10 @@ impl FlatParam {
     }
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    /// Where the shard lives (Cpu or the params' CUDA device).
+    pub fn device(&self) -> Device {
+        self.place.device()
     }
     pub fn n_params(&self) -> usize {
         self.layout.numels.len()
@@ -526,21 +448,35 @@ impl FlatParam {
     pub fn shard(&mut self) -> TensorRef {
         TensorRef {
             data: self.shard.ptr(),
-            grad: self.shard_grad.as_mut().map_or(std::ptr::null_mut(), |g| g.ptr()),
+            grad: self.shard_grad.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr()),
             numel: self.layout.chunk,
             dtype: self.dtype,
-            device: Device::Cpu,
+            device: self.place.device(),
         }
     }
-    /// The shard's bytes (for Rust callers and tests).
+    /// The shard's bytes (host flat params; empty for CUDA ones: use `read_shard`).
     pub fn shard_bytes(&self) -> &[u8] {
-        self.shard.bytes()
+        self.shard.host_bytes().unwrap_or(&[])
     }
+    /// As `shard_bytes`, writable.
     pub fn shard_bytes_mut(&mut self) -> &mut [u8] {
-        self.shard.bytes_mut()
+        self.shard.host_bytes_mut().unwrap_or(&mut [])
     }
     pub fn shard_grad_bytes(&self) -> Option<&[u8]> {
-        self.shard_grad.as_ref().map(|g| g.bytes())
+        self.shard_grad.as_ref().and_then(|g| g.host_bytes())
+    }
+    /// A host copy of the shard (and of its gradient, if any), wherever it lives.
+    pub fn read_shard(&self) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut ops = Ops::local();
+        let mut read = |b: &Buf| -> Result<Vec<u8>> {
+            let mut v = vec![0u8; b.len()];
+            ops.copy(Region::new(v.as_mut_ptr(), v.len(), Place::Host), b.region())?;
+            Ok(v)
+        };
+        let d = read(&self.shard)?;
+        let g = self.shard_grad.as_ref().map(&mut read).transpose()?;
+        ops.finish(None)?;
+        Ok((d, g))
     }
 
     fn check_index(&self, i: u64, fname: &str) -> Result<usize> {
@@ -560,57 +496,59 @@ impl FlatParam {
         let (data, grad) = if v.numel == 0 {
             (std::ptr::null_mut(), std::ptr::null_mut())
         } else {
-            let d = unsafe { self.shard.ptr().add(off) };
-            let g = self.shard_grad.as_mut().map_or(std::ptr::null_mut(), |g| unsafe { g.ptr().add(off) });
+            let d = self.shard.ptr().wrapping_add(off);
+            let g = self.shard_grad.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr().wrapping_add(off));
             (d, g)
         };
-        Ok((TensorRef { data, grad, numel: v.numel, dtype: self.dtype, device: Device::Cpu }, v.offset_in_param))
+        Ok((TensorRef { data, grad, numel: v.numel, dtype: self.dtype, device: self.place.device() }, v.offset_in_param))
     }
 
     /// The flag all ranks of the sharding group agree on: does anyone have a grad?
-    fn any_grad(&self, comm: &Comm) -> Result<bool> {
+    fn any_grad(&self, ops: &mut Ops, comm: &Comm) -> Result<bool> {
         let mut b = (self.shard_grad.is_some() as i32).to_ne_bytes();
         if self.comm_size > 1 {
-            comm.all_reduce(&mut b, DType::I32, ReduceOp::Max)?;
+            ops.all_reduce_host(comm, &mut b, DType::I32, ReduceOp::Max)?;
         }
         Ok(i32::from_ne_bytes(b) != 0)
     }
 
-    /// Gather (or, with `rank0_only`, gather to rank 0) the shards of
-    /// `src` into a full buffer of `dt`. `None` on ranks ≠ 0 under rank0_only.
-    fn gather(&self, comm: &Comm, src: &[u8], dt: DType, rank0_only: bool, what: &str) -> Result<Option<Buf>> {
+    /// Gather (or, with `rank0_only`, gather to rank 0) the shards of `src`
+    /// into a full buffer of `dt` at `place`. `None` on ranks ≠ 0 under rank0_only.
+    fn gather(&self, ops: &mut Ops, comm: &Comm, src: Region, dt: DType, rank0_only: bool, place: Place, what: &str) -> Result<Option<Buf>> {
         let c = self.layout.chunk;
         let part = dt.bytes(c, "shard numel")?;
         let w = self.layout.world as usize;
         let me = comm.rank();
         if !rank0_only {
-            let mut full = Buf::zeroed(part * w, what)?;
+            let full = Buf::zeroed_on(place, part * w, what)?;
             if dt == self.dtype {
-                comm.all_gather(src, full.bytes_mut(), dt)?;
+                ops.all_gather(comm, src, full.region(), dt)?;
             } else {
-                let mut local = Buf::zeroed(part, what)?;
-                convert(src, self.dtype, local.bytes_mut(), dt);
-                comm.all_gather(local.bytes(), full.bytes_mut(), dt)?;
+                let local = Buf::zeroed_on(self.place, part, what)?;
+                ops.convert(src, self.dtype, local.region(), dt)?;
+                ops.all_gather(comm, local.region(), full.region(), dt)?;
+                ops.finish_step(comm)?;
             }
             return Ok(Some(full));
         }
         // Rank q broadcasts its chunk; rank 0 receives it in place, the
         // others into (or from) one shard-sized scratch buffer.
         if me == 0 {
-            let mut full = Buf::zeroed(part * w, what)?;
-            convert(src, self.dtype, &mut full.bytes_mut()[..part], dt);
+            let full = Buf::zeroed_on(place, part * w, what)?;
+            ops.convert(src, self.dtype, full.at(0, part), dt)?;
             for q in 1..w {
-                comm.broadcast(&mut full.bytes_mut()[q * part..(q + 1) * part], dt, q as i32)?;
+                ops.broadcast(comm, full.at(q * part, part), dt, q as i32)?;
             }
             return Ok(Some(full));
         }
-        let mut scratch = Buf::zeroed(part, what)?;
+        let scratch = Buf::zeroed_on(self.place, part, what)?;
         for q in 1..w {
             if q == me {
-                convert(src, self.dtype, scratch.bytes_mut(), dt);
+                ops.convert(src, self.dtype, scratch.region(), dt)?;
             }
-            comm.broadcast(scratch.bytes_mut(), dt, q as i32)?;
+            ops.broadcast(comm, scratch.region(), dt, q as i32)?;
         }
+        ops.finish_step(comm)?;
         Ok(None)
     }
 
@@ -626,33 +564,36 @@ impl FlatParam {
         }
         let training = !opts.writeback && !opts.rank0_only;
         let dt = if training { self.opts.param_dtype.unwrap_or(self.dtype) } else { self.dtype };
-        let any_grad = if opts.with_grads { self.any_grad(comm)? } else { false };
+        let place = if opts.offload_to_cpu && !self.place.is_host() { Place::Pinned } else { self.place };
+        let mut ops = Ops::new(comm);
+        let any_grad = if opts.with_grads { self.any_grad(&mut ops, comm)? } else { false };
         let (full, grad);
         if !self.sharded() {
+            let alias = dt == self.dtype && place == self.place;
             full = if opts.rank0_only && self.rank() != 0 {
                 Full::Absent
-            } else if dt == self.dtype {
+            } else if alias {
                 Full::Shard
             } else {
-                let mut b = Buf::zeroed(dt.bytes(self.layout.chunk, "padded numel")?, "the full parameter")?;
-                convert(self.shard.bytes(), self.dtype, b.bytes_mut(), dt);
+                let b = Buf::zeroed_on(place, dt.bytes(self.layout.chunk, "padded numel")?, "the full parameter")?;
+                ops.convert(self.shard.region(), self.dtype, b.region(), dt)?;
                 Full::Owned(b)
             };
             grad = if !opts.with_grads {
                 FullGrad::Lazy
             } else if !any_grad || matches!(full, Full::Absent) {
                 FullGrad::Null
-            } else if self.shard_grad.is_some() && dt == self.dtype {
+            } else if self.shard_grad.is_some() && alias {
                 FullGrad::Shard
             } else {
-                let mut b = Buf::zeroed(dt.bytes(self.layout.chunk, "padded numel")?, "the full gradient")?;
+                let b = Buf::zeroed_on(place, dt.bytes(self.layout.chunk, "padded numel")?, "the full gradient")?;
                 if let Some(g) = &self.shard_grad {
-                    convert(g.bytes(), self.dtype, b.bytes_mut(), dt);
+                    ops.convert(g.region(), self.dtype, b.region(), dt)?;
                 }
                 FullGrad::Owned(b)
             };
         } else {
-            full = match self.gather(comm, self.shard.bytes(), dt, opts.rank0_only, "the full parameter")? {
+            full = match self.gather(&mut ops, comm, self.shard.region(), dt, opts.rank0_only, place, "the full parameter")? {
                 Some(b) => Full::Owned(b),
                 None => Full::Absent,
             };
@@ -663,19 +604,22 @@ impl FlatParam {
             } else {
                 let zeros;
                 let src = match &self.shard_grad {
-                    Some(g) => g.bytes(),
+                    Some(g) => g.region(),
                     None => {
-                        zeros = vec![0u8; self.shard.len];
-                        &zeros[..]
+                        zeros = Buf::zeroed_on(self.place, self.shard.len(), "zero gradient")?;
+                        zeros.region()
                     }
                 };
-                match self.gather(comm, src, dt, opts.rank0_only, "the full gradient")? {
+                let g = self.gather(&mut ops, comm, src, dt, opts.rank0_only, place, "the full gradient")?;
+                ops.finish_step(comm)?;
+                match g {
                     Some(b) => FullGrad::Owned(b),
                     None => FullGrad::Null,
                 }
             };
         }
-        self.state = Some(Unsharded { opts, dtype: dt, full, grad });
+        ops.finish(Some(comm))?;
+        self.state = Some(Unsharded { opts, dtype: dt, place, full, grad });
         Ok(())
     }
 
@@ -690,7 +634,7 @@ impl FlatParam {
         })?;
         let es = st.dtype.size();
         let off = self.layout.offsets[i] as usize * es;
-        let data = match &mut st.full {
+        let data = match &st.full {
             Full::Absent => {
                 return Err(Error::invalid_state(format!(
                     "view: rank {rank}: unsharded with rank0_only, so only rank 0 holds the full parameters; \
@@ -701,34 +645,35 @@ impl FlatParam {
             Full::Owned(b) => b.ptr(),
         };
         if matches!(st.grad, FullGrad::Lazy) {
-            st.grad = FullGrad::Owned(Buf::zeroed(st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
+            st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
         }
-        let grad = match &mut st.grad {
+        let grad = match &st.grad {
             FullGrad::Lazy | FullGrad::Null => std::ptr::null_mut(),
-            FullGrad::Shard => self.shard_grad.as_mut().expect("shard grad exists").ptr(),
+            FullGrad::Shard => self.shard_grad.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr()),
             FullGrad::Owned(b) => b.ptr(),
         };
-        // SAFETY: offsets[i] + numels[i] <= padded numel elements of each buffer.
-        let (data, grad) = unsafe { (data.add(off), if grad.is_null() { grad } else { grad.add(off) }) };
-        Ok(TensorRef { data, grad, numel: self.layout.numels[i], dtype: st.dtype, device: Device::Cpu })
+        // offsets[i] + numels[i] <= padded numel elements of each buffer.
+        let (data, grad) = (data.wrapping_add(off), if grad.is_null() { grad } else { grad.wrapping_add(off) });
+        Ok(TensorRef { data, grad, numel: self.layout.numels[i], dtype: st.dtype, device: st.place.device() })
     }
 
     /// Copy the real (non-padding) elements of this rank's range of `full`
     /// (layout of the whole flat param) into `dst` (this rank's shard).
-    fn write_own_range(layout: &Layout, shard_rank: u64, full_chunk: &[u8], dst: &mut [u8], es: usize) {
+    fn write_own_range(ops: &mut Ops, layout: &Layout, shard_rank: u64, full_chunk: Region, dst: Region, es: usize) -> Result<()> {
         let (lo, hi) = (layout.chunk * shard_rank, layout.chunk * (shard_rank + 1));
         for (s, n) in layout.real_segments(lo, hi) {
             let a = (s - lo) as usize * es;
-            let b = a + n as usize * es;
-            dst[a..b].copy_from_slice(&full_chunk[a..b]);
+            let n = n as usize * es;
+            ops.copy(dst.sub(a, n), full_chunk.sub(a, n))?;
         }
+        Ok(())
     }
 
     /// Free the full parameter; with writeback, copy edits into the shards
     /// first (collective under rank0_only). INVALID_STATE if sharded.
     pub fn reshard(&mut self, comm: &Comm) -> Result<()> {
         self.check_comm(comm, "reshard")?;
-        let Some(mut st) = self.state.take() else {
+        let Some(st) = self.state.take() else {
             return Err(Error::invalid_state(format!(
                 "reshard: rank {}: the flat param is already sharded; call flatshard_flat_param_unshard first",
                 self.rank()
@@ -737,108 +682,117 @@ impl FlatParam {
         if !st.opts.writeback {
             return Ok(());
         }
+        let mut ops = Ops::new(comm);
+        self.write_back(&mut ops, comm, st)?;
+        ops.finish(Some(comm))
+    }
+
+    fn write_back(&mut self, ops: &mut Ops, comm: &Comm, st: Unsharded) -> Result<()> {
         // The writeback summon gathers in the shard's dtype: no conversion.
         let es = self.dtype.size();
-        let part = self.shard.len;
+        let part = self.shard.len();
         let off = (self.shard_rank * self.layout.chunk) as usize * es;
-        let grad_owned = match &mut st.grad {
+        let Unsharded { opts, full, grad, .. } = st;
+        let grad_shard = matches!(grad, FullGrad::Shard);
+        let grad_owned = match grad {
             FullGrad::Owned(b) => Some(b),
             _ => None,
         };
-        if st.opts.rank0_only && self.sharded() {
-            let res = self.scatter_from_rank0(comm, &mut st.full, part, false);
-            res?;
-            if st.opts.with_grads && self.any_grad_view(comm, grad_owned.is_some())? {
-                let mut g = grad_owned.map(|b| Full::Owned(std::mem::replace(b, Buf { words: Vec::new(), len: 0 }))).unwrap_or(Full::Absent);
-                self.scatter_from_rank0(comm, &mut g, part, true)?;
+        if opts.rank0_only && self.sharded() {
+            self.scatter_from_rank0(ops, comm, &full, part, false)?;
+            if opts.with_grads && self.any_grad_view(ops, comm, grad_owned.is_some())? {
+                let g = grad_owned.map(Full::Owned).unwrap_or(Full::Absent);
+                self.scatter_from_rank0(ops, comm, &g, part, true)?;
             }
             return Ok(());
         }
-        if let Full::Owned(f) = &st.full {
-            Self::write_own_range(&self.layout, self.shard_rank, &f.bytes()[off..off + part], self.shard.bytes_mut(), es);
+        let layout = self.layout.clone();
+        if let Full::Owned(f) = &full {
+            Self::write_own_range(ops, &layout, self.shard_rank, f.at(off, part), self.shard.region(), es)?;
         }
-        if let Some(g) = grad_owned {
-            if st.opts.with_grads {
-                let (layout, r) = (self.layout.clone(), self.shard_rank);
-                let dst = self.shard_grad_or_zeros()?;
-                Self::write_own_range(&layout, r, &g.bytes()[off..off + part], dst, es);
-            }
+        if let (Some(g), true) = (&grad_owned, opts.with_grads) {
+            let dst = self.shard_grad_or_zeros()?;
+            Self::write_own_range(ops, &layout, self.shard_rank, g.at(off, part), dst, es)?;
         }
-        if st.opts.rank0_only && self.comm_size > 1 {
+        if opts.rank0_only && self.comm_size > 1 {
             // NO_SHARD: every rank holds the whole param; rank 0's edits win
             // (real elements only: padding is never written).
-            self.broadcast_no_shard(comm, false)?;
-            if st.opts.with_grads && self.any_grad_view(comm, matches!(st.grad, FullGrad::Shard | FullGrad::Owned(_)))? {
-                self.broadcast_no_shard(comm, true)?;
+            self.broadcast_no_shard(ops, comm, false)?;
+            let had = grad_owned.is_some() || grad_shard;
+            if opts.with_grads && self.any_grad_view(ops, comm, had)? {
+                self.broadcast_no_shard(ops, comm, true)?;
             }
         }
         Ok(())
     }
 
-    fn broadcast_no_shard(&mut self, comm: &Comm, grad: bool) -> Result<()> {
+    fn broadcast_no_shard(&mut self, ops: &mut Ops, comm: &Comm, grad: bool) -> Result<()> {
         let (dt, es, layout) = (self.dtype, self.dtype.size(), self.layout.clone());
-        let mut buf = Buf::zeroed(self.shard.len, "writeback scratch")?;
+        let buf = Buf::zeroed_on(self.place, self.shard.len(), "writeback scratch")?;
         if comm.rank() == 0 {
-            let src = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
-            buf.bytes_mut().copy_from_slice(src);
+            let src = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
+            ops.copy(buf.region(), src)?;
         }
-        comm.broadcast(buf.bytes_mut(), dt, 0)?;
+        ops.broadcast(comm, buf.region(), dt, 0)?;
         if comm.rank() != 0 {
-            let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
-            Self::write_own_range(&layout, 0, buf.bytes(), dst, es);
+            let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
+            Self::write_own_range(ops, &layout, 0, buf.region(), dst, es)?;
         }
-        Ok(())
+        ops.finish_step(comm)
     }
 
     /// Under rank0_only, rank 0 tells the others whether grads were gathered.
-    fn any_grad_view(&self, comm: &Comm, have: bool) -> Result<bool> {
+    fn any_grad_view(&self, ops: &mut Ops, comm: &Comm, have: bool) -> Result<bool> {
         let mut b = [have as u8];
-        comm.broadcast(&mut b, DType::U8, 0)?;
+        ops.broadcast_host(comm, &mut b, DType::U8, 0)?;
         Ok(b[0] != 0)
     }
 
-    /// The shard gradient, created zero-filled if there is none yet (for
-    /// engines that compute shard gradients themselves).
+    /// The shard gradient, created zero-filled if there is none yet (host
+    /// flat params; for engines that compute shard gradients themselves).
     pub fn ensure_shard_grad(&mut self) -> Result<&mut [u8]> {
-        self.shard_grad_or_zeros()
+        self.shard_grad_or_zeros()?;
+        let rank = self.rank();
+        self.shard_grad
+            .as_mut()
+            .and_then(|g| g.host_bytes_mut())
+            .ok_or_else(|| Error::unsupported(format!("rank {rank}: the shard gradient is device memory; use shard().grad")))
     }
 
-    fn shard_grad_or_zeros(&mut self) -> Result<&mut [u8]> {
+    fn shard_grad_or_zeros(&mut self) -> Result<Region> {
         if self.shard_grad.is_none() {
-            self.shard_grad = Some(Buf::zeroed(self.shard.len, "the shard gradient")?);
+            self.shard_grad = Some(Buf::zeroed_on(self.place, self.shard.len(), "the shard gradient")?);
         }
-        Ok(self.shard_grad.as_mut().expect("just created").bytes_mut())
+        Ok(self.shard_grad.as_ref().map_or(self.shard.at(0, 0), |g| g.region()))
     }
 
     /// rank0_only + writeback: rank 0 broadcasts each rank's chunk in turn;
     /// rank q keeps its real elements. Non-root ranks hold one scratch chunk.
-    fn scatter_from_rank0(&mut self, comm: &Comm, full: &mut Full, part: usize, grad: bool) -> Result<()> {
+    fn scatter_from_rank0(&mut self, ops: &mut Ops, comm: &Comm, full: &Full, part: usize, grad: bool) -> Result<()> {
         let me = comm.rank();
         let es = self.dtype.size();
-        let mut scratch = if me == 0 { None } else { Some(Buf::zeroed(part, "writeback scratch")?) };
+        let layout = self.layout.clone();
+        let scratch = if me == 0 { None } else { Some(Buf::zeroed_on(self.place, part, "writeback scratch")?) };
+        let lost = || Error::internal("rank0_only writeback: rank 0 lost its full buffer");
         if me == 0 {
             // Rank 0's own range needs no message.
-            let Full::Owned(f) = &*full else {
-                return Err(Error::internal("rank0_only writeback: rank 0 lost its full buffer"));
-            };
-            let layout = self.layout.clone();
-            let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
-            Self::write_own_range(&layout, 0, &f.bytes()[..part], dst, es);
+            let Full::Owned(f) = full else { return Err(lost()) };
+            let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
+            Self::write_own_range(ops, &layout, 0, f.at(0, part), dst, es)?;
         }
         for q in 1..self.layout.world as usize {
-            let buf: &mut [u8] = match (&mut *full, &mut scratch) {
-                (Full::Owned(f), _) if me == 0 => &mut f.bytes_mut()[q * part..(q + 1) * part],
-                (_, Some(s)) => s.bytes_mut(),
-                _ => return Err(Error::internal("rank0_only writeback: rank 0 lost its full buffer")),
+            let buf = match (full, &scratch) {
+                (Full::Owned(f), _) if me == 0 => f.at(q * part, part),
+                (_, Some(s)) => s.region(),
+                _ => return Err(lost()),
             };
-            comm.broadcast(buf, self.dtype, 0)?;
+            ops.broadcast(comm, buf, self.dtype, 0)?;
             if q == me {
-                let layout = self.layout.clone();
-                let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.bytes_mut() };
-                Self::write_own_range(&layout, q as u64, buf, dst, es);
+                let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
+                Self::write_own_range(ops, &layout, q as u64, buf, dst, es)?;
             }
         }
-        Ok(())
+        ops.finish_step(comm)
     }
 
     /// Training: average the full gradients over the sharding ranks (and over
@@ -874,38 +828,42 @@ impl FlatParam {
         }
         if matches!(st.grad, FullGrad::Lazy) {
             // No view was taken here: this rank contributes zeros.
-            st.grad = FullGrad::Owned(Buf::zeroed(st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
+            st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
         }
-        let FullGrad::Owned(g) = &mut st.grad else { return Err(Error::internal("reduce_grads: training grad not owned")) };
-        let gd = st.dtype;
+        let FullGrad::Owned(g) = &st.grad else { return Err(Error::internal("reduce_grads: training grad not owned")) };
+        let (g, gd) = (g.region(), st.dtype);
         let rd = self.opts.reduce_dtype.or(self.opts.param_dtype).unwrap_or(self.dtype);
-        let mut send = Buf::zeroed(rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
-        convert(g.bytes(), gd, send.bytes_mut(), rd);
-        g.bytes_mut().fill(0);
+        let mut ops = Ops::new(comm);
+        let send = Buf::zeroed_on(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
+        ops.convert(g, gd, send.region(), rd)?;
+        ops.fill0(g)?;
         let c = self.layout.chunk;
-        let mut mine = if self.sharded() {
-            let mut r = Buf::zeroed(rd.bytes(c, "shard numel")?, "the reduced gradient")?;
-            comm.reduce_scatter(send.bytes(), r.bytes_mut(), rd, ReduceOp::Avg)?;
+        let mine = if self.sharded() {
+            let r = Buf::zeroed_on(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
+            ops.reduce_scatter(comm, send.region(), r.region(), rd, ReduceOp::Avg)?;
             r
         } else {
-            comm.all_reduce(send.bytes_mut(), rd, ReduceOp::Avg)?;
+            ops.all_reduce(comm, send.region(), rd, ReduceOp::Avg)?;
             send
         };
         if let (true, Some(rep)) = (hybrid, replicate) {
-            rep.all_reduce(mine.bytes_mut(), rd, ReduceOp::Avg)?;
+            ops.all_reduce(rep, mine.region(), rd, ReduceOp::Avg)?;
         }
-        let mut add = Buf::zeroed(self.shard.len, "the reduced gradient")?;
-        convert(mine.bytes(), rd, add.bytes_mut(), self.dtype);
+        let add = Buf::zeroed_on(self.place, self.shard.len(), "the reduced gradient")?;
+        ops.convert(mine.region(), rd, add.region(), self.dtype)?;
         let dt = self.dtype;
         let dst = self.shard_grad_or_zeros()?;
-        crate::reduce::reduce_into(dst, add.bytes(), dt, ReduceOp::Sum);
-        Ok(())
+        ops.add(dst, add.region(), dt)?;
+        ops.finish(Some(comm))
     }
 
     /// Zero this rank's shard gradient (no-op if none yet).
-    pub fn zero_grad(&mut self) {
-        if let Some(g) = &mut self.shard_grad {
-            g.bytes_mut().fill(0);
+    pub fn zero_grad(&mut self) -> Result<()> {
+        if let Some(g) = &self.shard_grad {
+            let mut ops = Ops::local();
+            ops.fill0(g.region())?;
+            ops.finish(None)?;
         }
+        Ok(())
     }
 }

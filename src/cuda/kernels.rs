@@ -1,0 +1,93 @@
+//! Launching the element-wise kernels of kernels.cu (committed as PTX, JIT
+//! compiled by the driver once per device on first use).
+
+use super::{check, set_device, Stream};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use cudarc::driver::sys as cu;
+use std::sync::Mutex;
+
+static PTX: &str = concat!(include_str!("kernels.ptx"), "\0");
+
+/// Loaded modules by device ordinal (the primary context of each device).
+static MODULES: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
+
+fn module(device: i32) -> Result<cu::CUmodule> {
+    let mut m = MODULES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, h)) = m.iter().find(|(d, _)| *d == device) {
+        return Ok(*h as cu::CUmodule);
+    }
+    set_device(device)?;
+    let mut h: cu::CUmodule = std::ptr::null_mut();
+    // SAFETY: PTX is a NUL-terminated image; the module lives for the process
+    // (the primary context is retained and never destroyed by flatshard).
+    check(unsafe { cu::cuModuleLoadData(&mut h, PTX.as_ptr() as *const std::ffi::c_void) }, "cuModuleLoadData (flatshard kernels, PTX ISA 8.1: needs a CUDA 12.1+ driver)")?;
+    m.push((device, h as usize));
+    Ok(h)
+}
+
+fn function(device: i32, name: &str) -> Result<cu::CUfunction> {
+    let m = module(device)?;
+    let cname = std::ffi::CString::new(name).map_err(|_| Error::internal("kernel name"))?;
+    let mut f: cu::CUfunction = std::ptr::null_mut();
+    // SAFETY: valid module and NUL-terminated name.
+    check(unsafe { cu::cuModuleGetFunction(&mut f, m, cname.as_ptr()) }, &format!("cuModuleGetFunction {name}"))?;
+    Ok(f)
+}
+
+unsafe fn launch(device: i32, name: &str, a: *mut u8, b: *mut u8, n: usize, stream: Stream) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let f = function(device, name)?;
+    let (mut a, mut b, mut n64) = (a as u64, b as u64, n as u64);
+    let mut args: [*mut std::ffi::c_void; 3] = [
+        &mut a as *mut u64 as *mut std::ffi::c_void,
+        &mut b as *mut u64 as *mut std::ffi::c_void,
+        &mut n64 as *mut u64 as *mut std::ffi::c_void,
+    ];
+    const THREADS: usize = 256;
+    let blocks = n.div_ceil(THREADS).min(65_535) as u32;
+    check(
+        cu::cuLaunchKernel(f, blocks, 1, 1, THREADS as u32, 1, 1, 0, stream as cu::CUstream, args.as_mut_ptr(), std::ptr::null_mut()),
+        &format!("cuLaunchKernel {name}"),
+    )
+}
+
+fn short(dt: DType) -> &'static str {
+    match dt {
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "",
+    }
+}
+
+/// `dst[i] = (to) src[i]` for `n` elements on the device, in order on
+/// `stream`. Ok(false): no kernel for this pair (f64 → f16/bf16 would round
+/// twice through f32), the caller converts on the host.
+///
+/// # Safety
+/// Device pointers valid for `n` elements of their dtypes.
+pub unsafe fn launch_convert(src: *const u8, from: DType, dst: *mut u8, to: DType, n: usize, device: i32, stream: Stream) -> Result<bool> {
+    if from == DType::F64 && matches!(to, DType::F16 | DType::BF16) {
+        return Ok(false);
+    }
+    if short(from).is_empty() || short(to).is_empty() || from == to {
+        return Ok(false);
+    }
+    launch(device, &format!("fs_convert_{}_{}", short(from), short(to)), src as *mut u8, dst, n, stream)?;
+    Ok(true)
+}
+
+/// `dst[i] += src[i]` (f16/bf16 in f32, rounded to nearest-even).
+///
+/// # Safety
+/// Device pointers valid for `n` elements of `dt`.
+pub unsafe fn launch_add(dst: *mut u8, src: *const u8, dt: DType, n: usize, device: i32, stream: Stream) -> Result<()> {
+    if short(dt).is_empty() {
+        return Err(Error::invalid_arg(format!("{}: flat-param gradients are floating point", dt.name())));
+    }
+    launch(device, &format!("fs_add_{}", short(dt)), dst, src as *mut u8, n, stream)
+}

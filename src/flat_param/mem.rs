@@ -1,0 +1,517 @@
+//! Memory for flat parameters: host, pinned-host and device buffers, and the
+//! handful of operations the state machine in `mod.rs` needs on them (fill,
+//! copy, convert, add, and the four collectives). One code path serves host
+//! and CUDA flat params, so a device flat param follows exactly the logic the
+//! host suites verify.
+//!
+//! Collectives take buffers wherever they are and stage what the
+//! communicator cannot read: a host communicator gets device regions through
+//! pinned host memory, an NCCL communicator gets host regions through device
+//! memory. Staging buffers are the size of the region of that one call and
+//! are freed before the call returns, so e.g. rank0_only + offload_to_cpu on
+//! NCCL keeps device memory at one shard-sized chunk.
+//!
+//! Ordering: device work is queued on one stream (`Ops::stream`: the NCCL
+//! communicator's, else the legacy default stream); every device-to-host copy
+//! waits for its stream before host code reads the result, and every flat
+//! param call ends with `Ops::finish`, so flat-param calls complete before
+//! they return, as host ones do.
+
+use crate::comm::Comm;
+use crate::cuda::{self, Dir, Stream};
+use crate::dtype::{DType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::tensor::Device;
+
+/// Where a buffer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Ordinary (pageable) host memory.
+    Host,
+    /// Page-locked host memory (offload_to_cpu of device params, staging).
+    Pinned,
+    /// Device memory of CUDA device `n`.
+    Device(i32),
+}
+
+impl Place {
+    pub fn device(self) -> Device {
+        match self {
+            Place::Device(d) => Device::Cuda(d),
+            _ => Device::Cpu,
+        }
+    }
+    pub fn is_host(self) -> bool {
+        !matches!(self, Place::Device(_))
+    }
+    /// Can a communicator that wants `want` read this place directly?
+    fn serves(self, want: Place) -> bool {
+        match want {
+            Place::Device(d) => self == Place::Device(d),
+            _ => self.is_host(),
+        }
+    }
+}
+
+enum Store {
+    Host(Vec<u64>),
+    Pinned(cuda::PinnedMem),
+    Device(cuda::DevMem),
+}
+
+/// A library-owned, zero-filled buffer (8-byte aligned on the host, 256 on
+/// the device).
+pub struct Buf {
+    store: Store,
+    len: usize,
+}
+
+impl Buf {
+    pub fn empty() -> Buf {
+        Buf { store: Store::Host(Vec::new()), len: 0 }
+    }
+
+    /// Host memory.
+    pub fn zeroed(len: usize, what: &str) -> Result<Buf> {
+        let n = len.div_ceil(8);
+        if n == 0 {
+            return Ok(Buf { store: Store::Host(Vec::new()), len });
+        }
+        // alloc_zeroed (calloc) gets fresh zero pages from the OS for large
+        // buffers instead of writing zeros that the gather overwrites anyway;
+        // unlike vec![0; n] it reports failure instead of aborting.
+        let layout = std::alloc::Layout::array::<u64>(n).map_err(|_| Error::oom(format!("{len} bytes for {what} exceed the address space")))?;
+        // SAFETY: layout has non-zero size; the pointer is checked for null and
+        // owned by the Vec with the same layout (capacity n, all n zeroed).
+        let words = unsafe {
+            let p = std::alloc::alloc_zeroed(layout) as *mut u64;
+            if p.is_null() {
+                return Err(Error::oom(format!("cannot allocate {len} bytes for {what}")));
+            }
+            Vec::from_raw_parts(p, n, n)
+        };
+        advise_huge_pages(words.as_ptr() as usize, len);
+        Ok(Buf { store: Store::Host(words), len })
+    }
+
+    /// Zero-filled memory at `place`; device memory is zeroed before this returns.
+    pub fn zeroed_on(place: Place, len: usize, what: &str) -> Result<Buf> {
+        match place {
+            Place::Host => Buf::zeroed(len, what),
+            Place::Pinned => Ok(Buf { store: Store::Pinned(cuda::PinnedMem::zeroed(len, what)?), len }),
+            Place::Device(d) => {
+                let m = cuda::DevMem::zeroed(d, len, std::ptr::null_mut(), what)?;
+                cuda::stream_sync(std::ptr::null_mut())?;
+                Ok(Buf { store: Store::Device(m), len })
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn place(&self) -> Place {
+        match &self.store {
+            Store::Host(_) => Place::Host,
+            Store::Pinned(_) => Place::Pinned,
+            Store::Device(m) => Place::Device(m.device()),
+        }
+    }
+    /// Null for an empty buffer.
+    pub fn ptr(&self) -> *mut u8 {
+        if self.len == 0 {
+            return std::ptr::null_mut();
+        }
+        match &self.store {
+            Store::Host(w) => w.as_ptr() as *mut u8,
+            Store::Pinned(m) => m.ptr(),
+            Store::Device(m) => m.ptr(),
+        }
+    }
+    pub fn region(&self) -> Region {
+        Region { ptr: self.ptr(), len: self.len, place: self.place() }
+    }
+    /// `len` bytes from byte `off`.
+    pub fn at(&self, off: usize, len: usize) -> Region {
+        self.region().sub(off, len)
+    }
+    /// The bytes, for host and pinned buffers (None on the device).
+    pub fn host_bytes(&self) -> Option<&[u8]> {
+        // SAFETY: a host-visible allocation of len initialised bytes.
+        self.place().is_host().then(|| unsafe { self.region().slice() } as &[u8])
+    }
+    pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        // SAFETY: as above, and we hold &mut self.
+        self.place().is_host().then(|| unsafe { self.region().slice() })
+    }
+}
+
+/// Ask for transparent huge pages on a large, still untouched buffer: the
+/// gather then takes one page fault per 2 MiB instead of per 4 KiB (the
+/// kernel's default THP mode is often `madvise`). Advisory; errors ignored.
+fn advise_huge_pages(addr: usize, len: usize) {
+    const HUGE: usize = 2 << 20;
+    if len < 2 * HUGE {
+        return;
+    }
+    let start = addr.next_multiple_of(HUGE);
+    let end = (addr + len) / HUGE * HUGE;
+    #[cfg(target_os = "linux")]
+    if end > start {
+        // SAFETY: [start, end) lies inside a live allocation we own; MADV_HUGEPAGE
+        // changes no contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
+    let _ = (start, end);
+}
+
+/// A byte range of a buffer (or of a caller's tensor). Plain pointers: the
+/// state machine guarantees the buffer outlives the region's use.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    pub ptr: *mut u8,
+    pub len: usize,
+    pub place: Place,
+}
+
+impl Region {
+    pub fn new(ptr: *mut u8, len: usize, place: Place) -> Region {
+        Region { ptr, len, place }
+    }
+    pub fn sub(self, off: usize, len: usize) -> Region {
+        assert!(off.checked_add(len).is_some_and(|e| e <= self.len), "region [{off}, +{len}) outside {} bytes", self.len);
+        let ptr = if len == 0 || self.ptr.is_null() { self.ptr } else { self.ptr.wrapping_add(off) };
+        Region { ptr, len, place: self.place }
+    }
+    /// # Safety
+    /// A host-visible region of live memory that nothing else accesses meanwhile.
+    pub unsafe fn slice<'a>(self) -> &'a mut [u8] {
+        debug_assert!(self.place.is_host());
+        if self.len == 0 || self.ptr.is_null() {
+            return &mut [];
+        }
+        std::slice::from_raw_parts_mut(self.ptr, self.len)
+    }
+}
+
+/// Convert `src` (elements of `from`) into `dst` (elements of `to`); float dtypes.
+pub fn convert_host(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
+    if from == to {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let n = src.len() / from.size();
+    debug_assert_eq!(dst.len(), n * to.size());
+    match (from, to) {
+        (DType::F32, DType::BF16) => {
+            for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
+                let x = f32::from_ne_bytes(s.try_into().expect("4"));
+                d.copy_from_slice(&crate::reduce::f32_to_bf16_bits(x).to_ne_bytes());
+            }
+        }
+        (DType::BF16, DType::F32) => {
+            for (s, d) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
+                let x = crate::reduce::bf16_bits_to_f32(u16::from_ne_bytes(s.try_into().expect("2")));
+                d.copy_from_slice(&x.to_ne_bytes());
+            }
+        }
+        _ => {
+            for i in 0..n {
+                let x = read_f64(&src[i * from.size()..], from);
+                write_f64(&mut dst[i * to.size()..], to, x);
+            }
+        }
+    }
+}
+
+fn read_f64(b: &[u8], dt: DType) -> f64 {
+    match dt {
+        DType::F32 => f32::from_ne_bytes(b[..4].try_into().expect("4")) as f64,
+        DType::F64 => f64::from_ne_bytes(b[..8].try_into().expect("8")),
+        DType::F16 => half::f16::from_bits(u16::from_ne_bytes(b[..2].try_into().expect("2"))).to_f64(),
+        DType::BF16 => half::bf16::from_bits(u16::from_ne_bytes(b[..2].try_into().expect("2"))).to_f64(),
+        _ => unreachable!("flat params hold floating dtypes only"),
+    }
+}
+
+fn write_f64(b: &mut [u8], dt: DType, x: f64) {
+    match dt {
+        DType::F32 => b[..4].copy_from_slice(&(x as f32).to_ne_bytes()),
+        DType::F64 => b[..8].copy_from_slice(&x.to_ne_bytes()),
+        DType::F16 => b[..2].copy_from_slice(&half::f16::from_f64(x).to_bits().to_ne_bytes()),
+        DType::BF16 => b[..2].copy_from_slice(&half::bf16::from_f64(x).to_bits().to_ne_bytes()),
+        _ => unreachable!("flat params hold floating dtypes only"),
+    }
+}
+
+/// The operations of one flat-param call; see the module docs for ordering.
+pub struct Ops {
+    stream: Stream,
+    /// Device work was queued and not yet waited for.
+    dirty: bool,
+}
+
+impl Ops {
+    /// Device work of this call goes on `comm`'s stream.
+    pub fn new(comm: &Comm) -> Ops {
+        Ops { stream: comm.stream(), dirty: false }
+    }
+    /// For calls without a communicator (zero_grad, lazy buffers).
+    pub fn local() -> Ops {
+        Ops { stream: std::ptr::null_mut(), dirty: false }
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.dirty {
+            self.dirty = false;
+            cuda::stream_sync(self.stream)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for this call's device work (NCCL work with the communicator's deadline).
+    pub fn finish(mut self, comm: Option<&Comm>) -> Result<()> {
+        match comm {
+            Some(c) => self.finish_step(c),
+            None => self.sync(),
+        }
+    }
+
+    /// Wait for the device work so far, e.g. before temporaries are freed.
+    pub fn finish_step(&mut self, comm: &Comm) -> Result<()> {
+        if self.dirty && comm.is_device() && comm.stream() == self.stream {
+            self.dirty = false;
+            return comm.synchronize();
+        }
+        self.sync()
+    }
+
+    pub fn fill0(&mut self, r: Region) -> Result<()> {
+        if r.place.is_host() {
+            // SAFETY: a live host region (Region's contract).
+            unsafe { r.slice().fill(0) };
+            return Ok(());
+        }
+        self.dirty = true;
+        // SAFETY: a live device region.
+        unsafe { cuda::memset0_async(r.ptr, r.len, self.stream) }
+    }
+
+    /// Copy `src` into `dst` (same length; they may be in different places).
+    pub fn copy(&mut self, dst: Region, src: Region) -> Result<()> {
+        assert_eq!(dst.len, src.len, "copy between regions of different lengths");
+        if dst.len == 0 {
+            return Ok(());
+        }
+        let dir = match (src.place.is_host(), dst.place.is_host()) {
+            (true, true) => {
+                // Host side: wait for queued device writes into it first.
+                self.sync()?;
+                // SAFETY: live, possibly overlapping host regions.
+                unsafe { std::ptr::copy(src.ptr, dst.ptr, src.len) };
+                return Ok(());
+            }
+            (true, false) => Dir::HtoD,
+            (false, true) => Dir::DtoH,
+            (false, false) => Dir::DtoD,
+        };
+        if dir == Dir::HtoD {
+            self.sync()?;
+        }
+        self.dirty = true;
+        // SAFETY: live regions on the sides dir names.
+        unsafe { cuda::copy_async(dst.ptr, src.ptr, src.len, dir, self.stream)? };
+        if dir == Dir::DtoH {
+            // Host code reads dst next.
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// A temporary at `place` holding a copy of `r` (or zeros if !copy_in).
+    fn temp(&mut self, r: Region, place: Place, copy_in: bool, what: &str) -> Result<Buf> {
+        let place = if place == Place::Host && !r.place.is_host() { Place::Pinned } else { place };
+        let t = Buf::zeroed_on(place, r.len, what)?;
+        if copy_in {
+            self.copy(t.region(), r)?;
+        }
+        Ok(t)
+    }
+
+    /// `dst = (to) src`, element-wise.
+    pub fn convert(&mut self, src: Region, from: DType, dst: Region, to: DType) -> Result<()> {
+        if from == to {
+            return self.copy(dst, src);
+        }
+        let n = src.len / from.size();
+        assert_eq!(dst.len, n * to.size(), "convert between regions of different numel");
+        if src.place.is_host() && dst.place.is_host() {
+            self.sync()?;
+            // SAFETY: live, distinct host regions.
+            unsafe { convert_host(src.slice(), from, dst.slice(), to) };
+            return Ok(());
+        }
+        if let (Place::Device(a), Place::Device(b)) = (src.place, dst.place) {
+            if a == b {
+                self.dirty = true;
+                // SAFETY: live device regions of n elements each.
+                if unsafe { cuda::launch_convert(src.ptr, from, dst.ptr, to, n, a, self.stream)? } {
+                    return Ok(());
+                }
+            }
+        }
+        // Different places (or a pair without a kernel): convert on the host.
+        let s = self.temp(src, Place::Host, true, "conversion staging")?;
+        let mut d = Buf::zeroed_on(if dst.place.is_host() { Place::Host } else { Place::Pinned }, dst.len, "conversion staging")?;
+        convert_host(s.host_bytes().unwrap_or(&[]), from, d.host_bytes_mut().unwrap_or(&mut []), to);
+        self.copy(dst, d.region())?;
+        self.sync()
+    }
+
+    /// `dst += src`, element-wise (f16/bf16 in f32, rounded to nearest-even).
+    pub fn add(&mut self, dst: Region, src: Region, dt: DType) -> Result<()> {
+        assert_eq!(dst.len, src.len, "add of regions of different lengths");
+        if dst.place.is_host() {
+            let s = if src.place.is_host() { None } else { Some(self.temp(src, Place::Host, true, "gradient staging")?) };
+            self.sync()?;
+            let sr = s.as_ref().map_or(src, |b| b.region());
+            // SAFETY: live, distinct host regions.
+            unsafe { crate::reduce::reduce_into(dst.slice(), sr.slice(), dt, ReduceOp::Sum) };
+            return Ok(());
+        }
+        let Place::Device(d) = dst.place else { unreachable!() };
+        let s = if src.place == dst.place { None } else { Some(self.temp(src, dst.place, true, "gradient staging")?) };
+        let sr = s.as_ref().map_or(src, |b| b.region());
+        self.dirty = true;
+        // SAFETY: live device regions of the same length on device d.
+        unsafe { cuda::launch_add(dst.ptr, sr.ptr, dt, dst.len / dt.size(), d, self.stream)? };
+        if s.is_some() {
+            self.sync()?; // the staging buffer is freed next
+        }
+        Ok(())
+    }
+
+    /// The place `comm` reads directly.
+    fn want(comm: &Comm) -> Place {
+        comm.device_index().map_or(Place::Host, Place::Device)
+    }
+
+    /// Run a collective on regions `comm` can read, staging the others:
+    /// `(region, copy in, copy out)` each.
+    fn staged(&mut self, comm: &Comm, rs: &[(Region, bool, bool)], f: impl FnOnce(&mut Ops, &[Region]) -> Result<()>) -> Result<()> {
+        let want = Self::want(comm);
+        let mut temps: Vec<Option<Buf>> = Vec::with_capacity(rs.len());
+        for (r, cin, _) in rs {
+            temps.push(if r.place.serves(want) { None } else { Some(self.temp(*r, want, *cin, "collective staging")?) });
+        }
+        let use_: Vec<Region> = rs.iter().zip(&temps).map(|((r, _, _), t)| t.as_ref().map_or(*r, |b| b.region())).collect();
+        if want.is_host() {
+            // Host collectives read host memory now: device writes must be done.
+            self.sync()?;
+        } else if comm.stream() != self.stream {
+            self.sync()?;
+        }
+        f(self, &use_)?;
+        if !want.is_host() && comm.stream() != self.stream {
+            comm.synchronize()?;
+        }
+        let mut staged_out = false;
+        for ((r, _, cout), t) in rs.iter().zip(&temps) {
+            if let (true, Some(t)) = (*cout, t) {
+                self.copy(*r, t.region())?;
+                staged_out = true;
+            }
+        }
+        if staged_out || temps.iter().any(|t| t.is_some()) {
+            // Temporaries are freed on return: wait for the copies that use them.
+            if !want.is_host() && comm.stream() == self.stream {
+                comm.synchronize()?;
+                self.dirty = false;
+            } else {
+                self.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn all_gather(&mut self, comm: &Comm, src: Region, dst: Region, dt: DType) -> Result<()> {
+        self.staged(comm, &[(src, true, false), (dst, false, true)], |ops, r| {
+            if comm.is_device() {
+                ops.dirty = true;
+                // SAFETY: device regions on comm's device; dst holds size × src.
+                unsafe { comm.dev_all_gather(r[0].ptr, r[1].ptr, r[0].len / dt.size(), dt) }
+            } else {
+                // SAFETY: distinct live host regions.
+                unsafe { comm.all_gather(r[0].slice(), r[1].slice(), dt) }
+            }
+        })
+    }
+
+    pub fn reduce_scatter(&mut self, comm: &Comm, src: Region, dst: Region, dt: DType, op: ReduceOp) -> Result<()> {
+        self.staged(comm, &[(src, true, false), (dst, false, true)], |ops, r| {
+            if comm.is_device() {
+                ops.dirty = true;
+                // SAFETY: device regions on comm's device; src holds size × dst.
+                unsafe { comm.dev_reduce_scatter(r[0].ptr, r[1].ptr, r[1].len / dt.size(), dt, op) }
+            } else {
+                // SAFETY: distinct live host regions.
+                unsafe { comm.reduce_scatter(r[0].slice(), r[1].slice(), dt, op) }
+            }
+        })
+    }
+
+    pub fn all_reduce(&mut self, comm: &Comm, buf: Region, dt: DType, op: ReduceOp) -> Result<()> {
+        self.staged(comm, &[(buf, true, true)], |ops, r| {
+            if comm.is_device() {
+                ops.dirty = true;
+                // SAFETY: a device region on comm's device, reduced in place.
+                unsafe { comm.dev_all_reduce(r[0].ptr, r[0].ptr, r[0].len / dt.size(), dt, op) }
+            } else {
+                // SAFETY: a live host region.
+                unsafe { comm.all_reduce(r[0].slice(), dt, op) }
+            }
+        })
+    }
+
+    pub fn broadcast(&mut self, comm: &Comm, buf: Region, dt: DType, root: i32) -> Result<()> {
+        self.staged(comm, &[(buf, comm.rank() as i32 == root, true)], |ops, r| {
+            if comm.is_device() {
+                ops.dirty = true;
+                // SAFETY: a device region on comm's device.
+                unsafe { comm.dev_broadcast(r[0].ptr, r[0].len / dt.size(), dt, root) }
+            } else {
+                // SAFETY: a live host region.
+                unsafe { comm.broadcast(r[0].slice(), dt, root) }
+            }
+        })
+    }
+
+    /// Collectives on small host arrays (agreement, flags), whatever the comm.
+    pub fn all_gather_host(&mut self, comm: &Comm, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
+        let s = Region::new(send.as_ptr() as *mut u8, send.len(), Place::Host);
+        let r = Region::new(recv.as_mut_ptr(), recv.len(), Place::Host);
+        self.all_gather(comm, s, r, dt)
+    }
+    pub fn all_reduce_host(&mut self, comm: &Comm, buf: &mut [u8], dt: DType, op: ReduceOp) -> Result<()> {
+        self.all_reduce(comm, Region::new(buf.as_mut_ptr(), buf.len(), Place::Host), dt, op)
+    }
+    pub fn broadcast_host(&mut self, comm: &Comm, buf: &mut [u8], dt: DType, root: i32) -> Result<()> {
+        self.broadcast(comm, Region::new(buf.as_mut_ptr(), buf.len(), Place::Host), dt, root)
+    }
+}
+
+impl Drop for Ops {
+    fn drop(&mut self) {
+        // An error path left device work queued: wait for it before the
+        // buffers it uses can be freed (a failed NCCL comm was aborted, so
+        // this returns).
+        if self.dirty {
+            let _ = cuda::stream_sync(self.stream);
+        }
+    }
+}
