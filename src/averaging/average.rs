@@ -45,7 +45,7 @@ use crate::comm::Comm;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce::{bf16_bits_to_f32, f32_to_bf16_bits, reduce_n_raw};
-use crate::tensor::TensorRef;
+use crate::tensor::{Device, TensorRef};
 use std::sync::mpsc;
 
 /// Skip tensors whose `grad` is null (PyTorch's `get_params_to_average`).
@@ -120,6 +120,10 @@ pub fn validate(rank: usize, params: &[TensorRef], flags: u32) -> Result<()> {
             "rank {rank}: flags: 0x{flags:x} has unknown bits 0x{unknown:x}; the only flag is FLATSHARD_AVG_ONLY_WITH_GRAD (0x1)"
         )));
     }
+    if params.iter().any(|t| t.device != Device::Cpu) {
+        // CUDA tensors: the device path's checks (driver, one kind of memory).
+        return super::device::validate(rank, params);
+    }
     for (i, t) in params.iter().enumerate() {
         let what = format!("rank {rank}: params[{i}]");
         t.check_host(&what).map_err(|e| {
@@ -143,7 +147,7 @@ pub fn validate(rank: usize, params: &[TensorRef], flags: u32) -> Result<()> {
 }
 
 /// The indices of the tensors to average, after `validate`.
-fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
+pub(crate) fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
     if params.is_empty() {
         return Err(Error::invalid_arg(format!("rank {rank}: params: n is 0, nothing to average (PyTorch raises too)")));
     }
@@ -183,10 +187,13 @@ pub unsafe fn average_parameters_with(comm: &Comm, params: &[TensorRef], flags: 
 }
 
 /// Fingerprint sent by a rank whose arguments were refused.
-const REFUSED: u64 = u64::MAX;
+pub(crate) const REFUSED: u64 = u64::MAX;
 
 unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: Result<AvgOptions>) -> Result<()> {
     let rank = comm.rank();
+    if params.iter().any(|t| t.device != Device::Cpu) {
+        return super::device::average_device(comm, params, flags);
+    }
     let local = opts.and_then(|o| {
         validate(rank, params, flags)?;
         if o.bucket_bytes == 0 {
@@ -211,7 +218,7 @@ unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: R
 }
 
 /// FNV-1a over what decides the sequence of collectives.
-fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> u64 {
+pub(crate) fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |v: u64| {
         for b in v.to_le_bytes() {
@@ -229,10 +236,13 @@ fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> u
 
 /// All ranks learn every rank's fingerprint; the ranks that differ from the
 /// most common one are named.
-fn agree(comm: &Comm, fp: u64) -> Result<()> {
+pub(crate) fn agree(comm: &Comm, fp: u64) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.size());
     let mut all = vec![0u8; 8 * world];
-    comm.all_gather(&fp.to_le_bytes(), &mut all, DType::U8)?;
+    // Through the staging layer, so an NCCL communicator agrees too.
+    let mut ops = crate::flat_param::mem::Ops::new(comm);
+    ops.all_gather_host(comm, &fp.to_le_bytes(), &mut all, DType::U8)?;
+    ops.finish(Some(comm))?;
     let fps: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
     if fps.iter().all(|&f| f == fps[0]) {
         return Ok(());

@@ -1,57 +1,167 @@
-//! `average_parameters` on CUDA tensors. On an NCCL communicator each tensor
-//! is averaged on the device (ncclAvg, stream-ordered like every NCCL
-//! collective); on a host communicator each tensor is staged through host
-//! memory (extra memory: the largest tensor), so several ranks sharing one GPU,
-//! or a CPU-only job with GPU parameters, still work.
-//! Not verified on a GPU yet (no GPU in this project's CI).
+//! `average_parameters` on CUDA tensors.
+//!
+//! - NCCL communicator: every tensor is averaged in place on the device
+//!   (ncclAvg), issued in fused NCCL groups (no extra device memory, one
+//!   launch per group); stream-ordered on the communicator's stream like every
+//!   NCCL collective (flatshard_comm_synchronize waits).
+//! - Host communicator: the tensors are staged through one pinned host bucket
+//!   of at most FLATSHARD_BUCKET_BYTES (tensors packed, large ones split), so
+//!   several ranks sharing one GPU, or a CPU-only job with GPU parameters,
+//!   still work with bounded extra memory. Completes before returning.
+//!
+//! As on the host, the ranks agree on what they average before any data
+//! moves: a rank with bad arguments makes every rank return (MISMATCH on the
+//! others) instead of leaving them waiting.
 
-use super::average::AVG_ONLY_WITH_GRAD;
+use super::average::{agree, fingerprint, select, AvgOptions, AVG_ONLY_WITH_GRAD, REFUSED};
 use crate::comm::Comm;
 use crate::dtype::ReduceOp;
-use crate::error::{try_zeroed, Error, Result};
+use crate::error::{Error, Result};
+use crate::flat_param::mem::{Buf, Ops, Place, Region};
 use crate::tensor::{Device, TensorRef};
 
-/// # Safety
-/// Every tensor's `data` must be device memory valid for `numel` elements.
-pub unsafe fn average_device(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<()> {
-    let rank = comm.rank();
+/// NCCL ops per fused group.
+const GROUP: usize = 256;
+
+/// The checks that do not depend on the communicator (also on the averagers'
+/// steps that do not average).
+pub fn validate(rank: usize, params: &[TensorRef]) -> Result<()> {
     crate::cuda::driver().map_err(|e| e.context(format!("rank {rank}: params hold CUDA tensors")))?;
-    if let Some(i) = params.iter().position(|t| t.device == Device::Cpu) {
-        return Err(Error::unsupported(format!(
-            "rank {rank}: params[{i}] is a host tensor among CUDA tensors; average host and device tensors in separate calls"
-        )));
-    }
-    if flags & !AVG_ONLY_WITH_GRAD != 0 {
-        return Err(Error::invalid_arg(format!("rank {rank}: flags: 0x{flags:x} has unknown bits")));
-    }
-    let mut chosen = Vec::new();
     for (i, t) in params.iter().enumerate() {
+        if t.device == Device::Cpu {
+            return Err(Error::unsupported(format!(
+                "rank {rank}: params[{i}] is a host tensor among CUDA tensors; average host and device tensors in separate calls"
+            )));
+        }
         if !t.dtype.is_float() {
-            return Err(Error::invalid_arg(format!("rank {rank}: params[{i}].dtype: {} cannot be averaged", t.dtype.name())));
-        }
-        t.bytes().map_err(|e| e.context(format!("rank {rank}: params[{i}]")))?;
-        if flags & AVG_ONLY_WITH_GRAD == 0 || !t.grad.is_null() {
-            chosen.push(*t);
-        }
-    }
-    if chosen.is_empty() {
-        return Err(Error::invalid_arg(format!("rank {rank}: no parameter has a gradient (FLATSHARD_AVG_ONLY_WITH_GRAD skipped all {})", params.len())));
-    }
-    for t in chosen {
-        let n = t.numel as usize;
-        if comm.is_device() {
-            comm.run(|b| {
-                let d = b.device().ok_or_else(|| Error::internal("device backend vanished"))?;
-                d.all_reduce(t.data, t.data, n, t.dtype, ReduceOp::Avg)
-            })?;
-        } else {
-            let bytes = t.bytes()?;
-            let mut host = try_zeroed(bytes, "staging a CUDA tensor for averaging")?;
-            crate::cuda::copy_to_host(host.as_mut_ptr(), t.data, bytes)?;
-            let h = TensorRef { data: host.as_mut_ptr(), grad: std::ptr::null_mut(), numel: t.numel, dtype: t.dtype, device: Device::Cpu };
-            super::average_parameters(comm, &[h], 0)?;
-            crate::cuda::copy_to_device(t.data, host.as_ptr(), bytes)?;
+            return Err(Error::invalid_arg(format!("rank {rank}: params[{i}].dtype: {} cannot be averaged; pass f32, f64, f16 or bf16", t.dtype.name())));
         }
     }
     Ok(())
+}
+
+fn check(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<(Vec<usize>, AvgOptions)> {
+    let rank = comm.rank();
+    let opts = AvgOptions::from_env()?;
+    if flags & !AVG_ONLY_WITH_GRAD != 0 {
+        return Err(Error::invalid_arg(format!("flags: 0x{flags:x} has unknown bits; the only flag is FLATSHARD_AVG_ONLY_WITH_GRAD (0x1)")));
+    }
+    validate(rank, params)?;
+    for (i, t) in params.iter().enumerate() {
+        let Device::Cuda(d) = t.device else {
+            return Err(Error::unsupported(format!(
+                "params[{i}] is a host tensor among CUDA tensors; average host and device tensors in separate calls"
+            )));
+        };
+        if !t.dtype.is_float() {
+            return Err(Error::invalid_arg(format!("params[{i}].dtype: {} cannot be averaged; pass f32, f64, f16 or bf16", t.dtype.name())));
+        }
+        t.bytes().map_err(|e| e.context(format!("params[{i}]")))?;
+        if t.numel > 0 {
+            match crate::cuda::device_of(t.data) {
+                Some(x) if x == d => {}
+                Some(x) => return Err(Error::invalid_arg(format!("params[{i}].data: memory of cuda:{x}, but device says cuda:{d}"))),
+                None => return Err(Error::invalid_arg(format!("params[{i}].data: not CUDA device memory, but device says cuda:{d}"))),
+            }
+        }
+        if let Some(cd) = comm.device_index() {
+            if cd != d {
+                return Err(Error::invalid_arg(format!("params[{i}].device: cuda:{d}, but the NCCL communicator runs on cuda:{cd}")));
+            }
+        }
+    }
+    let chosen = select(rank, params, flags)?;
+    Ok((chosen, opts))
+}
+
+/// # Safety
+/// Every tensor's `data` must be device memory valid for `numel` elements,
+/// not accessed by anything else during the call.
+pub unsafe fn average_device(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<()> {
+    let rank = comm.rank();
+    let local = check(comm, params, flags).map_err(|e| if e.msg.starts_with("rank ") { e } else { e.context(format!("rank {rank}")) });
+    if comm.size() == 1 {
+        return local.map(|_| ());
+    }
+    let fp = match &local {
+        Ok((chosen, o)) => fingerprint(params, chosen, o.bucket_bytes),
+        Err(_) => REFUSED,
+    };
+    let agreed = agree(comm, fp);
+    let (chosen, opts) = local?;
+    agreed?;
+    if comm.is_device() {
+        for batch in chosen.chunks(GROUP) {
+            comm.dev_group(|| {
+                for &i in batch {
+                    let t = &params[i];
+                    comm.dev_all_reduce(t.data, t.data, t.numel as usize, t.dtype, ReduceOp::Avg)?;
+                }
+                Ok(())
+            })?;
+        }
+        return Ok(());
+    }
+    staged(comm, params, &chosen, opts.bucket_bytes)
+}
+
+/// Host communicator: pack the chosen tensors (pieces of them) into one
+/// pinned bucket, average it with the host path, copy back; repeat.
+unsafe fn staged(comm: &Comm, params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> Result<()> {
+    let total: usize = chosen.iter().map(|&i| params[i].numel as usize * params[i].dtype.size()).sum();
+    let bucket = Buf::zeroed_on(Place::Pinned, bucket_bytes.min(total.max(1)).max(8), "the averaging staging bucket")?;
+    let mut ops = Ops::new(comm);
+    // (tensor, first element, elements) pieces in the current bucket fill.
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+    let mut used = 0usize;
+    let flush = |ops: &mut Ops, pieces: &mut Vec<(usize, usize, usize)>| -> Result<()> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        let mut host = Vec::with_capacity(pieces.len());
+        let mut off = 0;
+        for &(i, first, n) in pieces.iter() {
+            let t = &params[i];
+            let es = t.dtype.size();
+            let dev = Region::new(t.data.add(first * es), n * es, Region::place_of(t.device));
+            ops.copy(bucket.at(off, n * es), dev)?;
+            host.push(TensorRef { data: bucket.ptr().add(off), grad: std::ptr::null_mut(), numel: n as u64, dtype: t.dtype, device: Device::Cpu });
+            off += (n * es).next_multiple_of(8);
+        }
+        // The host path agrees on this fill's tensors, then averages in the
+        // pinned bucket (its own bucket size is at least ours, so one pass).
+        super::average_parameters_with(comm, &host, 0, &AvgOptions { bucket_bytes: bucket.len().max(1), overlap: false })?;
+        let mut off = 0;
+        for &(i, first, n) in pieces.iter() {
+            let t = &params[i];
+            let es = t.dtype.size();
+            let dev = Region::new(t.data.add(first * es), n * es, Region::place_of(t.device));
+            ops.copy(dev, bucket.at(off, n * es))?;
+            off += (n * es).next_multiple_of(8);
+        }
+        // The bucket is refilled next: wait for the copies out of it.
+        ops.finish_step(comm)?;
+        pieces.clear();
+        Ok(())
+    };
+    for &i in chosen {
+        let t = &params[i];
+        let es = t.dtype.size();
+        let mut first = 0usize;
+        let numel = t.numel as usize;
+        while first < numel {
+            let room = (bucket.len().saturating_sub(used)) / es;
+            if room == 0 {
+                flush(&mut ops, &mut pieces)?;
+                used = 0;
+                continue;
+            }
+            let n = room.min(numel - first);
+            pieces.push((i, first, n));
+            used += (n * es).next_multiple_of(8);
+            first += n;
+        }
+    }
+    flush(&mut ops, &mut pieces)?;
+    ops.finish(Some(comm))
 }

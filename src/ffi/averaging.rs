@@ -57,9 +57,10 @@ unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorR
 /// arguments, makes every rank return at once and nothing is averaged.
 ///
 /// CUDA tensors (all of the call's tensors on the device): on an NCCL
-/// communicator each is averaged on the device (ncclAvg, ordered on the
-/// communicator's stream); on a host communicator each is staged through host
-/// memory. (Not yet verified on a GPU.)
+/// communicator each is averaged in place on the device (ncclAvg, in fused
+/// NCCL groups, ordered on the communicator's stream: flatshard_comm_synchronize
+/// waits); on a host communicator they are staged through one pinned host
+/// bucket of at most FLATSHARD_BUCKET_BYTES. (Not yet verified on a GPU.)
 ///
 /// Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
 /// device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
@@ -76,9 +77,7 @@ pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm,
     boundary("flatshard_average_parameters", || {
         let c = comm_ref(comm, "comm")?;
         let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", c.rank())))?;
-        if ts.iter().any(|t| matches!(t.device, crate::tensor::Device::Cuda(_))) {
-            return averaging::device::average_device(c, &ts, flags);
-        }
+        // CUDA tensors take the device path inside.
         averaging::average_parameters(c, &ts, flags)
     })
 }

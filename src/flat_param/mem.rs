@@ -183,6 +183,13 @@ impl Region {
     pub fn new(ptr: *mut u8, len: usize, place: Place) -> Region {
         Region { ptr, len, place }
     }
+    /// The place of a caller's tensor on `device`.
+    pub fn place_of(device: Device) -> Place {
+        match device {
+            Device::Cpu => Place::Host,
+            Device::Cuda(d) => Place::Device(d),
+        }
+    }
     pub fn sub(self, off: usize, len: usize) -> Region {
         assert!(off.checked_add(len).is_some_and(|e| e <= self.len), "region [{off}, +{len}) outside {} bytes", self.len);
         let ptr = if len == 0 || self.ptr.is_null() { self.ptr } else { self.ptr.wrapping_add(off) };
