@@ -26,7 +26,9 @@ const GROUP: usize = 256;
 /// The checks that do not depend on the communicator (also on the averagers'
 /// steps that do not average).
 pub fn validate(rank: usize, params: &[TensorRef]) -> Result<()> {
-    crate::cuda::driver().map_err(|e| e.context(format!("rank {rank}: params hold CUDA tensors")))?;
+    if let Some((i, t)) = params.iter().enumerate().find(|(_, t)| t.device != Device::Cpu) {
+        crate::cuda::driver().map_err(|e| e.context(format!("rank {rank}: params[{i}] is a {} tensor", t.device.describe())))?;
+    }
     for (i, t) in params.iter().enumerate() {
         if t.device == Device::Cpu {
             return Err(Error::unsupported(format!(
