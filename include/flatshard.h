@@ -270,7 +270,8 @@ typedef struct {
    */
   int32_t rank0_only;
   /**
-   * Full parameters live in host memory (always so for host params).
+   * Full parameters live in (pinned) host memory; for host params they
+   * always do, so this changes nothing there.
    */
   int32_t offload_to_cpu;
   /**
@@ -321,9 +322,10 @@ const char *flatshard_version(void);
  * arguments, makes every rank return at once and nothing is averaged.
  *
  * CUDA tensors (all of the call's tensors on the device): on an NCCL
- * communicator each is averaged on the device (ncclAvg, ordered on the
- * communicator's stream); on a host communicator each is staged through host
- * memory. (Not yet verified on a GPU.)
+ * communicator each is averaged in place on the device (ncclAvg, in fused
+ * NCCL groups, ordered on the communicator's stream: flatshard_comm_synchronize
+ * waits); on a host communicator they are staged through one pinned host
+ * bucket of at most FLATSHARD_BUCKET_BYTES. (Not yet verified on a GPU.)
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
  * device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
@@ -599,15 +601,15 @@ void flatshard_unshard_options_init(flatshard_unshard_options *o);
 
 /**
  * Build a flat parameter. Collective over `comm` (and `opts->replicate_comm`
- * for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, host
- * memory) in order, shards them and copies this rank's shard out of the
+ * for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, all in
+ * host memory or all on one CUDA device) in order, shards them and copies this rank's shard out of the
  * caller's tensors; afterwards the caller's buffers are not referenced (their
  * `grad` pointers are ignored). `comm` and `replicate_comm` are borrowed and
  * must outlive the flat param. On success `*out` owns the flat param; free it
  * with flatshard_flat_param_free.
  * INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
  * dtype, bad options (message names the first offending index / field);
- * UNSUPPORTED: CUDA tensors (host memory only in this version);
+ * UNSUPPORTED: CUDA tensors without a CUDA driver;
  * MISMATCH (every rank): ranks passed different layouts or options, or
  * another rank's arguments were invalid; TIMEOUT / PEER_LOST from the comm.
  */
@@ -658,9 +660,13 @@ flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
  * in param_dtype; otherwise in the params' own dtype. With rank0_only only
  * rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
  * each shard group); the other ranks hold one shard-sized scratch buffer
- * while the chunks are broadcast. offload_to_cpu is accepted and changes
- * nothing for host params (the full buffer is host memory anyway). The full
- * buffer is library-owned and lives until flatshard_flat_param_reshard.
+ * while the chunks are broadcast. CUDA flat params gather into device memory,
+ * or with offload_to_cpu into pinned host memory (views then have device
+ * CPU; with rank0_only device memory stays at one shard-sized chunk);
+ * offload_to_cpu changes nothing for host params. The full buffer is
+ * library-owned and lives until flatshard_flat_param_reshard. A CUDA flat
+ * param on an NCCL comm runs on the comm's stream, on a host comm through
+ * pinned staging; either way the call returns when the data is in place.
  * INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
  * INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
  */

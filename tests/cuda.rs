@@ -73,3 +73,274 @@ fn averaging_cuda_tensors_without_a_driver_is_unsupported() {
         flatshard_comm_free(c);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Flat parameters and averaging on CUDA tensors. Each scenario runs twice in
+// the same process on the same communicator — once with host tensors, once
+// with device tensors — and every observable (shards, views, gradients) must
+// be bit-identical: the device path must give exactly the CPU path's numbers.
+
+mod common;
+use flatshard::comm::Comm;
+use flatshard::cuda::DevMem;
+use flatshard::dtype::DType;
+use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
+use flatshard::tensor::{Device, TensorRef};
+
+/// Host bytes of a tensor wherever it lives.
+fn read(t: &TensorRef) -> Vec<u8> {
+    let n = t.bytes().unwrap();
+    let mut v = vec![0u8; n];
+    if n == 0 {
+        return v;
+    }
+    match t.device {
+        Device::Cpu => v.copy_from_slice(unsafe { std::slice::from_raw_parts(t.data, n) }),
+        Device::Cuda(_) => unsafe { flatshard::cuda::copy_to_host(v.as_mut_ptr(), t.data, n).unwrap() },
+    }
+    v
+}
+
+fn read_grad(t: &TensorRef) -> Option<Vec<u8>> {
+    (!t.grad.is_null()).then(|| read(&TensorRef { data: t.grad, ..*t }))
+}
+
+/// Write host bytes into a tensor's data (or grad) wherever it lives.
+fn write(t: &TensorRef, grad: bool, bytes: &[u8]) {
+    let p = if grad { t.grad } else { t.data };
+    assert!(!p.is_null() && bytes.len() == t.bytes().unwrap());
+    match t.device {
+        Device::Cpu => unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len()) },
+        Device::Cuda(_) => unsafe { flatshard::cuda::copy_to_device(p, bytes.as_ptr(), bytes.len()).unwrap() },
+    }
+}
+
+fn values(seed: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|i| (((seed * 7919 + i * 104_729) % 1000) as f32 - 500.0) / 97.0).collect()
+}
+
+/// Params of the given numels on `dev` (None = host); returns the inputs and
+/// the memory that backs them.
+struct Placed {
+    host: Vec<Vec<u8>>,
+    dev: Vec<DevMem>,
+}
+
+impl Placed {
+    fn new(rank: usize, numels: &[usize], dev: Option<i32>) -> Placed {
+        let host: Vec<Vec<u8>> = numels.iter().enumerate().map(|(i, &n)| common::f32_bytes(&values(rank * 31 + i, n))).collect();
+        let dev = match dev {
+            None => Vec::new(),
+            Some(d) => host
+                .iter()
+                .map(|h| {
+                    let m = DevMem::zeroed(d, h.len(), std::ptr::null_mut(), "test param").unwrap();
+                    unsafe { flatshard::cuda::copy_to_device(m.ptr(), h.as_ptr(), h.len()).unwrap() };
+                    m
+                })
+                .collect(),
+        };
+        Placed { host, dev }
+    }
+    fn inputs(&self) -> Vec<ParamInput<'_>> {
+        if self.dev.is_empty() {
+            return self.host.iter().map(|h| ParamInput::host(h, DType::F32)).collect();
+        }
+        self.dev
+            .iter()
+            .map(|m| unsafe { ParamInput::raw(m.ptr(), (m.len() / 4) as u64, DType::F32, Device::Cuda(m.device())) })
+            .collect()
+    }
+}
+
+/// Everything a flat-param user can observe, in order.
+fn flat_param_scenario(comm: &Comm, dev: Option<i32>, sharding: Sharding, log: &mut Vec<(String, Vec<u8>)>) {
+    let rank = comm.rank();
+    let numels = [37usize, 64, 5];
+    let placed = Placed::new(rank, &numels, dev);
+    let opts = FlatParamOptions { sharding, sync_from_rank0: true, param_dtype: Some(DType::BF16), ..Default::default() };
+    let mut fp = FlatParam::new(comm, None, &placed.inputs(), &opts).unwrap();
+    assert_eq!(fp.device(), dev.map_or(Device::Cpu, Device::Cuda));
+    log.push(("shard after new".into(), fp.read_shard().unwrap().0));
+    for step in 0..2 {
+        // training: bf16 gather, grads into the views, reduce-scatter
+        fp.unshard(comm, UnshardOptions::default()).unwrap();
+        for i in 0..numels.len() as u64 {
+            let v = fp.view(i).unwrap();
+            assert_eq!(v.dtype, DType::BF16);
+            log.push((format!("step {step} view {i}"), read(&v)));
+            let g: Vec<u8> = values(rank * 13 + i as usize + step, numels[i as usize])
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_ne_bytes())
+                .collect();
+            write(&v, true, &g);
+        }
+        fp.reduce_grads(comm, None).unwrap();
+        fp.reshard(comm).unwrap();
+        let (_, g) = fp.read_shard().unwrap();
+        log.push((format!("step {step} shard grad"), g.unwrap()));
+    }
+    // summon with writeback: every rank edits param 1
+    fp.unshard(comm, UnshardOptions { writeback: true, ..Default::default() }).unwrap();
+    let v = fp.view(1).unwrap();
+    assert_eq!(v.device, dev.map_or(Device::Cpu, Device::Cuda));
+    write(&v, false, &common::f32_bytes(&values(99, numels[1])));
+    fp.reshard(comm).unwrap();
+    log.push(("shard after writeback".into(), fp.read_shard().unwrap().0));
+    // rank0_only + offload_to_cpu + writeback + with_grads: views are host memory on rank 0
+    let o = UnshardOptions { writeback: true, rank0_only: true, offload_to_cpu: true, with_grads: true };
+    fp.unshard(comm, o).unwrap();
+    if rank == 0 {
+        for i in 0..numels.len() as u64 {
+            let v = fp.view(i).unwrap();
+            assert_eq!(v.device, Device::Cpu, "offload_to_cpu views are host memory");
+            log.push((format!("offloaded view {i}"), read(&v)));
+            log.push((format!("offloaded grad {i}"), read_grad(&v).unwrap_or_default()));
+        }
+        let v = fp.view(2).unwrap();
+        write(&v, false, &common::f32_bytes(&[1.5; 5]));
+        write(&v, true, &common::f32_bytes(&[-2.5; 5]));
+    } else {
+        assert!(fp.view(0).is_err());
+    }
+    fp.reshard(comm).unwrap();
+    let (d, g) = fp.read_shard().unwrap();
+    log.push(("shard after rank0 writeback".into(), d));
+    log.push(("grad after rank0 writeback".into(), g.unwrap()));
+    fp.zero_grad().unwrap();
+    log.push(("grad after zero_grad".into(), fp.read_shard().unwrap().1.unwrap()));
+    // average_parameters on the placed tensors themselves
+    let ts: Vec<TensorRef> = placed
+        .inputs()
+        .iter()
+        .zip(&numels)
+        .enumerate()
+        .map(|(i, (p, &n))| TensorRef {
+            data: if dev.is_some() { placed.dev[i].ptr() } else { placed.host[i].as_ptr() as *mut u8 },
+            grad: std::ptr::null_mut(),
+            numel: n as u64,
+            dtype: DType::F32,
+            device: p.device,
+        })
+        .collect();
+    unsafe { flatshard::averaging::average_parameters(comm, &ts, 0).unwrap() };
+    comm.synchronize().unwrap();
+    for (i, t) in ts.iter().enumerate() {
+        log.push((format!("averaged param {i}"), read(t)));
+    }
+}
+
+fn compare(rank: usize, host: &[(String, Vec<u8>)], dev: &[(String, Vec<u8>)]) {
+    assert_eq!(host.len(), dev.len(), "rank {rank}: the device run observed a different number of things");
+    for ((k, h), (_, d)) in host.iter().zip(dev) {
+        assert!(h == d, "rank {rank}: {k}: device result differs from the CPU path");
+    }
+    println!("#: rank {rank}: {} observables bit-identical between host and device", host.len());
+}
+
+fn host_vs_device(comm: &Comm, sharding: Sharding) {
+    let mut host = Vec::new();
+    let mut dev = Vec::new();
+    // The host reference runs on a host communicator of the same ranks.
+    flat_param_scenario(comm, None, sharding, &mut host);
+    flat_param_scenario(comm, Some(0), sharding, &mut dev);
+    compare(comm.rank(), &host, &dev);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn device_flat_params_match_cpu_path_one_rank() {
+    assert!(has_gpu(), "skipped: no CUDA driver");
+    let c = Comm::init("127.0.0.1", 0, 0, 1, Default::default()).unwrap();
+    host_vs_device(&c, Sharding::FullShard);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn device_flat_params_match_cpu_path_two_ranks_sharing_one_gpu() {
+    common::ranks("device_flat_params_match_cpu_path_two_ranks_sharing_one_gpu", 2, &[], |c| {
+        assert!(has_gpu(), "skipped: no CUDA driver");
+        host_vs_device(&c, Sharding::FullShard);
+        host_vs_device(&c, Sharding::NoShard);
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn device_flat_params_match_cpu_path_four_ranks_over_tcp() {
+    common::ranks("device_flat_params_match_cpu_path_four_ranks_over_tcp", 4, &[common::transport_env("tcp")], |c| {
+        assert!(has_gpu(), "skipped: no CUDA driver");
+        host_vs_device(&c, Sharding::ShardGradOp);
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn nccl_world_one_flat_param_matches_host() {
+    assert!(has_gpu(), "skipped: no CUDA driver");
+    let nccl = Comm::init_nccl("127.0.0.1", 0, 0, 1, 0, std::ptr::null_mut(), Default::default()).unwrap();
+    let nccl = &nccl;
+    assert!(nccl.is_device());
+    let host = Comm::init("127.0.0.1", 0, 0, 1, Default::default()).unwrap();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    flat_param_scenario(&host, None, Sharding::FullShard, &mut a);
+    flat_param_scenario(nccl, Some(0), Sharding::FullShard, &mut b);
+    compare(0, &a, &b);
+    // ncclCommSplit: a world-1 split is a working communicator of one
+    let sub = nccl.split(0, 0).unwrap().expect("color 0 joins a group");
+    assert_eq!((sub.size(), sub.rank()), (1, 0));
+    sub.barrier().unwrap();
+    assert!(nccl.split(-1, 0).unwrap().is_none());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn rank0_only_offload_keeps_device_memory_bounded() {
+    common::ranks("rank0_only_offload_keeps_device_memory_bounded", 4, &[], |c| {
+        assert!(has_gpu(), "skipped: no CUDA driver");
+        let rank = c.rank();
+        let n = 4 << 20; // 16 MiB of f32
+        let placed = Placed::new(rank, &[n], Some(0));
+        let mut fp = FlatParam::new(&c, None, &placed.inputs(), &FlatParamOptions::default()).unwrap();
+        let shard_bytes = fp.shard_numel() as usize * 4;
+        flatshard::cuda::reset_device_peak();
+        let (before, _) = flatshard::cuda::device_bytes();
+        fp.unshard(&c, UnshardOptions { rank0_only: true, offload_to_cpu: true, ..Default::default() }).unwrap();
+        let (_, peak) = flatshard::cuda::device_bytes();
+        if rank == 0 {
+            let v = fp.view(0).unwrap();
+            assert_eq!(v.device, Device::Cpu);
+        }
+        fp.reshard(&c).unwrap();
+        let extra = peak - before;
+        println!("#: rank {rank}: device memory during rank0_only+offload unshard: +{extra} bytes (shard {shard_bytes}, full {})", shard_bytes * 4);
+        assert!(extra <= shard_bytes, "rank {rank}: +{extra} device bytes > one shard ({shard_bytes})");
+    });
+}
+
+#[test]
+fn cuda_flat_params_without_a_driver_are_unsupported_and_peers_are_told() {
+    if has_gpu() {
+        eprintln!("a CUDA driver is present: the no-driver path is not reachable here");
+        return;
+    }
+    common::ranks("cuda_flat_params_without_a_driver_are_unsupported_and_peers_are_told", 2, &[], |c| {
+        let rank = c.rank();
+        let buf = vec![0u8; 64];
+        // rank 0 passes CUDA tensors, rank 1 host ones: rank 0 UNSUPPORTED, rank 1 MISMATCH, nobody waits
+        let dev = if rank == 0 { Device::Cuda(0) } else { Device::Cpu };
+        let p = [unsafe { ParamInput::raw(buf.as_ptr(), 16, DType::F32, dev) }];
+        let t = std::time::Instant::now();
+        let e = FlatParam::new(&c, None, &p, &FlatParamOptions::default()).err().expect("must fail");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "rank {rank} waited for its peer");
+        if rank == 0 {
+            assert_eq!(e.kind, flatshard::error::ErrorKind::Unsupported, "{e}");
+            assert!(e.msg.contains("cuda:0") && e.msg.contains("CUDA driver"), "{e}");
+        } else {
+            assert_eq!(e.kind, flatshard::error::ErrorKind::Mismatch, "{e}");
+            assert!(e.msg.contains("rank 0"), "{e}");
+        }
+        // the communicator is still usable
+        c.barrier().unwrap();
+    });
+}

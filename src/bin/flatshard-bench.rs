@@ -4,7 +4,14 @@
 //! ```text
 //! cargo run --release --bin flatshard-bench -- --world 2 --sizes 4K,1M,16M,256M \
 //!     [--ops all_reduce,all_gather,reduce_scatter,broadcast] [--transport auto|tcp|shm] [--iters 5]
+//! cargo run --release --bin flatshard-bench -- --device cuda --transport nccl --world 1 \
+//!     --ops memcpy_d2d,fsdp_unshard,average_parameters,all_reduce
 //! ```
+//! `--device cuda` puts every buffer in device memory (rank r on GPU
+//! r % device count): `--transport nccl` gives `flatshard-nccl` rows, a host
+//! transport gives `flatshard-cuda-staged` rows (staged through pinned host
+//! memory), and `memcpy_d2d` is the device-to-device copy of the same size
+//! (`cuda-memcpy` rows), the bound to compare unshard + reshard against.
 //! The parent re-executes itself once per rank (env FLATSHARD_BENCH_WORKER=1
 //! plus torchrun's variables); rank 0 prints one row per (op, size):
 //! bytes = the full buffer (all_gather / reduce_scatter: the gathered total),
@@ -17,7 +24,7 @@ use std::time::{Duration, Instant};
 
 /// Every op of the baseline, in its order. Ops this build cannot run yet
 /// produce an "error" row, as the baseline does.
-const ALL_OPS: &[&str] = &["all_reduce", "all_gather", "reduce_scatter", "broadcast", "average_parameters", "fsdp_unshard"];
+const ALL_OPS: &[&str] = &["all_reduce", "all_gather", "reduce_scatter", "broadcast", "average_parameters", "fsdp_unshard", "memcpy_d2d"];
 
 /// nccl-tests bus-bandwidth factor (same table as the baseline).
 fn factor(op: &str, n: usize) -> f64 {
@@ -33,7 +40,13 @@ type Step = Box<dyn FnMut(&Comm) -> flatshard::Result<()>>;
 
 /// Build the timed operation for `op` on a buffer of `nbytes` (f32, like the
 /// baseline). Buffers are allocated (and touched) here, outside the timing.
-fn make_op(op: &str, rank: usize, world: usize, nbytes: usize) -> Result<Step, String> {
+fn make_op(op: &str, rank: usize, world: usize, nbytes: usize, dev: Option<i32>) -> Result<Step, String> {
+    if let Some(d) = dev {
+        return make_device_op(op, rank, world, nbytes, d);
+    }
+    if op == "memcpy_d2d" {
+        return Err("memcpy_d2d is a device row: use --device cuda".into());
+    }
     let numel = nbytes / 4;
     let fill = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| (((i + rank) % 13) as f32).to_ne_bytes()).collect() };
     Ok(match op {
@@ -89,6 +102,97 @@ fn make_op(op: &str, rank: usize, world: usize, nbytes: usize) -> Result<Step, S
     })
 }
 
+/// Device memory holding `numel` f32 values (the same fill as host buffers).
+fn dev_fill(d: i32, rank: usize, numel: usize) -> Result<flatshard::cuda::DevMem, String> {
+    let host: Vec<u8> = (0..numel).flat_map(|i| (((i + rank) % 13) as f32).to_ne_bytes()).collect();
+    let m = flatshard::cuda::DevMem::zeroed(d, host.len(), std::ptr::null_mut(), "benchmark buffer").map_err(|e| e.to_string())?;
+    // SAFETY: m holds host.len() device bytes.
+    unsafe { flatshard::cuda::copy_to_device(m.ptr(), host.as_ptr(), host.len()) }.map_err(|e| e.to_string())?;
+    Ok(m)
+}
+
+/// The `--device cuda` operations; each step waits for its device work.
+fn make_device_op(op: &str, rank: usize, world: usize, nbytes: usize, d: i32) -> Result<Step, String> {
+    use flatshard::tensor::{Device, TensorRef};
+    let numel = nbytes / 4;
+    let dev_t = move |m: &flatshard::cuda::DevMem| TensorRef { data: m.ptr(), grad: std::ptr::null_mut(), numel: (m.len() / 4) as u64, dtype: DType::F32, device: Device::Cuda(d) };
+    let need_nccl = |c: &Comm| {
+        if c.is_device() {
+            Ok(())
+        } else {
+            Err(flatshard::Error::unsupported("device collectives need --transport nccl"))
+        }
+    };
+    Ok(match op {
+        "memcpy_d2d" => {
+            let (a, b) = (dev_fill(d, rank, numel)?, dev_fill(d, rank, numel)?);
+            Box::new(move |c| {
+                // SAFETY: two device buffers of nbytes.
+                unsafe { flatshard::cuda::copy_async(b.ptr(), a.ptr(), a.len(), flatshard::cuda::Dir::DtoD, c.stream())? };
+                flatshard::cuda::stream_sync(c.stream())
+            })
+        }
+        "all_reduce" | "broadcast" => {
+            let x = dev_fill(d, rank, numel)?;
+            let bc = op == "broadcast";
+            Box::new(move |c| {
+                need_nccl(c)?;
+                // SAFETY: a device buffer of numel f32 on the comm's device.
+                unsafe {
+                    if bc {
+                        c.dev_broadcast(x.ptr(), numel, DType::F32, 0)?
+                    } else {
+                        c.dev_all_reduce(x.ptr(), x.ptr(), numel, DType::F32, ReduceOp::Sum)?
+                    }
+                };
+                c.synchronize()
+            })
+        }
+        "all_gather" | "reduce_scatter" => {
+            let part = numel / world;
+            let (small, big) = (dev_fill(d, rank, part)?, dev_fill(d, rank, part * world)?);
+            let ag = op == "all_gather";
+            Box::new(move |c| {
+                need_nccl(c)?;
+                // SAFETY: device buffers of part and part × world f32.
+                unsafe {
+                    if ag {
+                        c.dev_all_gather(small.ptr(), big.ptr(), part, DType::F32)?
+                    } else {
+                        c.dev_reduce_scatter(big.ptr(), small.ptr(), part, DType::F32, ReduceOp::Sum)?
+                    }
+                };
+                c.synchronize()
+            })
+        }
+        "average_parameters" => {
+            let bufs: Vec<_> = (0..10).map(|_| dev_fill(d, rank, numel / 10)).collect::<Result<_, _>>()?;
+            Box::new(move |c| {
+                let ts: Vec<TensorRef> = bufs.iter().map(dev_t).collect();
+                // SAFETY: device tensors alive in `bufs`.
+                unsafe { flatshard::averaging::average_parameters(c, &ts, 0)? };
+                c.synchronize()
+            })
+        }
+        "fsdp_unshard" => {
+            let bufs: Vec<_> = (0..10).map(|_| dev_fill(d, rank, numel / 10)).collect::<Result<_, _>>()?;
+            let mut fp: Option<flatshard::flat_param::FlatParam> = None;
+            Box::new(move |c| {
+                use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, UnshardOptions};
+                if fp.is_none() {
+                    // SAFETY: device tensors alive in `bufs`.
+                    let ins: Vec<ParamInput> = bufs.iter().map(|m| unsafe { ParamInput::raw(m.ptr(), (m.len() / 4) as u64, DType::F32, Device::Cuda(d)) }).collect();
+                    fp = Some(FlatParam::new(c, None, &ins, &FlatParamOptions::default())?);
+                }
+                let fp = fp.as_mut().ok_or_else(|| flatshard::Error::internal("flat param missing"))?;
+                fp.unshard(c, UnshardOptions { writeback: true, ..Default::default() })?;
+                fp.reshard(c)
+            })
+        }
+        other => return Err(format!("unknown op '{other}'")),
+    })
+}
+
 fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
@@ -105,11 +209,13 @@ struct Opts {
     sizes: Vec<usize>,
     ops: Vec<String>,
     transport: Transport,
+    nccl: bool,
+    device: Option<()>,
     iters: usize,
     raw: Vec<String>,
 }
 
-const USAGE: &str = "usage: flatshard-bench [--world N] [--sizes 4K,1M,16M,256M] [--ops all_reduce,...] [--transport auto|tcp|shm] [--iters 5]";
+const USAGE: &str = "usage: flatshard-bench [--world N] [--sizes 4K,1M,16M,256M] [--ops all_reduce,...] [--transport auto|tcp|shm|nccl] [--device cpu|cuda] [--iters 5]";
 
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
@@ -117,6 +223,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         sizes: "4K,1M,16M,256M".split(',').map(|s| parse_size(s).unwrap()).collect(),
         ops: ALL_OPS[..4].iter().map(|s| s.to_string()).collect(),
         transport: Transport::Auto,
+        nccl: false,
+        device: None,
         iters: 5,
         raw: args.to_vec(),
     };
@@ -137,13 +245,27 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     "auto" => Transport::Auto,
                     "tcp" => Transport::Tcp,
                     "shm" => Transport::Shm,
-                    _ => return Err(format!("--transport: '{v}' is not auto, tcp or shm")),
+                    "nccl" => {
+                        o.nccl = true;
+                        Transport::Tcp
+                    }
+                    _ => return Err(format!("--transport: '{v}' is not auto, tcp, shm or nccl")),
+                }
+            }
+            "--device" => {
+                o.device = match v.as_str() {
+                    "cpu" => None,
+                    "cuda" => Some(()),
+                    _ => return Err(format!("--device: '{v}' is not cpu or cuda")),
                 }
             }
             "--iters" => o.iters = v.parse().ok().filter(|n| *n >= 1).ok_or(format!("--iters: bad value '{v}'"))?,
             other => return Err(format!("unknown argument '{other}'")),
         }
         i += 2;
+    }
+    if o.nccl && o.device.is_none() {
+        return Err("--transport nccl needs --device cuda".into());
     }
     Ok(o)
 }
@@ -180,14 +302,22 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn worker(o: &Opts) -> Result<(), String> {
-    let comm = Comm::init_from_env(CommOptions { transport: o.transport, timeout: Duration::from_secs(600), ..Default::default() })
-        .map_err(|e| format!("init: {e}"))?;
+    let copts = CommOptions { transport: o.transport, timeout: Duration::from_secs(600), ..Default::default() };
+    let dev = match o.device {
+        None => None,
+        Some(()) => Some(gpu_for_this_rank()?),
+    };
+    let comm = if o.nccl { init_nccl(copts, dev.unwrap_or(0))? } else { Comm::init_from_env(copts).map_err(|e| format!("init: {e}"))? };
     let (rank, world) = (comm.rank(), comm.size());
-    let implname = format!("flatshard-{}", comm.transport_name());
+    let implname = match (dev, comm.is_device()) {
+        (None, _) => format!("flatshard-{}", comm.transport_name()),
+        (Some(_), true) => "flatshard-nccl".to_string(),
+        (Some(_), false) => "flatshard-cuda-staged".to_string(),
+    };
     for op in &o.ops {
         for &nbytes in &o.sizes {
             // Median of `iters` timed runs after one warm-up, as the baseline.
-            let result: Result<f64, String> = make_op(op, rank, world, nbytes).and_then(|mut step| {
+            let result: Result<f64, String> = make_op(op, rank, world, nbytes, dev).and_then(|mut step| {
                 step(&comm).map_err(|e| e.to_string())?;
                 comm.barrier().map_err(|e| e.to_string())?;
                 let mut ts = Vec::with_capacity(o.iters);
@@ -204,6 +334,7 @@ fn worker(o: &Opts) -> Result<(), String> {
             comm.all_gather(&mine.to_ne_bytes(), &mut all, DType::F64).map_err(|e| format!("gathering timings: {e}"))?;
             let meds: Vec<f64> = all.chunks_exact(8).map(|c| f64::from_ne_bytes(c.try_into().unwrap())).collect();
             if rank == 0 {
+                let implname = if op == "memcpy_d2d" { "cuda-memcpy" } else { implname.as_str() };
                 let head = format!(r#"{{"impl": "{implname}", "op": "{op}", "world": {world}, "bytes": {nbytes}, "dtype": "f32""#);
                 let row = match &result {
                     Err(e) => format!(r#"{head}, "error": "{}"}}"#, e.replace('\\', "\\\\").replace('"', "\\\"")),
@@ -226,6 +357,28 @@ fn worker(o: &Opts) -> Result<(), String> {
     }
     comm.barrier().map_err(|e| format!("final barrier: {e}"))?;
     Ok(())
+}
+
+/// GPU LOCAL_RANK % device count (all ranks share GPU 0 on a one-GPU machine).
+fn gpu_for_this_rank() -> Result<i32, String> {
+    flatshard::cuda::driver().map_err(|e| e.to_string())?;
+    let local: i32 = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(local % flatshard::cuda::device_count().map_err(|e| e.to_string())?.max(1))
+}
+
+fn init_nccl(o: CommOptions, device: i32) -> Result<Comm, String> {
+    #[cfg(feature = "cuda")]
+    {
+        let v = |k: &str| std::env::var(k).map_err(|_| format!("{k} is not set"));
+        let num = |k: &str| -> Result<i32, String> { v(k)?.parse().map_err(|_| format!("{k} is not a number")) };
+        let port = num("MASTER_PORT")? as u16;
+        Comm::init_nccl(&v("MASTER_ADDR")?, port, num("RANK")?, num("WORLD_SIZE")?, device, std::ptr::null_mut(), o).map_err(|e| format!("init_nccl: {e}"))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (o, device);
+        Err("built without the cuda feature".into())
+    }
 }
 
 fn main() {

@@ -40,6 +40,7 @@ unsafe fn launch(device: i32, name: &str, a: *mut u8, b: *mut u8, n: usize, stre
         return Ok(());
     }
     let f = function(device, name)?;
+    set_device(device)?;
     let (mut a, mut b, mut n64) = (a as u64, b as u64, n as u64);
     let mut args: [*mut std::ffi::c_void; 3] = [
         &mut a as *mut u64 as *mut std::ffi::c_void,
@@ -64,6 +65,12 @@ fn short(dt: DType) -> &'static str {
     }
 }
 
+/// Is there a device kernel for this conversion? (f64 → f16/bf16 would round
+/// twice through f32, so those run on the host.)
+fn has_convert(from: DType, to: DType) -> bool {
+    from != to && !short(from).is_empty() && !short(to).is_empty() && !(from == DType::F64 && matches!(to, DType::F16 | DType::BF16))
+}
+
 /// `dst[i] = (to) src[i]` for `n` elements on the device, in order on
 /// `stream`. Ok(false): no kernel for this pair (f64 → f16/bf16 would round
 /// twice through f32), the caller converts on the host.
@@ -71,10 +78,7 @@ fn short(dt: DType) -> &'static str {
 /// # Safety
 /// Device pointers valid for `n` elements of their dtypes.
 pub unsafe fn launch_convert(src: *const u8, from: DType, dst: *mut u8, to: DType, n: usize, device: i32, stream: Stream) -> Result<bool> {
-    if from == DType::F64 && matches!(to, DType::F16 | DType::BF16) {
-        return Ok(false);
-    }
-    if short(from).is_empty() || short(to).is_empty() || from == to {
+    if !has_convert(from, to) {
         return Ok(false);
     }
     launch(device, &format!("fs_convert_{}_{}", short(from), short(to)), src as *mut u8, dst, n, stream)?;
@@ -90,4 +94,38 @@ pub unsafe fn launch_add(dst: *mut u8, src: *const u8, dt: DType, n: usize, devi
         return Err(Error::invalid_arg(format!("{}: flat-param gradients are floating point", dt.name())));
     }
     launch(device, &format!("fs_add_{}", short(dt)), dst, src as *mut u8, n, stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed PTX was generated from the current kernels.cu
+    /// (scripts/gen-ptx.sh records its sha256).
+    #[test]
+    fn committed_ptx_is_generated_from_kernels_cu() {
+        use sha2::Digest;
+        let src = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/src/cuda/kernels.cu")).unwrap();
+        let hex: String = sha2::Sha256::digest(&src).iter().map(|b| format!("{b:02x}")).collect();
+        assert!(PTX.contains(&format!("// kernels.cu sha256: {hex}")), "src/cuda/kernels.ptx is stale: run scripts/gen-ptx.sh");
+        // PTX ISA 8.1 = CUDA 12.1 drivers and newer; a newer ISA would not load there.
+        assert!(PTX.contains("\n.version 8.1\n") && PTX.contains("\n.target sm_70\n"), "PTX ISA/target changed: update the driver note in module()");
+    }
+
+    /// Every kernel the launchers can ask for exists in the PTX.
+    #[test]
+    fn every_launchable_kernel_is_in_the_ptx() {
+        let floats = [DType::F32, DType::F64, DType::F16, DType::BF16];
+        let mut n = 0;
+        for from in floats {
+            assert!(PTX.contains(&format!(".entry fs_add_{}(", short(from))), "fs_add_{}", short(from));
+            for to in floats {
+                let launched = has_convert(from, to);
+                let name = format!(".entry fs_convert_{}_{}(", short(from), short(to));
+                assert_eq!(PTX.contains(&name), launched, "{name}");
+                n += launched as usize;
+            }
+        }
+        assert_eq!(n, 10);
+    }
 }

@@ -41,6 +41,20 @@ fn probe_driver() -> std::result::Result<(), String> {
     Err("this flatshard was built without the `cuda` feature".into())
 }
 
+/// How many CUDA devices are visible (UNSUPPORTED without a driver).
+pub fn device_count() -> Result<i32> {
+    driver()?;
+    #[cfg(feature = "cuda")]
+    {
+        let mut n = 0;
+        // SAFETY: valid out-pointer.
+        check(unsafe { cu::cuDeviceGetCount(&mut n) }, "cuDeviceGetCount")?;
+        Ok(n)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(0)
+}
+
 /// Is NCCL loadable?
 pub fn nccl() -> Result<()> {
     driver()?;
@@ -71,18 +85,50 @@ pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
     Err(Error::new(kind, format!("{what}: {name}")))
 }
 
-/// Make `device`'s primary context current on this thread.
+/// Make `device`'s primary context current on this thread (retained once per
+/// process and device; a no-op when it is current already).
 #[cfg(feature = "cuda")]
 pub(crate) fn set_device(device: i32) -> Result<()> {
+    use std::sync::Mutex;
+    static CTXS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
     driver()?;
-    // SAFETY: valid out-pointers; the primary context stays retained for the process.
+    let ctx = {
+        let mut t = CTXS.lock().unwrap_or_else(|p| p.into_inner());
+        match t.iter().find(|(d, _)| *d == device) {
+            Some((_, c)) => *c as cu::CUcontext,
+            None => {
+                // SAFETY: valid out-pointers; the primary context stays retained for the process.
+                let ctx = unsafe {
+                    let mut dev = 0;
+                    check(cu::cuDeviceGet(&mut dev, device), &format!("cuda_device {device}"))?;
+                    let mut ctx = std::ptr::null_mut();
+                    check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+                    ctx
+                };
+                t.push((device, ctx as usize));
+                ctx
+            }
+        }
+    };
+    let mut cur: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; ctx is a retained primary context.
     unsafe {
-        let mut dev = 0;
-        check(cu::cuDeviceGet(&mut dev, device), &format!("cuda_device {device}"))?;
-        let mut ctx = std::ptr::null_mut();
-        check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+        if cu::cuCtxGetCurrent(&mut cur) == cu::CUresult::CUDA_SUCCESS && cur == ctx {
+            return Ok(());
+        }
         check(cu::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
     }
+}
+
+/// Make the context of the device that owns `p` current (if `p` is device memory).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn enter_ptr(p: *const u8) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(d) = device_of(p) {
+        return set_device(d);
+    }
+    let _ = p;
+    Ok(())
 }
 
 /// True if `p` is device memory (false without a driver or for host memory).
@@ -117,6 +163,7 @@ pub fn is_device_ptr(p: *const u8) -> bool {
 pub unsafe fn copy_to_host(dst: *mut u8, src: *const u8, len: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
+        enter_ptr(src)?;
         check(cu::cuMemcpyDtoH_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len), "cuMemcpyDtoH")
     }
     #[cfg(not(feature = "cuda"))]
@@ -133,6 +180,7 @@ pub unsafe fn copy_to_host(dst: *mut u8, src: *const u8, len: usize) -> Result<(
 pub unsafe fn copy_to_device(dst: *mut u8, src: *const u8, len: usize) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
+        enter_ptr(dst)?;
         check(cu::cuMemcpyHtoD_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len), "cuMemcpyHtoD")
     }
     #[cfg(not(feature = "cuda"))]
@@ -186,6 +234,7 @@ impl DevMem {
                 check(unsafe { cu::cuMemAlloc_v2(&mut p, len) }, &format!("cuMemAlloc of {len} bytes for {what} on cuda:{device}"))?;
             }
             let m = DevMem { ptr: p, len, device };
+            account(len as isize);
             if len > 0 {
                 // SAFETY: fresh allocation of len bytes.
                 check(unsafe { cu::cuMemsetD8Async(p, 0, len, stream as cu::CUstream) }, "cuMemsetD8Async")?;
@@ -222,8 +271,32 @@ impl Drop for DevMem {
                 let _ = set_device(self.device);
                 cu::cuMemFree_v2(self.ptr);
             }
+            account(-(self.len as isize));
         }
     }
+}
+
+static DEV_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+static DEV_PEAK: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn account(delta: isize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let now = DEV_BYTES.fetch_add(delta, SeqCst) + delta;
+    DEV_PEAK.fetch_max(now, SeqCst);
+}
+
+/// Device memory flatshard holds now and at most since the last
+/// `reset_device_peak`, in bytes (this process, all devices).
+pub fn device_bytes() -> (usize, usize) {
+    use std::sync::atomic::Ordering::SeqCst;
+    (DEV_BYTES.load(SeqCst).max(0) as usize, DEV_PEAK.load(SeqCst).max(0) as usize)
+}
+
+/// Restart the peak of `device_bytes` at the current value.
+pub fn reset_device_peak() {
+    use std::sync::atomic::Ordering::SeqCst;
+    DEV_PEAK.store(DEV_BYTES.load(SeqCst), SeqCst);
 }
 
 /// Page-locked host memory (cuMemHostAlloc, portable): the staging and
@@ -299,6 +372,7 @@ pub unsafe fn copy_async(dst: *mut u8, src: *const u8, len: usize, dir: Dir, str
     #[cfg(feature = "cuda")]
     {
         let s = stream as cu::CUstream;
+        enter_ptr(if dir == Dir::DtoH { src } else { dst })?;
         match dir {
             Dir::HtoD => check(cu::cuMemcpyHtoDAsync_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len, s), "cuMemcpyHtoDAsync"),
             Dir::DtoH => check(cu::cuMemcpyDtoHAsync_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoHAsync"),
@@ -322,6 +396,7 @@ pub unsafe fn memset0_async(dst: *mut u8, len: usize, stream: Stream) -> Result<
     }
     #[cfg(feature = "cuda")]
     {
+        enter_ptr(dst)?;
         check(cu::cuMemsetD8Async(dst as cu::CUdeviceptr, 0, len, stream as cu::CUstream), "cuMemsetD8Async")
     }
     #[cfg(not(feature = "cuda"))]

@@ -55,7 +55,8 @@ pub struct flatshard_unshard_options {
     pub writeback: i32,
     /// Only rank 0 materialises the full parameters.
     pub rank0_only: i32,
-    /// Full parameters live in host memory (always so for host params).
+    /// Full parameters live in (pinned) host memory; for host params they
+    /// always do, so this changes nothing there.
     pub offload_to_cpu: i32,
     /// Also gather the sharded gradients (NULL grad views if no rank has one).
     pub with_grads: i32,
@@ -130,15 +131,15 @@ pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshar
 }
 
 /// Build a flat parameter. Collective over `comm` (and `opts->replicate_comm`
-/// for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, host
-/// memory) in order, shards them and copies this rank's shard out of the
+/// for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, all in
+/// host memory or all on one CUDA device) in order, shards them and copies this rank's shard out of the
 /// caller's tensors; afterwards the caller's buffers are not referenced (their
 /// `grad` pointers are ignored). `comm` and `replicate_comm` are borrowed and
 /// must outlive the flat param. On success `*out` owns the flat param; free it
 /// with flatshard_flat_param_free.
 /// INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
 /// dtype, bad options (message names the first offending index / field);
-/// UNSUPPORTED: CUDA tensors (host memory only in this version);
+/// UNSUPPORTED: CUDA tensors without a CUDA driver;
 /// MISMATCH (every rank): ranks passed different layouts or options, or
 /// another rank's arguments were invalid; TIMEOUT / PEER_LOST from the comm.
 #[no_mangle]
@@ -273,9 +274,13 @@ unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOpt
 /// in param_dtype; otherwise in the params' own dtype. With rank0_only only
 /// rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
 /// each shard group); the other ranks hold one shard-sized scratch buffer
-/// while the chunks are broadcast. offload_to_cpu is accepted and changes
-/// nothing for host params (the full buffer is host memory anyway). The full
-/// buffer is library-owned and lives until flatshard_flat_param_reshard.
+/// while the chunks are broadcast. CUDA flat params gather into device memory,
+/// or with offload_to_cpu into pinned host memory (views then have device
+/// CPU; with rank0_only device memory stays at one shard-sized chunk);
+/// offload_to_cpu changes nothing for host params. The full buffer is
+/// library-owned and lives until flatshard_flat_param_reshard. A CUDA flat
+/// param on an NCCL comm runs on the comm's stream, on a host comm through
+/// pinned staging; either way the call returns when the data is in place.
 /// INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
 /// INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
 #[no_mangle]

@@ -514,6 +514,7 @@ impl FlatParam {
 
     /// Gather (or, with `rank0_only`, gather to rank 0) the shards of `src`
     /// into a full buffer of `dt` at `place`. `None` on ranks ≠ 0 under rank0_only.
+    #[allow(clippy::too_many_arguments)]
     fn gather(&self, ops: &mut Ops, comm: &Comm, src: Region, dt: DType, rank0_only: bool, place: Place, what: &str) -> Result<Option<Buf>> {
         let c = self.layout.chunk;
         let part = dt.bytes(c, "shard numel")?;

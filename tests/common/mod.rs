@@ -39,7 +39,7 @@ pub fn spawn_on_port_ranks(name: &str, world: usize, port: u16, extra: &[(&str, 
         .iter()
         .map(|&r| {
             let mut c = Command::new(&exe);
-            c.args([name, "--exact", "--nocapture", "--test-threads=1"])
+            c.args([name, "--exact", "--nocapture", "--test-threads=1", "--include-ignored"])
                 .env(RANK_ENV, "1")
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", world.to_string())
