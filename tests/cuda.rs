@@ -344,3 +344,34 @@ fn cuda_flat_params_without_a_driver_are_unsupported_and_peers_are_told() {
         c.barrier().unwrap();
     });
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn host_comm_collectives_on_device_pointers_are_staged() {
+    common::ranks("host_comm_collectives_on_device_pointers_are_staged", 2, &[("FLATSHARD_BUCKET_BYTES", "1000".into())], |c| {
+        assert!(has_gpu(), "skipped: no CUDA driver");
+        let rank = c.rank();
+        // mixed sizes so the 1000-byte pinned bucket packs some and splits others
+        let numels = [3usize, 700, 1, 64];
+        let host: Vec<Vec<u8>> = numels.iter().enumerate().map(|(i, &n)| common::f32_bytes(&values(rank * 5 + i, n))).collect();
+        let devs: Vec<DevMem> = host
+            .iter()
+            .map(|h| {
+                let d = DevMem::zeroed(0, h.len(), std::ptr::null_mut(), "test").unwrap();
+                unsafe { flatshard::cuda::copy_to_device(d.ptr(), h.as_ptr(), h.len()).unwrap() };
+                d
+            })
+            .collect();
+        let mut want = host.clone();
+        let hts: Vec<TensorRef> = want.iter_mut().map(|b| TensorRef::host(b, DType::F32)).collect();
+        unsafe { flatshard::averaging::average_parameters(&c, &hts, 0).unwrap() };
+        let dts: Vec<TensorRef> = devs
+            .iter()
+            .map(|d| TensorRef { data: d.ptr(), grad: std::ptr::null_mut(), numel: (d.len() / 4) as u64, dtype: DType::F32, device: Device::Cuda(0) })
+            .collect();
+        unsafe { flatshard::averaging::average_parameters(&c, &dts, 0).unwrap() };
+        for (i, t) in dts.iter().enumerate() {
+            assert!(read(t) == want[i], "rank {rank}: params[{i}] averaged on the device differs from the host path");
+        }
+    });
+}

@@ -221,7 +221,7 @@ pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut 
             return c.run(|b| device(b)?.all_reduce(buf as *const u8, buf as *mut u8, count as usize, dt, op));
         }
         if crate::cuda::is_device_ptr(buf as *const u8) {
-            return super::cuda::staged(buf as *mut u8, bytes, true, |h| c.all_reduce(h, dt, op));
+            return super::cuda::staged(c, |ops| ops.all_reduce(c, super::cuda::region(buf, bytes), dt, op));
         }
         let b = slice_mut(buf, count, dt, "buf")?;
         c.all_reduce(b, dt, op)
@@ -246,10 +246,12 @@ pub unsafe extern "C" fn flatshard_all_gather(c: *mut flatshard_comm, send: *con
             dt.bytes(total, "count_per_rank")?;
             return c.run(|b| device(b)?.all_gather(send as *const u8, recv as *mut u8, count_per_rank as usize, dt));
         }
-        if crate::cuda::is_device_ptr(recv as *const u8) {
+        if crate::cuda::is_device_ptr(recv as *const u8) || crate::cuda::is_device_ptr(send as *const u8) {
             let (sb, rb) = (dt.bytes(count_per_rank, "count_per_rank")?, dt.bytes(total, "count_per_rank")?);
             need(send, "send")?;
-            return super::cuda::staged(send as *mut u8, sb, false, |hs| super::cuda::staged(recv as *mut u8, rb, true, |hr| c.all_gather(hs, hr, dt)));
+            need(recv, "recv")?;
+            let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
+            return super::cuda::staged(c, |ops| ops.all_gather(c, s, r, dt));
         }
         let s = slice(send, count_per_rank, dt, "send")?;
         let r = slice_mut(recv, total, dt, "recv")?;
@@ -287,10 +289,12 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
             dt.bytes(total, "count_per_rank")?;
             return c.run(|b| device(b)?.reduce_scatter(send as *const u8, recv as *mut u8, count_per_rank as usize, dt, op));
         }
-        if crate::cuda::is_device_ptr(send as *const u8) {
+        if crate::cuda::is_device_ptr(send as *const u8) || crate::cuda::is_device_ptr(recv as *const u8) {
             let (sb, rb) = (dt.bytes(total, "count_per_rank")?, dt.bytes(count_per_rank, "count_per_rank")?);
+            need(send, "send")?;
             need(recv, "recv")?;
-            return super::cuda::staged(send as *mut u8, sb, false, |hs| super::cuda::staged(recv as *mut u8, rb, true, |hr| c.reduce_scatter(hs, hr, dt, op)));
+            let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
+            return super::cuda::staged(c, |ops| ops.reduce_scatter(c, s, r, dt, op));
         }
         let s = slice(send, total, dt, "send")?;
         let r = slice_mut(recv, count_per_rank, dt, "recv")?;
@@ -319,7 +323,7 @@ pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c
             return c.run(|b| device(b)?.broadcast(buf as *mut u8, count as usize, dt, root as usize));
         }
         if crate::cuda::is_device_ptr(buf as *const u8) {
-            return super::cuda::staged(buf as *mut u8, bytes, true, |h| c.broadcast(h, dt, root));
+            return super::cuda::staged(c, |ops| ops.broadcast(c, super::cuda::region(buf, bytes), dt, root));
         }
         let b = slice_mut(buf, count, dt, "buf")?;
         c.broadcast(b, dt, root)

@@ -81,14 +81,17 @@ pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> f
     })
 }
 
-/// Host staging for device pointers given to a host communicator: copy in,
-/// run `f` on host memory, copy back (if `write_back`).
-pub(crate) unsafe fn staged(ptr: *mut u8, len: usize, write_back: bool, f: impl FnOnce(&mut [u8]) -> Result<()>) -> Result<()> {
-    let mut host = crate::error::try_zeroed(len, "staging a CUDA buffer through host memory")?;
-    crate::cuda::copy_to_host(host.as_mut_ptr(), ptr, len)?;
-    f(&mut host)?;
-    if write_back {
-        crate::cuda::copy_to_device(ptr, host.as_ptr(), len)?;
-    }
-    Ok(())
+/// A caller's buffer, in host or device memory (whichever `p` is).
+pub(crate) fn region(p: *const c_void, len: usize) -> crate::flat_param::mem::Region {
+    use crate::flat_param::mem::{Place, Region};
+    Region::new(p as *mut u8, len, crate::cuda::device_of(p as *const u8).map_or(Place::Host, Place::Device))
+}
+
+/// Device pointers given to a host communicator: the collective runs through
+/// pinned host staging buffers (see flat_param::mem) and is complete when
+/// this returns.
+pub(crate) fn staged(c: &crate::comm::Comm, f: impl FnOnce(&mut crate::flat_param::mem::Ops) -> Result<()>) -> Result<()> {
+    let mut ops = crate::flat_param::mem::Ops::new(c);
+    f(&mut ops)?;
+    ops.finish(Some(c))
 }
