@@ -525,6 +525,7 @@ flatshard_status flatshard_comm_new_subgroups(flatshard_comm *parent,
 /**
  * MPI_Comm_split: ranks with the same `color` form a communicator ordered by
  * (key, parent rank). color < 0 → `*out = NULL`. Collective over `parent`.
+ * On an NCCL communicator this is ncclCommSplit (same stream and device).
  */
 flatshard_status flatshard_comm_split(flatshard_comm *parent,
                                       int32_t color,

@@ -165,6 +165,7 @@ pub unsafe extern "C" fn flatshard_comm_new_subgroups(parent: *mut flatshard_com
 
 /// MPI_Comm_split: ranks with the same `color` form a communicator ordered by
 /// (key, parent rank). color < 0 → `*out = NULL`. Collective over `parent`.
+/// On an NCCL communicator this is ncclCommSplit (same stream and device).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_split(parent: *mut flatshard_comm, color: i32, key: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
     boundary("flatshard_comm_split", || {
