@@ -662,15 +662,22 @@ impl Backend for ShmBackend {
         let per_round = (self.slot_bytes / es) * es;
         let stream = nb >= self.stream_min;
         let mut srcs: Vec<*const u8> = vec![std::ptr::null(); n];
-        // Round k: copy in, meet, reduce our slice into our slot, signal, then
+        // Round k: copy in (all but our slice), meet, reduce our slice into our slot, signal, then
         // (lookahead) copy in and signal round k+1 before meeting the peers'
         // reduced slices of round k and copying them out. Three slots make the
         // early copy-in safe: it overwrites round k-2, which every peer
         // finished copying out before it signalled its reduce of round k-1.
+        // Our own slice of a chunk is never read from our slot (peers reduce
+        // their slices; we reduce ours straight from buf), so only the rest
+        // is copied in: (n-1)/n of the chunk.
         let fill_at = |off: usize| {
             let len = per_round.min(nb - off);
-            // SAFETY: len <= slot_bytes, within buf.
-            move |dst: *mut u8| unsafe { copy(bp.add(off), dst, len) }
+            let (so, sl) = part(len / es, n, r, es);
+            // SAFETY: len <= slot_bytes, within buf; [0, so) and [so + sl, len) of the chunk.
+            move |dst: *mut u8| unsafe {
+                copy(bp.add(off), dst, so);
+                copy(bp.add(off + so + sl), dst.add(so + sl), len - so - sl);
+            }
         };
         let (mut slot, gen, t) = self.publish(&mut st, Some(&desc), fill_at(0));
         self.meet(t, &w)?;
@@ -681,8 +688,8 @@ impl Backend for ShmBackend {
             let ne = len / es;
             let (so, sl) = part(ne, n, r, es);
             for (p, s) in srcs.iter_mut().enumerate() {
-                // SAFETY: within slot p of this round.
-                *s = unsafe { self.slot_ptr(p, slot).add(so) };
+                // SAFETY: within slot p of this round, or our own slice of buf.
+                *s = if p == r { unsafe { bp.add(off + so) } } else { unsafe { self.slot_ptr(p, slot).add(so) } };
             }
             // SAFETY: our slice of every slot; we write only our own slot's
             // slice, which no peer reads before our next signal.
