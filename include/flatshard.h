@@ -21,6 +21,11 @@
 
 
 /**
+ * ncclCommSplit color of a rank that joins no group.
+ */
+#define NCCL_SPLIT_NOCOLOR -1
+
+/**
  * Flag for `flatshard_average_parameters` / `flatshard_averager_step`: skip
  * tensors whose `grad` is NULL (PyTorch's `get_params_to_average` filter).
  */
@@ -280,6 +285,38 @@ typedef struct {
   int32_t with_grads;
 } flatshard_unshard_options;
 
+typedef int ncclResult_t;
+
+typedef int ncclDataType_t;
+
+typedef int ncclRedOp_t;
+
+#define NCCL_SUCCESS 0
+
+#define NCCL_IN_PROGRESS 7
+
+#define NCCL_UINT8 1
+
+#define NCCL_INT32 2
+
+#define NCCL_INT64 4
+
+#define NCCL_FLOAT16 6
+
+#define NCCL_FLOAT32 7
+
+#define NCCL_FLOAT64 8
+
+#define NCCL_BFLOAT16 9
+
+#define NCCL_SUM 0
+
+#define NCCL_MAX 2
+
+#define NCCL_MIN 3
+
+#define NCCL_AVG 4
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -439,7 +476,13 @@ void flatshard_averager_free(flatshard_averager *a);
  * (a CUstream / cudaStream_t; NULL = the legacy default stream). The
  * ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
  * authenticated by the job token. Collective over all ranks; NCCL needs one
- * GPU per rank. `*out` is owned by the caller (flatshard_comm_free).
+ * GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
+ * destroys the NCCL comm after this rank's queued work). NCCL is found as
+ * the libnccl.so.2 already loaded in the process, else FLATSHARD_NCCL_LIBRARY,
+ * else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
+ * >= 2.18 for split. Host pointers given to its collectives are staged
+ * through device memory. Results of AVG/SUM can differ from a host
+ * communicator's in the last bits (NCCL's reduction order and AVG scaling).
  * UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
  */
 flatshard_status flatshard_comm_init_nccl(const char *master_addr,
@@ -452,8 +495,13 @@ flatshard_status flatshard_comm_init_nccl(const char *master_addr,
                                           flatshard_comm **out);
 
 /**
- * Adopt an existing ncclComm_t (not owned: flatshard_comm_free does not
- * destroy it). Collectives are ordered on `cuda_stream`.
+ * Adopt an existing ncclComm_t (not owned: flatshard never destroys or
+ * aborts it — not at flatshard_comm_free, flatshard_comm_abort, or a
+ * timeout, which then only poison the wrapper; aborting the NCCL comm is its
+ * owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
+ * must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
+ * from the NCCL library flatshard uses: the one already loaded in the
+ * process (libnccl.so.2), else FLATSHARD_NCCL_LIBRARY or the search path.
  */
 flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
                                           int32_t cuda_device,
@@ -462,8 +510,8 @@ flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
 
 /**
  * Wait for the work queued on the communicator's stream, up to the timeout;
- * reports asynchronous NCCL errors (NCCL) and aborts the communicator on
- * timeout (TIMEOUT). On a host communicator it returns OK at once (host
+ * reports asynchronous NCCL errors (NCCL) and aborts an owned NCCL
+ * communicator on timeout (TIMEOUT). On a host communicator it returns OK at once (host
  * collectives complete before returning).
  */
 flatshard_status flatshard_comm_synchronize(flatshard_comm *c);

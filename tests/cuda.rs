@@ -134,7 +134,7 @@ impl Placed {
             Some(d) => host
                 .iter()
                 .map(|h| {
-                    let m = DevMem::zeroed(d, h.len(), std::ptr::null_mut(), "test param").unwrap();
+                    let m = DevMem::zeroed(d, h.len(), "test param").unwrap();
                     unsafe { flatshard::cuda::copy_to_device(m.ptr(), h.as_ptr(), h.len()).unwrap() };
                     m
                 })
@@ -357,7 +357,7 @@ fn host_comm_collectives_on_device_pointers_are_staged() {
         let devs: Vec<DevMem> = host
             .iter()
             .map(|h| {
-                let d = DevMem::zeroed(0, h.len(), std::ptr::null_mut(), "test").unwrap();
+                let d = DevMem::zeroed(0, h.len(), "test").unwrap();
                 unsafe { flatshard::cuda::copy_to_device(d.ptr(), h.as_ptr(), h.len()).unwrap() };
                 d
             })
@@ -369,9 +369,53 @@ fn host_comm_collectives_on_device_pointers_are_staged() {
             .iter()
             .map(|d| TensorRef { data: d.ptr(), grad: std::ptr::null_mut(), numel: (d.len() / 4) as u64, dtype: DType::F32, device: Device::Cuda(0) })
             .collect();
-        unsafe { flatshard::averaging::average_parameters(&c, &dts, 0).unwrap() };
+        // From a fresh thread with no CUDA context current: flatshard must
+        // find the context itself (pointer queries, pinned memory, syncs).
+        let addrs: Vec<(usize, u64)> = dts.iter().map(|t| (t.data as usize, t.numel)).collect();
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                let ts: Vec<TensorRef> = addrs
+                    .iter()
+                    .map(|&(p, n)| TensorRef { data: p as *mut u8, grad: std::ptr::null_mut(), numel: n, dtype: DType::F32, device: Device::Cuda(0) })
+                    .collect();
+                unsafe { flatshard::averaging::average_parameters(&c, &ts, 0).unwrap() }
+            });
+        });
         for (i, t) in dts.iter().enumerate() {
             assert!(read(t) == want[i], "rank {rank}: params[{i}] averaged on the device differs from the host path");
         }
+    });
+}
+
+/// NCCL with two ranks, each on its own GPU (needs >= 2 GPUs; scripts/gpu-test.sh
+/// skips it on a one-GPU machine). NCCL reduces in its own order, so values are
+/// compared with the host path within a tolerance, not bit for bit.
+#[test]
+#[ignore = "needs two CUDA GPUs: scripts/gpu-test.sh"]
+fn nccl_two_gpus_flat_param_matches_host() {
+    common::ranks("nccl_two_gpus_flat_param_matches_host", 2, &[], |host| {
+        assert!(has_gpu(), "skipped: no CUDA driver");
+        assert!(flatshard::cuda::device_count().unwrap() >= 2, "needs two GPUs");
+        let rank = host.rank();
+        let port: u16 = std::env::var("MASTER_PORT").unwrap().parse::<u16>().unwrap() + 1;
+        let nccl = Comm::init_nccl("127.0.0.1", port, rank as i32, 2, rank as i32, std::ptr::null_mut(), Default::default()).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        flat_param_scenario(&host, None, Sharding::FullShard, &mut a);
+        flat_param_scenario(&nccl, Some(rank as i32), Sharding::FullShard, &mut b);
+        assert_eq!(a.len(), b.len());
+        for ((k, x), (_, y)) in a.iter().zip(&b) {
+            let bf16 = k.contains("view") && !k.contains("offloaded");
+            let (x, y): (Vec<f32>, Vec<f32>) = if bf16 {
+                let f = |v: &Vec<u8>| v.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_ne_bytes([c[0], c[1]])).to_f32()).collect();
+                (f(x), f(y))
+            } else {
+                (common::bytes_f32(x), common::bytes_f32(y))
+            };
+            for (u, v) in x.iter().zip(&y) {
+                assert!((u - v).abs() <= 1e-2 * (1.0 + u.abs()), "rank {rank}: {k}: host {u} vs NCCL {v}");
+            }
+        }
+        let sub = nccl.split(rank as i32, 0).unwrap().expect("own group");
+        assert_eq!((sub.size(), sub.rank()), (1, 0));
     });
 }

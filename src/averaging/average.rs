@@ -242,7 +242,7 @@ pub(crate) fn agree(comm: &Comm, fp: u64) -> Result<()> {
     // Through the staging layer, so an NCCL communicator agrees too.
     let mut ops = crate::flat_param::mem::Ops::new(comm);
     ops.all_gather_host(comm, &fp.to_le_bytes(), &mut all, DType::U8)?;
-    ops.finish(Some(comm))?;
+    ops.finish()?;
     let fps: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
     if fps.iter().all(|&f| f == fps[0]) {
         return Ok(());

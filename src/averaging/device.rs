@@ -142,7 +142,7 @@ unsafe fn staged(comm: &Comm, params: &[TensorRef], chosen: &[usize], bucket_byt
             off += (n * es).next_multiple_of(8);
         }
         // The bucket is refilled next: wait for the copies out of it.
-        ops.finish_step(comm)?;
+        ops.finish_step()?;
         pieces.clear();
         Ok(())
     };
@@ -165,5 +165,5 @@ unsafe fn staged(comm: &Comm, params: &[TensorRef], chosen: &[usize], bucket_byt
         }
     }
     flush(&mut ops, &mut pieces)?;
-    ops.finish(Some(comm))
+    ops.finish()
 }

@@ -105,7 +105,7 @@ fn make_op(op: &str, rank: usize, world: usize, nbytes: usize, dev: Option<i32>)
 /// Device memory holding `numel` f32 values (the same fill as host buffers).
 fn dev_fill(d: i32, rank: usize, numel: usize) -> Result<flatshard::cuda::DevMem, String> {
     let host: Vec<u8> = (0..numel).flat_map(|i| (((i + rank) % 13) as f32).to_ne_bytes()).collect();
-    let m = flatshard::cuda::DevMem::zeroed(d, host.len(), std::ptr::null_mut(), "benchmark buffer").map_err(|e| e.to_string())?;
+    let m = flatshard::cuda::DevMem::zeroed(d, host.len(), "benchmark buffer").map_err(|e| e.to_string())?;
     // SAFETY: m holds host.len() device bytes.
     unsafe { flatshard::cuda::copy_to_device(m.ptr(), host.as_ptr(), host.len()) }.map_err(|e| e.to_string())?;
     Ok(m)
@@ -129,7 +129,7 @@ fn make_device_op(op: &str, rank: usize, world: usize, nbytes: usize, d: i32) ->
             Box::new(move |c| {
                 // SAFETY: two device buffers of nbytes.
                 unsafe { flatshard::cuda::copy_async(b.ptr(), a.ptr(), a.len(), flatshard::cuda::Dir::DtoD, c.stream())? };
-                flatshard::cuda::stream_sync(c.stream())
+                flatshard::cuda::stream_sync(d, c.stream())
             })
         }
         "all_reduce" | "broadcast" => {

@@ -550,8 +550,12 @@ impl Comm {
 
 impl Drop for Comm {
     fn drop(&mut self) {
-        // Peers blocked on us get PEER_LOST when the sockets close.
-        self.backend.abort();
+        // Peers blocked on us get PEER_LOST when the sockets close. An NCCL
+        // communicator is not aborted: its backend destroys it (owned; NCCL
+        // finishes this rank's queued work first) or leaves it (wrapped).
+        if !self.is_device() {
+            self.backend.abort();
+        }
     }
 }
 

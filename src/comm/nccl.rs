@@ -7,14 +7,15 @@ use super::{Backend, DeviceCollectives};
 use crate::cuda;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::cuda::nccl_sys::{self as nc, ncclComm_t, Nccl};
 use cudarc::driver::sys as cu;
-use cudarc::nccl::sys as nc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct NcclBackend {
-    comm: nc::ncclComm_t,
+    lib: &'static Nccl,
+    comm: ncclComm_t,
     stream: *mut std::ffi::c_void,
     device: i32,
     rank: usize,
@@ -23,7 +24,7 @@ pub struct NcclBackend {
     timeout: Duration,
     abort: Arc<AtomicBool>,
     destroyed: AtomicBool,
-    scratch: std::sync::OnceLock<u64>,
+    scratch: std::sync::OnceLock<cuda::DevMem>,
 }
 
 // The NCCL handle is used by one thread at a time (Comm's contract), except
@@ -31,41 +32,69 @@ pub struct NcclBackend {
 unsafe impl Send for NcclBackend {}
 unsafe impl Sync for NcclBackend {}
 
-fn nccl_check(r: nc::ncclResult_t, what: &str) -> Result<()> {
-    if r == nc::ncclResult_t::ncclSuccess {
+fn nccl_check(lib: &Nccl, r: nc::ncclResult_t, what: &str) -> Result<()> {
+    if r == nc::NCCL_SUCCESS {
         return Ok(());
     }
     // SAFETY: returns a static string.
-    let s = unsafe { std::ffi::CStr::from_ptr(nc::ncclGetErrorString(r)).to_string_lossy().into_owned() };
-    Err(Error::new(crate::error::ErrorKind::Nccl, format!("{what}: {s} ({r:?})")))
+    let s = unsafe {
+        let p = (lib.get_error_string)(r);
+        if p.is_null() { format!("error {r}") } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
+    };
+    Err(Error::new(crate::error::ErrorKind::Nccl, format!("{what}: {s} (ncclResult_t {r})")))
 }
 
-fn nccl_dtype(dt: DType) -> Result<nc::ncclDataType_t> {
-    use nc::ncclDataType_t::*;
-    Ok(match dt {
-        DType::F32 => ncclFloat32,
-        DType::F64 => ncclFloat64,
-        DType::F16 => ncclFloat16,
-        DType::BF16 => ncclBfloat16,
-        DType::I32 => ncclInt32,
-        DType::I64 => ncclInt64,
-        DType::U8 => ncclUint8,
-    })
+fn nccl_dtype(dt: DType) -> nc::ncclDataType_t {
+    match dt {
+        DType::F32 => nc::NCCL_FLOAT32,
+        DType::F64 => nc::NCCL_FLOAT64,
+        DType::F16 => nc::NCCL_FLOAT16,
+        DType::BF16 => nc::NCCL_BFLOAT16,
+        DType::I32 => nc::NCCL_INT32,
+        DType::I64 => nc::NCCL_INT64,
+        DType::U8 => nc::NCCL_UINT8,
+    }
 }
 
 fn nccl_op(op: ReduceOp) -> nc::ncclRedOp_t {
     match op {
-        ReduceOp::Sum => nc::ncclRedOp_t::ncclSum,
-        ReduceOp::Avg => nc::ncclRedOp_t::ncclAvg,
-        ReduceOp::Min => nc::ncclRedOp_t::ncclMin,
-        ReduceOp::Max => nc::ncclRedOp_t::ncclMax,
+        ReduceOp::Sum => nc::NCCL_SUM,
+        ReduceOp::Avg => nc::NCCL_AVG,
+        ReduceOp::Min => nc::NCCL_MIN,
+        ReduceOp::Max => nc::NCCL_MAX,
     }
 }
 
 impl NcclBackend {
+    fn new(lib: &'static Nccl, comm: ncclComm_t, device: i32, stream: *mut std::ffi::c_void, owned: bool, timeout: Duration) -> Result<Self> {
+        let (mut n, mut r, mut d) = (0, 0, 0);
+        // SAFETY: a live communicator.
+        unsafe {
+            nccl_check(lib, (lib.comm_count)(comm, &mut n), "ncclCommCount")?;
+            nccl_check(lib, (lib.comm_user_rank)(comm, &mut r), "ncclCommUserRank")?;
+            nccl_check(lib, (lib.comm_cu_device)(comm, &mut d), "ncclCommCuDevice")?;
+        }
+        if d != device {
+            return Err(Error::invalid_arg(format!("cuda_device: {device}, but the NCCL communicator runs on device {d}")));
+        }
+        Ok(NcclBackend {
+            lib,
+            comm,
+            stream,
+            device,
+            rank: r as usize,
+            size: n as usize,
+            owned,
+            timeout,
+            abort: Arc::new(AtomicBool::new(false)),
+            destroyed: AtomicBool::new(false),
+            scratch: std::sync::OnceLock::new(),
+        })
+    }
+
     /// Create a communicator from a unique id every rank received.
     pub fn init(id: &[u8; 128], rank: usize, size: usize, device: i32, stream: *mut std::ffi::c_void, timeout: Duration) -> Result<Self> {
-        cuda::nccl()?;
+        let lib = nc::nccl()?;
         cuda::set_device(device)?;
         let mut uid = nc::ncclUniqueId { internal: [0; 128] };
         for (d, s) in uid.internal.iter_mut().zip(id.iter()) {
@@ -73,29 +102,28 @@ impl NcclBackend {
         }
         let mut comm = std::ptr::null_mut();
         // SAFETY: valid out-pointer and id.
-        nccl_check(unsafe { nc::ncclCommInitRank(&mut comm, size as i32, uid, rank as i32) }, "ncclCommInitRank")?;
-        Ok(NcclBackend { comm, stream, device, rank, size, owned: true, timeout, abort: Arc::new(AtomicBool::new(false)), destroyed: AtomicBool::new(false), scratch: std::sync::OnceLock::new() })
+        nccl_check(lib, unsafe { (lib.comm_init_rank)(&mut comm, size as i32, uid, rank as i32) }, "ncclCommInitRank")?;
+        let b = Self::new(lib, comm, device, stream, true, timeout);
+        if b.is_err() {
+            // SAFETY: our fresh communicator, not used again.
+            unsafe { (lib.comm_destroy)(comm) };
+        }
+        b
     }
 
-    /// Adopt an existing ncclComm_t (not destroyed on drop).
+    /// Adopt an existing ncclComm_t (never aborted or destroyed by flatshard).
     pub fn wrap(comm: *mut std::ffi::c_void, device: i32, stream: *mut std::ffi::c_void, timeout: Duration) -> Result<Self> {
-        cuda::nccl()?;
-        let comm = comm as nc::ncclComm_t;
-        let (mut n, mut r) = (0, 0);
-        // SAFETY: the caller passed a live ncclComm_t.
-        unsafe {
-            nccl_check(nc::ncclCommCount(comm, &mut n), "ncclCommCount")?;
-            nccl_check(nc::ncclCommUserRank(comm, &mut r), "ncclCommUserRank")?;
-        }
-        Ok(NcclBackend { comm, stream, device, rank: r as usize, size: n as usize, owned: false, timeout, abort: Arc::new(AtomicBool::new(false)), destroyed: AtomicBool::new(false), scratch: std::sync::OnceLock::new() })
+        let lib = nc::nccl()?;
+        cuda::set_device(device)?;
+        Self::new(lib, comm, device, stream, false, timeout)
     }
 
     /// A fresh 128-byte ncclUniqueId (rank 0 creates it, the others receive it).
     pub fn unique_id() -> Result<[u8; 128]> {
-        cuda::nccl()?;
+        let lib = nc::nccl()?;
         let mut uid = nc::ncclUniqueId { internal: [0; 128] };
         // SAFETY: valid out-pointer.
-        nccl_check(unsafe { nc::ncclGetUniqueId(&mut uid) }, "ncclGetUniqueId")?;
+        nccl_check(lib, unsafe { (lib.get_unique_id)(&mut uid) }, "ncclGetUniqueId")?;
         let mut out = [0u8; 128];
         for (d, s) in out.iter_mut().zip(uid.internal.iter()) {
             *d = *s as u8;
@@ -104,7 +132,7 @@ impl NcclBackend {
     }
 
     fn stream(&self) -> nc::cudaStream_t {
-        self.stream as nc::cudaStream_t
+        self.stream
     }
 
     fn enter(&self) -> Result<()> {
@@ -116,23 +144,21 @@ impl NcclBackend {
 
     /// 4 bytes of device memory for barriers, allocated on first use.
     fn scratch_word(&self) -> Result<u64> {
-        if let Some(p) = self.scratch.get() {
-            return Ok(*p);
+        if let Some(m) = self.scratch.get() {
+            return Ok(m.ptr() as u64);
         }
         self.enter()?;
-        let mut p: cu::CUdeviceptr = 0;
-        // SAFETY: valid out-pointer; freed in Drop.
-        cuda::check(unsafe { cu::cuMemAlloc_v2(&mut p, 4) }, "cuMemAlloc (barrier word)")?;
-        // SAFETY: fresh allocation of 4 bytes.
-        cuda::check(unsafe { cu::cuMemsetD32_v2(p, 0, 1) }, "cuMemsetD32")?;
-        Ok(*self.scratch.get_or_init(|| p))
+        let m = cuda::DevMem::zeroed(self.device, 4, "the NCCL barrier word")?;
+        Ok(self.scratch.get_or_init(|| m).ptr() as u64)
     }
 
+    /// Abort the NCCL communicator (owned ones only: a wrapped one belongs
+    /// to the engine, which must abort or destroy it itself).
     fn kill(&self) {
-        if !self.destroyed.swap(true, Ordering::SeqCst) {
+        if self.owned && !self.destroyed.swap(true, Ordering::SeqCst) {
             // SAFETY: aborting is allowed from any thread; the handle is not used again.
             unsafe {
-                nc::ncclCommAbort(self.comm);
+                (self.lib.comm_abort)(self.comm);
             }
         }
     }
@@ -141,19 +167,19 @@ impl NcclBackend {
 impl DeviceCollectives for NcclBackend {
     unsafe fn all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         self.enter()?;
-        nccl_check(nc::ncclAllReduce(send as _, recv as _, count, nccl_dtype(dt)?, nccl_op(op), self.comm, self.stream()), "ncclAllReduce")
+        nccl_check(self.lib, (self.lib.all_reduce)(send as _, recv as _, count, nccl_dtype(dt), nccl_op(op), self.comm, self.stream()), "ncclAllReduce")
     }
     unsafe fn all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()> {
         self.enter()?;
-        nccl_check(nc::ncclAllGather(send as _, recv as _, count, nccl_dtype(dt)?, self.comm, self.stream()), "ncclAllGather")
+        nccl_check(self.lib, (self.lib.all_gather)(send as _, recv as _, count, nccl_dtype(dt), self.comm, self.stream()), "ncclAllGather")
     }
     unsafe fn reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         self.enter()?;
-        nccl_check(nc::ncclReduceScatter(send as _, recv as _, count, nccl_dtype(dt)?, nccl_op(op), self.comm, self.stream()), "ncclReduceScatter")
+        nccl_check(self.lib, (self.lib.reduce_scatter)(send as _, recv as _, count, nccl_dtype(dt), nccl_op(op), self.comm, self.stream()), "ncclReduceScatter")
     }
     unsafe fn broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: usize) -> Result<()> {
         self.enter()?;
-        nccl_check(nc::ncclBroadcast(buf as _, buf as _, count, nccl_dtype(dt)?, root as i32, self.comm, self.stream()), "ncclBroadcast")
+        nccl_check(self.lib, (self.lib.broadcast)(buf as _, buf as _, count, nccl_dtype(dt), root as i32, self.comm, self.stream()), "ncclBroadcast")
     }
     fn device_index(&self) -> i32 {
         self.device
@@ -163,55 +189,46 @@ impl DeviceCollectives for NcclBackend {
     }
     fn split(&self, color: i32, key: i32) -> Result<Option<Box<dyn Backend>>> {
         self.enter()?;
-        let mut child: nc::ncclComm_t = std::ptr::null_mut();
-        // NCCL_SPLIT_NOCOLOR (-1): take part in the split without joining a group.
-        let c = if color < 0 { -1 } else { color };
+        let split = self.lib.comm_split.ok_or_else(|| {
+            Error::unsupported(format!(
+                "split: {} is NCCL {}, ncclCommSplit needs NCCL >= 2.18",
+                self.lib.path,
+                nc::version_string(self.lib.version)
+            ))
+        })?;
+        let mut child: ncclComm_t = std::ptr::null_mut();
+        let c = if color < 0 { nc::NCCL_SPLIT_NOCOLOR } else { color };
         // SAFETY: live communicator, valid out-pointer; a NULL config inherits
         // the parent's.
-        nccl_check(unsafe { nc::ncclCommSplit(self.comm, c, key, &mut child, std::ptr::null_mut()) }, &format!("rank {}: ncclCommSplit", self.rank))?;
+        nccl_check(self.lib, unsafe { split(self.comm, c, key, &mut child, std::ptr::null_mut()) }, &format!("rank {}: ncclCommSplit", self.rank))?;
         if color < 0 || child.is_null() {
             return Ok(None);
         }
-        let (mut n, mut r) = (0, 0);
-        // SAFETY: the fresh child communicator.
-        unsafe {
-            nccl_check(nc::ncclCommCount(child, &mut n), "ncclCommCount")?;
-            nccl_check(nc::ncclCommUserRank(child, &mut r), "ncclCommUserRank")?;
-        }
-        Ok(Some(Box::new(NcclBackend {
-            comm: child,
-            stream: self.stream,
-            device: self.device,
-            rank: r as usize,
-            size: n as usize,
-            owned: true,
-            timeout: self.timeout,
-            abort: Arc::new(AtomicBool::new(false)),
-            destroyed: AtomicBool::new(false),
-            scratch: std::sync::OnceLock::new(),
-        })))
+        Ok(Some(Box::new(NcclBackend::new(self.lib, child, self.device, self.stream, true, self.timeout)?)))
     }
     fn group(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         self.enter()?;
         // SAFETY: group calls bracket the collectives issued by f.
-        nccl_check(unsafe { nc::ncclGroupStart() }, "ncclGroupStart")?;
+        nccl_check(self.lib, unsafe { (self.lib.group_start)() }, "ncclGroupStart")?;
         let r = f();
         // Always close the group, also when f failed part-way.
-        let end = nccl_check(unsafe { nc::ncclGroupEnd() }, "ncclGroupEnd");
+        // SAFETY: closes the group opened above.
+        let end = nccl_check(self.lib, unsafe { (self.lib.group_end)() }, "ncclGroupEnd");
         r.and(end)
     }
     fn synchronize(&self) -> Result<()> {
         self.enter()?;
         let deadline = Instant::now() + self.timeout;
+        let what = if self.owned { "the NCCL communicator was aborted" } else { "the wrapped NCCL communicator is left to its owner (ncclCommAbort it)" };
         loop {
             // SAFETY: the stream belongs to this communicator's device.
             let q = unsafe { cu::cuStreamQuery(self.stream as cu::CUstream) };
-            let mut async_err = nc::ncclResult_t::ncclSuccess;
+            let mut async_err = nc::NCCL_SUCCESS;
             // SAFETY: live comm (not destroyed: checked in enter and below).
-            unsafe { nc::ncclCommGetAsyncError(self.comm, &mut async_err) };
-            if async_err != nc::ncclResult_t::ncclSuccess && async_err != nc::ncclResult_t::ncclInProgress {
+            unsafe { (self.lib.comm_get_async_error)(self.comm, &mut async_err) };
+            if async_err != nc::NCCL_SUCCESS && async_err != nc::NCCL_IN_PROGRESS {
                 self.kill();
-                return nccl_check(async_err, &format!("rank {}: asynchronous NCCL error", self.rank));
+                return nccl_check(self.lib, async_err, &format!("rank {}: asynchronous NCCL error; {what}", self.rank));
             }
             if q == cu::CUresult::CUDA_SUCCESS {
                 return Ok(());
@@ -221,12 +238,12 @@ impl DeviceCollectives for NcclBackend {
             }
             if self.abort.load(Ordering::SeqCst) {
                 self.kill();
-                return Err(Error::aborted("the communicator was aborted"));
+                return Err(Error::aborted(format!("the communicator was aborted; {what}")));
             }
             if Instant::now() >= deadline {
                 self.kill();
                 return Err(Error::timeout(format!(
-                    "rank {}: NCCL work did not finish within {} ms; the NCCL communicator was aborted",
+                    "rank {}: NCCL work did not finish within {} ms; {what}",
                     self.rank,
                     self.timeout.as_millis()
                 )));
@@ -281,16 +298,13 @@ impl Backend for NcclBackend {
 
 impl Drop for NcclBackend {
     fn drop(&mut self) {
-        if let Some(p) = self.scratch.get() {
-            // SAFETY: allocated by scratch_word, not used after this.
-            unsafe {
-                cu::cuMemFree_v2(*p);
-            }
-        }
+        // The barrier word (a DevMem) frees itself in its own context.
         if self.owned && !self.destroyed.swap(true, Ordering::SeqCst) {
-            // SAFETY: owned, live, not used again.
+            let _ = cuda::set_device(self.device);
+            // SAFETY: owned, live, not used again. ncclCommDestroy finalizes
+            // first (waiting for this rank's queued work) when needed.
             unsafe {
-                nc::ncclCommDestroy(self.comm);
+                (self.lib.comm_destroy)(self.comm);
             }
         }
     }

@@ -39,8 +39,8 @@ unsafe fn launch(device: i32, name: &str, a: *mut u8, b: *mut u8, n: usize, stre
     if n == 0 {
         return Ok(());
     }
-    let f = function(device, name)?;
     set_device(device)?;
+    let f = function(device, name)?;
     let (mut a, mut b, mut n64) = (a as u64, b as u64, n as u64);
     let mut args: [*mut std::ffi::c_void; 3] = [
         &mut a as *mut u64 as *mut std::ffi::c_void,

@@ -55,20 +55,19 @@ pub fn device_count() -> Result<i32> {
     Ok(0)
 }
 
-/// Is NCCL loadable?
+/// Is NCCL loadable (see `nccl_sys` for where it is looked for)?
 pub fn nccl() -> Result<()> {
     driver()?;
     #[cfg(feature = "cuda")]
     {
-        // SAFETY: only tries to dlopen the library.
-        if unsafe { cudarc::nccl::sys::is_culib_present() } {
-            return Ok(());
-        }
-        Err(Error::unsupported("no NCCL: libnccl.so could not be loaded (install NCCL, e.g. the nvidia-nccl wheel, and put it on LD_LIBRARY_PATH)"))
+        nccl_sys::nccl().map(|_| ())
     }
     #[cfg(not(feature = "cuda"))]
     Err(Error::unsupported("this flatshard was built without the `cuda` feature"))
 }
+
+#[cfg(feature = "cuda")]
+pub mod nccl_sys;
 
 #[cfg(feature = "cuda")]
 pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
@@ -85,38 +84,83 @@ pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
     Err(Error::new(kind, format!("{what}: {name}")))
 }
 
-/// Make `device`'s primary context current on this thread (retained once per
-/// process and device; a no-op when it is current already).
+/// `device`'s primary context (retained once per process and device).
 #[cfg(feature = "cuda")]
-pub(crate) fn set_device(device: i32) -> Result<()> {
+fn primary_ctx(device: i32) -> Result<cu::CUcontext> {
     use std::sync::Mutex;
     static CTXS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
     driver()?;
-    let ctx = {
-        let mut t = CTXS.lock().unwrap_or_else(|p| p.into_inner());
-        match t.iter().find(|(d, _)| *d == device) {
-            Some((_, c)) => *c as cu::CUcontext,
-            None => {
-                // SAFETY: valid out-pointers; the primary context stays retained for the process.
-                let ctx = unsafe {
-                    let mut dev = 0;
-                    check(cu::cuDeviceGet(&mut dev, device), &format!("cuda_device {device}"))?;
-                    let mut ctx = std::ptr::null_mut();
-                    check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
-                    ctx
-                };
-                t.push((device, ctx as usize));
-                ctx
-            }
-        }
+    let mut t = CTXS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = t.iter().find(|(d, _)| *d == device) {
+        return Ok(*c as cu::CUcontext);
+    }
+    // SAFETY: valid out-pointers; the primary context stays retained for the process.
+    let ctx = unsafe {
+        let mut dev = 0;
+        check(cu::cuDeviceGet(&mut dev, device), &format!("cuda_device {device}"))?;
+        let mut ctx = std::ptr::null_mut();
+        check(cu::cuDevicePrimaryCtxRetain(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
+        ctx
     };
+    t.push((device, ctx as usize));
+    Ok(ctx)
+}
+
+#[cfg(feature = "cuda")]
+thread_local! {
+    /// The context this thread had before flatshard first switched it during
+    /// the current C call; restored when the call returns (`restore_caller_ctx`).
+    static CALLER_CTX: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+#[cfg(feature = "cuda")]
+fn make_current(ctx: cu::CUcontext) -> Result<()> {
     let mut cur: cu::CUcontext = std::ptr::null_mut();
     // SAFETY: valid out-pointer; ctx is a retained primary context.
     unsafe {
         if cu::cuCtxGetCurrent(&mut cur) == cu::CUresult::CUDA_SUCCESS && cur == ctx {
             return Ok(());
         }
+        CALLER_CTX.with(|c| {
+            if c.get().is_none() {
+                c.set(Some(cur as usize));
+            }
+        });
         check(cu::cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    }
+}
+
+/// Make `device`'s primary context current on this thread (a no-op when it
+/// is already). The caller's context comes back when the C call returns.
+#[cfg(feature = "cuda")]
+pub(crate) fn set_device(device: i32) -> Result<()> {
+    make_current(primary_ctx(device)?)
+}
+
+/// Make sure some context is current (calls such as cuPointerGetAttribute,
+/// cuMemHostAlloc or cuStreamSynchronize(NULL) need one): the caller's if it
+/// has one, else device 0's primary context.
+#[cfg(feature = "cuda")]
+pub(crate) fn ensure_ctx() -> Result<()> {
+    driver()?;
+    let mut cur: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-pointer.
+    if unsafe { cu::cuCtxGetCurrent(&mut cur) } == cu::CUresult::CUDA_SUCCESS && !cur.is_null() {
+        return Ok(());
+    }
+    set_device(0)
+}
+
+/// Give the calling thread back the CUDA context it had before this C call
+/// (called by the C boundary on the way out; nothing to do unless flatshard
+/// switched contexts during the call).
+pub fn restore_caller_ctx() {
+    #[cfg(feature = "cuda")]
+    if let Some(prev) = CALLER_CTX.with(|c| c.take()) {
+        // SAFETY: the context this thread had at the start of the call.
+        unsafe {
+            cu::cuCtxSetCurrent(prev as cu::CUcontext);
+        }
     }
 }
 
@@ -135,7 +179,7 @@ pub(crate) fn enter_ptr(p: *const u8) -> Result<()> {
 pub fn is_device_ptr(p: *const u8) -> bool {
     #[cfg(feature = "cuda")]
     {
-        if p.is_null() || driver().is_err() {
+        if p.is_null() || ensure_ctx().is_err() {
             return false;
         }
         let mut ty: u32 = 0;
@@ -223,8 +267,9 @@ pub struct DevMem {
 }
 
 impl DevMem {
-    /// `len` bytes on `device`, zero-filled in order on `stream`.
-    pub fn zeroed(device: i32, len: usize, stream: Stream, what: &str) -> Result<DevMem> {
+    /// `len` bytes on `device`, zero-filled before this returns (on a private
+    /// non-blocking stream, so it never waits for the engine's or NCCL's work).
+    pub fn zeroed(device: i32, len: usize, what: &str) -> Result<DevMem> {
         #[cfg(feature = "cuda")]
         {
             set_device(device)?;
@@ -236,14 +281,18 @@ impl DevMem {
             let m = DevMem { ptr: p, len, device };
             account(len as isize);
             if len > 0 {
-                // SAFETY: fresh allocation of len bytes.
-                check(unsafe { cu::cuMemsetD8Async(p, 0, len, stream as cu::CUstream) }, "cuMemsetD8Async")?;
+                let s = private_stream(device)?;
+                // SAFETY: fresh allocation of len bytes; s is our own stream.
+                unsafe {
+                    check(cu::cuMemsetD8Async(p, 0, len, s), "cuMemsetD8Async")?;
+                    check(cu::cuStreamSynchronize(s), "cuStreamSynchronize (zeroing)")?;
+                }
             }
             Ok(m)
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = (device, len, stream, what);
+            let _ = (device, len, what);
             driver().map(|_| unreachable!())
         }
     }
@@ -274,6 +323,23 @@ impl Drop for DevMem {
             account(-(self.len as isize));
         }
     }
+}
+
+/// flatshard's own non-blocking stream on `device` (created once).
+#[cfg(feature = "cuda")]
+fn private_stream(device: i32) -> Result<cu::CUstream> {
+    use std::sync::Mutex;
+    static STREAMS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
+    let mut t = STREAMS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, s)) = t.iter().find(|(d, _)| *d == device) {
+        return Ok(*s as cu::CUstream);
+    }
+    set_device(device)?;
+    let mut s: cu::CUstream = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; the stream lives for the process.
+    check(unsafe { cu::cuStreamCreate(&mut s, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) }, "cuStreamCreate")?;
+    t.push((device, s as usize));
+    Ok(s)
 }
 
 static DEV_BYTES: std::sync::atomic::AtomicIsize = std::sync::atomic::AtomicIsize::new(0);
@@ -310,7 +376,7 @@ impl PinnedMem {
     pub fn zeroed(len: usize, what: &str) -> Result<PinnedMem> {
         #[cfg(feature = "cuda")]
         {
-            driver()?;
+            ensure_ctx()?;
             let mut p: *mut std::ffi::c_void = std::ptr::null_mut();
             if len > 0 {
                 // SAFETY: valid out-pointer; freed in Drop.
@@ -343,6 +409,7 @@ impl Drop for PinnedMem {
         if !self.ptr.is_null() {
             // SAFETY: allocated by cuMemHostAlloc, not used after this.
             unsafe {
+                let _ = ensure_ctx();
                 cu::cuMemFreeHost(self.ptr as *mut std::ffi::c_void);
             }
         }
@@ -406,18 +473,19 @@ pub unsafe fn memset0_async(dst: *mut u8, len: usize, stream: Stream) -> Result<
     }
 }
 
-/// Wait for everything queued on `stream` (local work only: copies and
-/// kernels; NCCL work is waited for through the communicator, with its
-/// deadline).
-pub fn stream_sync(stream: Stream) -> Result<()> {
+/// Wait for everything queued on `stream` of `device` (local work only:
+/// copies and kernels; NCCL work is waited for through the communicator,
+/// with its deadline).
+pub fn stream_sync(device: i32, stream: Stream) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
-        // SAFETY: a stream handle the caller gave us (or the default stream).
+        set_device(device)?;
+        // SAFETY: a stream handle of that device (or the default stream).
         check(unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) }, "cuStreamSynchronize")
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = stream;
+        let _ = (device, stream);
         driver()
     }
 }

@@ -219,6 +219,10 @@ pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut 
             if bytes > 0 {
                 need(buf, "buf")?;
             }
+            if !super::cuda::on_comm_device(c, &[buf]) {
+                // Host memory (or another GPU's) on an NCCL comm: staged through this GPU.
+                return super::cuda::staged(c, |ops| ops.all_reduce(c, super::cuda::region(buf, bytes), dt, op));
+            }
             return c.run(|b| device(b)?.all_reduce(buf as *const u8, buf as *mut u8, count as usize, dt, op));
         }
         if crate::cuda::is_device_ptr(buf as *const u8) {
@@ -244,7 +248,11 @@ pub unsafe extern "C" fn flatshard_all_gather(c: *mut flatshard_comm, send: *con
                 need(send, "send")?;
                 need(recv, "recv")?;
             }
-            dt.bytes(total, "count_per_rank")?;
+            let (sb, rb) = (dt.bytes(count_per_rank, "count_per_rank")?, dt.bytes(total, "count_per_rank")?);
+            if !super::cuda::on_comm_device(c, &[send, recv]) {
+                let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
+                return super::cuda::staged(c, |ops| ops.all_gather(c, s, r, dt));
+            }
             return c.run(|b| device(b)?.all_gather(send as *const u8, recv as *mut u8, count_per_rank as usize, dt));
         }
         if crate::cuda::is_device_ptr(recv as *const u8) || crate::cuda::is_device_ptr(send as *const u8) {
@@ -287,7 +295,11 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
                 need(send, "send")?;
                 need(recv, "recv")?;
             }
-            dt.bytes(total, "count_per_rank")?;
+            let (sb, rb) = (dt.bytes(total, "count_per_rank")?, dt.bytes(count_per_rank, "count_per_rank")?);
+            if !super::cuda::on_comm_device(c, &[send, recv]) {
+                let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
+                return super::cuda::staged(c, |ops| ops.reduce_scatter(c, s, r, dt, op));
+            }
             return c.run(|b| device(b)?.reduce_scatter(send as *const u8, recv as *mut u8, count_per_rank as usize, dt, op));
         }
         if crate::cuda::is_device_ptr(send as *const u8) || crate::cuda::is_device_ptr(recv as *const u8) {
@@ -320,6 +332,9 @@ pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c
             }
             if bytes > 0 {
                 need(buf, "buf")?;
+            }
+            if !super::cuda::on_comm_device(c, &[buf]) {
+                return super::cuda::staged(c, |ops| ops.broadcast(c, super::cuda::region(buf, bytes), dt, root));
             }
             return c.run(|b| device(b)?.broadcast(buf as *mut u8, count as usize, dt, root as usize));
         }

@@ -13,7 +13,13 @@ use std::ffi::{c_char, c_void};
 /// (a CUstream / cudaStream_t; NULL = the legacy default stream). The
 /// ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
 /// authenticated by the job token. Collective over all ranks; NCCL needs one
-/// GPU per rank. `*out` is owned by the caller (flatshard_comm_free).
+/// GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
+/// destroys the NCCL comm after this rank's queued work). NCCL is found as
+/// the libnccl.so.2 already loaded in the process, else FLATSHARD_NCCL_LIBRARY,
+/// else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
+/// >= 2.18 for split. Host pointers given to its collectives are staged
+/// through device memory. Results of AVG/SUM can differ from a host
+/// communicator's in the last bits (NCCL's reduction order and AVG scaling).
 /// UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_init_nccl(
@@ -44,8 +50,13 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
     })
 }
 
-/// Adopt an existing ncclComm_t (not owned: flatshard_comm_free does not
-/// destroy it). Collectives are ordered on `cuda_stream`.
+/// Adopt an existing ncclComm_t (not owned: flatshard never destroys or
+/// aborts it — not at flatshard_comm_free, flatshard_comm_abort, or a
+/// timeout, which then only poison the wrapper; aborting the NCCL comm is its
+/// owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
+/// must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
+/// from the NCCL library flatshard uses: the one already loaded in the
+/// process (libnccl.so.2), else FLATSHARD_NCCL_LIBRARY or the search path.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_wrap_nccl(nccl_comm: *mut c_void, cuda_device: i32, cuda_stream: *mut c_void, out: *mut *mut flatshard_comm) -> flatshard_status {
     boundary("flatshard_comm_wrap_nccl", || {
@@ -67,8 +78,8 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(nccl_comm: *mut c_void, cuda_d
 }
 
 /// Wait for the work queued on the communicator's stream, up to the timeout;
-/// reports asynchronous NCCL errors (NCCL) and aborts the communicator on
-/// timeout (TIMEOUT). On a host communicator it returns OK at once (host
+/// reports asynchronous NCCL errors (NCCL) and aborts an owned NCCL
+/// communicator on timeout (TIMEOUT). On a host communicator it returns OK at once (host
 /// collectives complete before returning).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> flatshard_status {
@@ -87,11 +98,18 @@ pub(crate) fn region(p: *const c_void, len: usize) -> crate::flat_param::mem::Re
     Region::new(p as *mut u8, len, crate::cuda::device_of(p as *const u8).map_or(Place::Host, Place::Device))
 }
 
-/// Device pointers given to a host communicator: the collective runs through
+/// Are all non-NULL pointers device memory of the (NCCL) communicator's GPU?
+pub(crate) fn on_comm_device(c: &crate::comm::Comm, ptrs: &[*const c_void]) -> bool {
+    let dev = c.device_index();
+    ptrs.iter().filter(|p| !p.is_null()).all(|p| dev.is_some() && crate::cuda::device_of(*p as *const u8) == dev)
+}
+
+/// Device pointers given to a host communicator, or host pointers given to
+/// an NCCL one: the collective runs through
 /// pinned host staging buffers (see flat_param::mem) and is complete when
 /// this returns.
 pub(crate) fn staged(c: &crate::comm::Comm, f: impl FnOnce(&mut crate::flat_param::mem::Ops) -> Result<()>) -> Result<()> {
     let mut ops = crate::flat_param::mem::Ops::new(c);
     f(&mut ops)?;
-    ops.finish(Some(c))
+    ops.finish()
 }

@@ -54,7 +54,10 @@ pub(crate) fn status_of(kind: ErrorKind) -> flatshard_status {
 /// Run an export's body: errors become a status and the thread's last error;
 /// a panic becomes FLATSHARD_ERR_INTERNAL and never unwinds into C.
 pub(crate) fn boundary(func: &str, f: impl FnOnce() -> Result<()>) -> flatshard_status {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    let r = catch_unwind(AssertUnwindSafe(f));
+    // The caller's CUDA context, if flatshard switched it during the call.
+    crate::cuda::restore_caller_ctx();
+    match r {
         Ok(Ok(())) => flatshard_status::FLATSHARD_OK,
         Ok(Err(e)) => {
             set_last_error(&format!("{func}: {}", e.msg));
@@ -75,7 +78,9 @@ pub(crate) fn boundary(func: &str, f: impl FnOnce() -> Result<()>) -> flatshard_
 
 /// Like `boundary` for functions that return a value instead of a status.
 pub(crate) fn boundary_value<T>(default: T, f: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or(default)
+    let r = catch_unwind(AssertUnwindSafe(f)).unwrap_or(default);
+    crate::cuda::restore_caller_ctx();
+    r
 }
 
 /// A required pointer argument: NULL → INVALID_ARGUMENT naming it.

@@ -99,11 +99,7 @@ impl Buf {
         match place {
             Place::Host => Buf::zeroed(len, what),
             Place::Pinned => Ok(Buf { store: Store::Pinned(cuda::PinnedMem::zeroed(len, what)?), len }),
-            Place::Device(d) => {
-                let m = cuda::DevMem::zeroed(d, len, std::ptr::null_mut(), what)?;
-                cuda::stream_sync(std::ptr::null_mut())?;
-                Ok(Buf { store: Store::Device(m), len })
-            }
+            Place::Device(d) => Ok(Buf { store: Store::Device(cuda::DevMem::zeroed(d, len, what)?), len }),
         }
     }
 
@@ -257,44 +253,67 @@ fn write_f64(b: &mut [u8], dt: DType, x: f64) {
 }
 
 /// The operations of one flat-param call; see the module docs for ordering.
-pub struct Ops {
+pub struct Ops<'c> {
+    /// The call's communicator: its stream orders the device work, and
+    /// waiting for NCCL work goes through it (with its deadline).
+    comm: Option<&'c Comm>,
     stream: Stream,
-    /// Device work was queued and not yet waited for.
-    dirty: bool,
+    /// The device of the queued work, while there is some.
+    pending: Option<i32>,
+    /// Temporaries that queued device work may still use: freed only after
+    /// that work is done (or leaked if waiting for it failed).
+    held: Vec<Buf>,
 }
 
-impl Ops {
+impl<'c> Ops<'c> {
     /// Device work of this call goes on `comm`'s stream.
-    pub fn new(comm: &Comm) -> Ops {
-        Ops { stream: comm.stream(), dirty: false }
+    pub fn new(comm: &'c Comm) -> Ops<'c> {
+        Ops { comm: Some(comm), stream: comm.stream(), pending: None, held: Vec::new() }
     }
-    /// For calls without a communicator (zero_grad, lazy buffers).
-    pub fn local() -> Ops {
-        Ops { stream: std::ptr::null_mut(), dirty: false }
+    /// For calls without a communicator (zero_grad, reading a shard).
+    pub fn local() -> Ops<'static> {
+        Ops { comm: None, stream: std::ptr::null_mut(), pending: None, held: Vec::new() }
     }
 
+    fn queued(&mut self, device: i32) {
+        self.pending = Some(device);
+    }
+
+    /// Wait for the queued device work: through the NCCL communicator when it
+    /// owns our stream (deadline, asynchronous errors), else a stream sync.
     fn sync(&mut self) -> Result<()> {
-        if self.dirty {
-            self.dirty = false;
-            cuda::stream_sync(self.stream)?;
+        let Some(dev) = self.pending.take() else { return Ok(()) };
+        match self.comm {
+            Some(c) if c.is_device() && c.stream() == self.stream => c.synchronize(),
+            _ => cuda::stream_sync(dev, self.stream),
         }
+    }
+
+    /// Keep `b` alive until this call's device work is done.
+    pub fn hold(&mut self, b: Buf) {
+        if !b.is_empty() {
+            self.held.push(b);
+        }
+    }
+
+    /// A zero-filled temporary for this call, freed when the call's device
+    /// work is done (`finish`, or `drop` on an error path).
+    pub fn temp_buf(&mut self, place: Place, len: usize, what: &str) -> Result<Region> {
+        let b = Buf::zeroed_on(place, len, what)?;
+        let r = b.region();
+        self.hold(b);
+        Ok(r)
+    }
+
+    /// Wait for this call's device work, then free what it held.
+    pub fn finish(mut self) -> Result<()> {
+        self.sync()?;
+        self.held.clear();
         Ok(())
     }
 
-    /// Wait for this call's device work (NCCL work with the communicator's deadline).
-    pub fn finish(mut self, comm: Option<&Comm>) -> Result<()> {
-        match comm {
-            Some(c) => self.finish_step(c),
-            None => self.sync(),
-        }
-    }
-
-    /// Wait for the device work so far, e.g. before temporaries are freed.
-    pub fn finish_step(&mut self, comm: &Comm) -> Result<()> {
-        if self.dirty && comm.is_device() && comm.stream() == self.stream {
-            self.dirty = false;
-            return comm.synchronize();
-        }
+    /// Wait for the device work so far.
+    pub fn finish_step(&mut self) -> Result<()> {
         self.sync()
     }
 
@@ -304,7 +323,9 @@ impl Ops {
             unsafe { r.slice().fill(0) };
             return Ok(());
         }
-        self.dirty = true;
+        if let Place::Device(d) = r.place {
+            self.queued(d);
+        }
         // SAFETY: a live device region.
         unsafe { cuda::memset0_async(r.ptr, r.len, self.stream) }
     }
@@ -328,9 +349,14 @@ impl Ops {
             (false, false) => Dir::DtoD,
         };
         if dir == Dir::HtoD {
+            // The host source may be the target of queued device writes.
             self.sync()?;
         }
-        self.dirty = true;
+        let dev = match (dst.place, src.place) {
+            (Place::Device(d), _) | (_, Place::Device(d)) => d,
+            _ => unreachable!("a host-to-host copy returned above"),
+        };
+        self.queued(dev);
         // SAFETY: live regions on the sides dir names.
         unsafe { cuda::copy_async(dst.ptr, src.ptr, src.len, dir, self.stream)? };
         if dir == Dir::DtoH {
@@ -365,9 +391,9 @@ impl Ops {
         }
         if let (Place::Device(a), Place::Device(b)) = (src.place, dst.place) {
             if a == b {
-                self.dirty = true;
                 // SAFETY: live device regions of n elements each.
                 if unsafe { cuda::launch_convert(src.ptr, from, dst.ptr, to, n, a, self.stream)? } {
+                    self.queued(a);
                     return Ok(());
                 }
             }
@@ -377,7 +403,9 @@ impl Ops {
         let mut d = Buf::zeroed_on(if dst.place.is_host() { Place::Host } else { Place::Pinned }, dst.len, "conversion staging")?;
         convert_host(s.host_bytes().unwrap_or(&[]), from, d.host_bytes_mut().unwrap_or(&mut []), to);
         self.copy(dst, d.region())?;
-        self.sync()
+        self.hold(s);
+        self.hold(d);
+        Ok(())
     }
 
     /// `dst += src`, element-wise (f16/bf16 in f32, rounded to nearest-even).
@@ -394,11 +422,11 @@ impl Ops {
         let Place::Device(d) = dst.place else { unreachable!() };
         let s = if src.place == dst.place { None } else { Some(self.temp(src, dst.place, true, "gradient staging")?) };
         let sr = s.as_ref().map_or(src, |b| b.region());
-        self.dirty = true;
         // SAFETY: live device regions of the same length on device d.
         unsafe { cuda::launch_add(dst.ptr, sr.ptr, dt, dst.len / dt.size(), d, self.stream)? };
-        if s.is_some() {
-            self.sync()?; // the staging buffer is freed next
+        self.queued(d);
+        if let Some(s) = s {
+            self.hold(s);
         }
         Ok(())
     }
@@ -409,47 +437,58 @@ impl Ops {
     }
 
     /// Run a collective on regions `comm` can read, staging the others:
-    /// `(region, copy in, copy out)` each.
-    fn staged(&mut self, comm: &Comm, rs: &[(Region, bool, bool)], f: impl FnOnce(&mut Ops, &[Region]) -> Result<()>) -> Result<()> {
+    /// `(region, copy in, copy out)` each. Staging buffers are freed before
+    /// returning (so a loop of these stays at one region's worth of memory).
+    fn staged(&mut self, comm: &Comm, rs: &[(Region, bool, bool)], f: impl FnOnce(&mut Ops<'c>, &[Region]) -> Result<()>) -> Result<()> {
         let want = Self::want(comm);
         let mut temps: Vec<Option<Buf>> = Vec::with_capacity(rs.len());
         for (r, cin, _) in rs {
             temps.push(if r.place.serves(want) { None } else { Some(self.temp(*r, want, *cin, "collective staging")?) });
         }
         let use_: Vec<Region> = rs.iter().zip(&temps).map(|((r, _, _), t)| t.as_ref().map_or(*r, |b| b.region())).collect();
-        if want.is_host() {
-            // Host collectives read host memory now: device writes must be done.
+        let other_stream = comm.is_device() && comm.stream() != self.stream;
+        if want.is_host() || other_stream {
+            // Host collectives read host memory now; another stream must not
+            // overtake our queued writes.
             self.sync()?;
-        } else if comm.stream() != self.stream {
-            self.sync()?;
         }
-        f(self, &use_)?;
-        if !want.is_host() && comm.stream() != self.stream {
-            comm.synchronize()?;
-        }
-        let mut staged_out = false;
-        for ((r, _, cout), t) in rs.iter().zip(&temps) {
-            if let (true, Some(t)) = (*cout, t) {
-                self.copy(*r, t.region())?;
-                staged_out = true;
-            }
-        }
-        if staged_out || temps.iter().any(|t| t.is_some()) {
-            // Temporaries are freed on return: wait for the copies that use them.
-            if !want.is_host() && comm.stream() == self.stream {
-                comm.synchronize()?;
-                self.dirty = false;
+        let run = || -> Result<()> {
+            let r = f(self, &use_);
+            if other_stream {
+                // The collective ran on comm's stream: wait for it there.
+                let w = comm.synchronize();
+                r?;
+                w?;
             } else {
+                r?;
+            }
+            for ((r, _, cout), t) in rs.iter().zip(&temps) {
+                if let (true, Some(t)) = (*cout, t) {
+                    self.copy(*r, t.region())?;
+                }
+            }
+            if temps.iter().any(|t| t.is_some()) {
                 self.sync()?;
             }
+            Ok(())
+        };
+        let r = run();
+        if r.is_err() {
+            // Queued work may still use the staging buffers: keep them until
+            // it is waited for (Ops::drop).
+            for t in temps.into_iter().flatten() {
+                self.hold(t);
+            }
         }
-        Ok(())
+        r
     }
 
     pub fn all_gather(&mut self, comm: &Comm, src: Region, dst: Region, dt: DType) -> Result<()> {
         self.staged(comm, &[(src, true, false), (dst, false, true)], |ops, r| {
-            if comm.is_device() {
-                ops.dirty = true;
+            if let Some(d) = comm.device_index() {
+                if comm.stream() == ops.stream {
+                    ops.queued(d);
+                }
                 // SAFETY: device regions on comm's device; dst holds size × src.
                 unsafe { comm.dev_all_gather(r[0].ptr, r[1].ptr, r[0].len / dt.size(), dt) }
             } else {
@@ -461,8 +500,10 @@ impl Ops {
 
     pub fn reduce_scatter(&mut self, comm: &Comm, src: Region, dst: Region, dt: DType, op: ReduceOp) -> Result<()> {
         self.staged(comm, &[(src, true, false), (dst, false, true)], |ops, r| {
-            if comm.is_device() {
-                ops.dirty = true;
+            if let Some(d) = comm.device_index() {
+                if comm.stream() == ops.stream {
+                    ops.queued(d);
+                }
                 // SAFETY: device regions on comm's device; src holds size × dst.
                 unsafe { comm.dev_reduce_scatter(r[0].ptr, r[1].ptr, r[1].len / dt.size(), dt, op) }
             } else {
@@ -474,8 +515,10 @@ impl Ops {
 
     pub fn all_reduce(&mut self, comm: &Comm, buf: Region, dt: DType, op: ReduceOp) -> Result<()> {
         self.staged(comm, &[(buf, true, true)], |ops, r| {
-            if comm.is_device() {
-                ops.dirty = true;
+            if let Some(d) = comm.device_index() {
+                if comm.stream() == ops.stream {
+                    ops.queued(d);
+                }
                 // SAFETY: a device region on comm's device, reduced in place.
                 unsafe { comm.dev_all_reduce(r[0].ptr, r[0].ptr, r[0].len / dt.size(), dt, op) }
             } else {
@@ -487,8 +530,10 @@ impl Ops {
 
     pub fn broadcast(&mut self, comm: &Comm, buf: Region, dt: DType, root: i32) -> Result<()> {
         self.staged(comm, &[(buf, comm.rank() as i32 == root, true)], |ops, r| {
-            if comm.is_device() {
-                ops.dirty = true;
+            if let Some(d) = comm.device_index() {
+                if comm.stream() == ops.stream {
+                    ops.queued(d);
+                }
                 // SAFETY: a device region on comm's device.
                 unsafe { comm.dev_broadcast(r[0].ptr, r[0].len / dt.size(), dt, root) }
             } else {
@@ -512,13 +557,15 @@ impl Ops {
     }
 }
 
-impl Drop for Ops {
+impl Drop for Ops<'_> {
     fn drop(&mut self) {
         // An error path left device work queued: wait for it before the
-        // buffers it uses can be freed (a failed NCCL comm was aborted, so
-        // this returns).
-        if self.dirty {
-            let _ = cuda::stream_sync(self.stream);
+        // buffers it uses are freed; if even that fails (a dead NCCL peer on
+        // a wrapped comm), leak them rather than free memory still in use.
+        if self.pending.is_some() && self.sync().is_err() {
+            for b in self.held.drain(..) {
+                std::mem::forget(b);
+            }
         }
     }
 }

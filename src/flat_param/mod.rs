@@ -241,7 +241,7 @@ impl FlatParam {
         if opts.sync_from_rank0 {
             fp.sync_from_rank0(&mut ops, comm, replicate, &srcs)?;
         }
-        ops.finish(Some(comm))?;
+        ops.finish()?;
         Ok(fp)
     }
 
@@ -326,7 +326,7 @@ impl FlatParam {
         let mut recv = vec![0u8; send.len() * w];
         let mut ops = Ops::new(c);
         ops.all_gather_host(c, &send, &mut recv, DType::I64)?;
-        ops.finish(Some(c))?;
+        ops.finish()?;
         let all: Vec<Vec<u64>> = recv
             .chunks_exact(8 * DESC_WORDS)
             .map(|b| b.chunks_exact(8).map(|x| u64::from_le_bytes(x.try_into().expect("8"))).collect())
@@ -376,17 +376,16 @@ impl FlatParam {
         let es = self.dtype.size();
         if self.layout.world > 1 {
             // Rank 0 sends each rank's chunk in turn; memory stays O(shard).
-            let scratch = Buf::zeroed_on(self.place, self.shard.len(), "sync scratch")?;
+            let scratch = ops.temp_buf(self.place, self.shard.len(), "sync scratch")?;
             for q in 0..self.layout.world {
                 if comm.rank() == 0 {
-                    Self::fill_chunk(ops, &self.layout, srcs, q, es, scratch.region())?;
+                    Self::fill_chunk(ops, &self.layout, srcs, q, es, scratch)?;
                 }
-                ops.broadcast(comm, scratch.region(), self.dtype, 0)?;
+                ops.broadcast(comm, scratch, self.dtype, 0)?;
                 if q == self.shard_rank {
-                    ops.copy(self.shard.region(), scratch.region())?;
+                    ops.copy(self.shard.region(), scratch)?;
                 }
             }
-            ops.finish_step(comm)?;
         } else {
             ops.broadcast(comm, self.shard.region(), self.dtype, 0)?;
         }
@@ -475,7 +474,7 @@ impl FlatParam {
         };
         let d = read(&self.shard)?;
         let g = self.shard_grad.as_ref().map(&mut read).transpose()?;
-        ops.finish(None)?;
+        ops.finish()?;
         Ok((d, g))
     }
 
@@ -525,10 +524,9 @@ impl FlatParam {
             if dt == self.dtype {
                 ops.all_gather(comm, src, full.region(), dt)?;
             } else {
-                let local = Buf::zeroed_on(self.place, part, what)?;
-                ops.convert(src, self.dtype, local.region(), dt)?;
-                ops.all_gather(comm, local.region(), full.region(), dt)?;
-                ops.finish_step(comm)?;
+                let local = ops.temp_buf(self.place, part, what)?;
+                ops.convert(src, self.dtype, local, dt)?;
+                ops.all_gather(comm, local, full.region(), dt)?;
             }
             return Ok(Some(full));
         }
@@ -542,14 +540,13 @@ impl FlatParam {
             }
             return Ok(Some(full));
         }
-        let scratch = Buf::zeroed_on(self.place, part, what)?;
+        let scratch = ops.temp_buf(self.place, part, what)?;
         for q in 1..w {
             if q == me {
-                ops.convert(src, self.dtype, scratch.region(), dt)?;
+                ops.convert(src, self.dtype, scratch, dt)?;
             }
-            ops.broadcast(comm, scratch.region(), dt, q as i32)?;
+            ops.broadcast(comm, scratch, dt, q as i32)?;
         }
-        ops.finish_step(comm)?;
         Ok(None)
     }
 
@@ -603,23 +600,18 @@ impl FlatParam {
             } else if !any_grad {
                 FullGrad::Null
             } else {
-                let zeros;
                 let src = match &self.shard_grad {
                     Some(g) => g.region(),
-                    None => {
-                        zeros = Buf::zeroed_on(self.place, self.shard.len(), "zero gradient")?;
-                        zeros.region()
-                    }
+                    None => ops.temp_buf(self.place, self.shard.len(), "zero gradient")?,
                 };
                 let g = self.gather(&mut ops, comm, src, dt, opts.rank0_only, place, "the full gradient")?;
-                ops.finish_step(comm)?;
                 match g {
                     Some(b) => FullGrad::Owned(b),
                     None => FullGrad::Null,
                 }
             };
         }
-        ops.finish(Some(comm))?;
+        ops.finish()?;
         self.state = Some(Unsharded { opts, dtype: dt, place, full, grad });
         Ok(())
     }
@@ -685,7 +677,7 @@ impl FlatParam {
         }
         let mut ops = Ops::new(comm);
         self.write_back(&mut ops, comm, st)?;
-        ops.finish(Some(comm))
+        ops.finish()
     }
 
     fn write_back(&mut self, ops: &mut Ops, comm: &Comm, st: Unsharded) -> Result<()> {
@@ -695,31 +687,43 @@ impl FlatParam {
         let off = (self.shard_rank * self.layout.chunk) as usize * es;
         let Unsharded { opts, full, grad, .. } = st;
         let grad_shard = matches!(grad, FullGrad::Shard);
-        let grad_owned = match grad {
-            FullGrad::Owned(b) => Some(b),
+        // The full buffers are freed only when this call's device work is done.
+        let full = match full {
+            Full::Owned(b) => {
+                let r = b.region();
+                ops.hold(b);
+                Some(r)
+            }
+            _ => None,
+        };
+        let grad = match grad {
+            FullGrad::Owned(b) => {
+                let r = b.region();
+                ops.hold(b);
+                Some(r)
+            }
             _ => None,
         };
         if opts.rank0_only && self.sharded() {
-            self.scatter_from_rank0(ops, comm, &full, part, false)?;
-            if opts.with_grads && self.any_grad_view(ops, comm, grad_owned.is_some())? {
-                let g = grad_owned.map(Full::Owned).unwrap_or(Full::Absent);
-                self.scatter_from_rank0(ops, comm, &g, part, true)?;
+            self.scatter_from_rank0(ops, comm, full, part, false)?;
+            if opts.with_grads && self.any_grad_view(ops, comm, grad.is_some())? {
+                self.scatter_from_rank0(ops, comm, grad, part, true)?;
             }
             return Ok(());
         }
         let layout = self.layout.clone();
-        if let Full::Owned(f) = &full {
-            Self::write_own_range(ops, &layout, self.shard_rank, f.at(off, part), self.shard.region(), es)?;
+        if let Some(f) = full {
+            Self::write_own_range(ops, &layout, self.shard_rank, f.sub(off, part), self.shard.region(), es)?;
         }
-        if let (Some(g), true) = (&grad_owned, opts.with_grads) {
+        if let (Some(g), true) = (grad, opts.with_grads) {
             let dst = self.shard_grad_or_zeros()?;
-            Self::write_own_range(ops, &layout, self.shard_rank, g.at(off, part), dst, es)?;
+            Self::write_own_range(ops, &layout, self.shard_rank, g.sub(off, part), dst, es)?;
         }
         if opts.rank0_only && self.comm_size > 1 {
             // NO_SHARD: every rank holds the whole param; rank 0's edits win
             // (real elements only: padding is never written).
             self.broadcast_no_shard(ops, comm, false)?;
-            let had = grad_owned.is_some() || grad_shard;
+            let had = grad.is_some() || grad_shard;
             if opts.with_grads && self.any_grad_view(ops, comm, had)? {
                 self.broadcast_no_shard(ops, comm, true)?;
             }
@@ -729,17 +733,17 @@ impl FlatParam {
 
     fn broadcast_no_shard(&mut self, ops: &mut Ops, comm: &Comm, grad: bool) -> Result<()> {
         let (dt, es, layout) = (self.dtype, self.dtype.size(), self.layout.clone());
-        let buf = Buf::zeroed_on(self.place, self.shard.len(), "writeback scratch")?;
+        let buf = ops.temp_buf(self.place, self.shard.len(), "writeback scratch")?;
         if comm.rank() == 0 {
             let src = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
-            ops.copy(buf.region(), src)?;
+            ops.copy(buf, src)?;
         }
-        ops.broadcast(comm, buf.region(), dt, 0)?;
+        ops.broadcast(comm, buf, dt, 0)?;
         if comm.rank() != 0 {
             let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
-            Self::write_own_range(ops, &layout, 0, buf.region(), dst, es)?;
+            Self::write_own_range(ops, &layout, 0, buf, dst, es)?;
         }
-        ops.finish_step(comm)
+        Ok(())
     }
 
     /// Under rank0_only, rank 0 tells the others whether grads were gathered.
@@ -767,24 +771,25 @@ impl FlatParam {
         Ok(self.shard_grad.as_ref().map_or(self.shard.at(0, 0), |g| g.region()))
     }
 
-    /// rank0_only + writeback: rank 0 broadcasts each rank's chunk in turn;
-    /// rank q keeps its real elements. Non-root ranks hold one scratch chunk.
-    fn scatter_from_rank0(&mut self, ops: &mut Ops, comm: &Comm, full: &Full, part: usize, grad: bool) -> Result<()> {
+    /// rank0_only + writeback: rank 0 broadcasts each rank's chunk in turn
+    /// (from `full`, rank 0's full buffer); rank q keeps its real elements.
+    /// Non-root ranks hold one scratch chunk.
+    fn scatter_from_rank0(&mut self, ops: &mut Ops, comm: &Comm, full: Option<Region>, part: usize, grad: bool) -> Result<()> {
         let me = comm.rank();
         let es = self.dtype.size();
         let layout = self.layout.clone();
-        let scratch = if me == 0 { None } else { Some(Buf::zeroed_on(self.place, part, "writeback scratch")?) };
         let lost = || Error::internal("rank0_only writeback: rank 0 lost its full buffer");
+        let scratch = if me == 0 { None } else { Some(ops.temp_buf(self.place, part, "writeback scratch")?) };
         if me == 0 {
             // Rank 0's own range needs no message.
-            let Full::Owned(f) = full else { return Err(lost()) };
+            let f = full.ok_or_else(lost)?;
             let dst = if grad { self.shard_grad_or_zeros()? } else { self.shard.region() };
-            Self::write_own_range(ops, &layout, 0, f.at(0, part), dst, es)?;
+            Self::write_own_range(ops, &layout, 0, f.sub(0, part), dst, es)?;
         }
         for q in 1..self.layout.world as usize {
-            let buf = match (full, &scratch) {
-                (Full::Owned(f), _) if me == 0 => f.at(q * part, part),
-                (_, Some(s)) => s.region(),
+            let buf = match (full, scratch) {
+                (Some(f), _) if me == 0 => f.sub(q * part, part),
+                (_, Some(s)) => s,
                 _ => return Err(lost()),
             };
             ops.broadcast(comm, buf, self.dtype, 0)?;
@@ -793,7 +798,7 @@ impl FlatParam {
                 Self::write_own_range(ops, &layout, q as u64, buf, dst, es)?;
             }
         }
-        ops.finish_step(comm)
+        Ok(())
     }
 
     /// Training: average the full gradients over the sharding ranks (and over
@@ -835,27 +840,27 @@ impl FlatParam {
         let (g, gd) = (g.region(), st.dtype);
         let rd = self.opts.reduce_dtype.or(self.opts.param_dtype).unwrap_or(self.dtype);
         let mut ops = Ops::new(comm);
-        let send = Buf::zeroed_on(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
-        ops.convert(g, gd, send.region(), rd)?;
+        let send = ops.temp_buf(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
+        ops.convert(g, gd, send, rd)?;
         ops.fill0(g)?;
         let c = self.layout.chunk;
         let mine = if self.sharded() {
-            let r = Buf::zeroed_on(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
-            ops.reduce_scatter(comm, send.region(), r.region(), rd, ReduceOp::Avg)?;
+            let r = ops.temp_buf(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
+            ops.reduce_scatter(comm, send, r, rd, ReduceOp::Avg)?;
             r
         } else {
-            ops.all_reduce(comm, send.region(), rd, ReduceOp::Avg)?;
+            ops.all_reduce(comm, send, rd, ReduceOp::Avg)?;
             send
         };
         if let (true, Some(rep)) = (hybrid, replicate) {
-            ops.all_reduce(rep, mine.region(), rd, ReduceOp::Avg)?;
+            ops.all_reduce(rep, mine, rd, ReduceOp::Avg)?;
         }
-        let add = Buf::zeroed_on(self.place, self.shard.len(), "the reduced gradient")?;
-        ops.convert(mine.region(), rd, add.region(), self.dtype)?;
+        let add = ops.temp_buf(self.place, self.shard.len(), "the reduced gradient")?;
+        ops.convert(mine, rd, add, self.dtype)?;
         let dt = self.dtype;
         let dst = self.shard_grad_or_zeros()?;
-        ops.add(dst, add.region(), dt)?;
-        ops.finish(Some(comm))
+        ops.add(dst, add, dt)?;
+        ops.finish()
     }
 
     /// Zero this rank's shard gradient (no-op if none yet).
@@ -863,7 +868,7 @@ impl FlatParam {
         if let Some(g) = &self.shard_grad {
             let mut ops = Ops::local();
             ops.fill0(g.region())?;
-            ops.finish(None)?;
+            ops.finish()?;
         }
         Ok(())
     }
