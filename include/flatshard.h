@@ -21,11 +21,6 @@
 
 
 /**
- * ncclCommSplit color of a rank that joins no group.
- */
-#define NCCL_SPLIT_NOCOLOR -1
-
-/**
  * Flag for `flatshard_average_parameters` / `flatshard_averager_step`: skip
  * tensors whose `grad` is NULL (PyTorch's `get_params_to_average` filter).
  */
@@ -284,38 +279,6 @@ typedef struct {
    */
   int32_t with_grads;
 } flatshard_unshard_options;
-
-typedef int ncclResult_t;
-
-typedef int ncclDataType_t;
-
-typedef int ncclRedOp_t;
-
-#define NCCL_SUCCESS 0
-
-#define NCCL_IN_PROGRESS 7
-
-#define NCCL_UINT8 1
-
-#define NCCL_INT32 2
-
-#define NCCL_INT64 4
-
-#define NCCL_FLOAT16 6
-
-#define NCCL_FLOAT32 7
-
-#define NCCL_FLOAT64 8
-
-#define NCCL_BFLOAT16 9
-
-#define NCCL_SUM 0
-
-#define NCCL_MAX 2
-
-#define NCCL_MIN 3
-
-#define NCCL_AVG 4
 
 #ifdef __cplusplus
 extern "C" {

@@ -62,3 +62,43 @@ fn header_compiles_as_c11() {
 fn header_compiles_as_cpp17() {
     compile("g++", &["-std=c++17", "-x", "c++"], "cpp");
 }
+
+/// Every name the header declares is flatshard's (prefix flatshard_ /
+/// FLATSHARD_), so it can be included next to nccl.h, cuda.h or torch's
+/// headers: no stray typedef, macro or enum constant of a dependency.
+#[test]
+fn header_declares_only_flatshard_names() {
+    let text = std::fs::read_to_string(repo().join("include/flatshard.h")).unwrap();
+    // drop comments
+    let mut code = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("/*") {
+        code.push_str(&rest[..i]);
+        rest = rest[i..].find("*/").map_or("", |j| &rest[i + j + 2..]);
+    }
+    code.push_str(rest);
+    let ok = |n: &str| n.starts_with("flatshard_") || n.starts_with("FLATSHARD_") || n == "FLATSHARD_H";
+    let mut bad = Vec::new();
+    let ident = |s: &str| s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
+    for line in code.lines().map(str::trim) {
+        let name = if let Some(r) = line.strip_prefix("#define ") {
+            ident(r)
+        } else if let Some(r) = line.strip_prefix("} ") {
+            ident(r) // end of typedef struct/enum
+        } else if line.starts_with("typedef ") && line.ends_with(';') && !line.contains('(') {
+            ident(line.trim_end_matches(';').rsplit([' ', '*']).next().unwrap_or(""))
+        } else if line.contains('(') && !line.ends_with(',') && !line.starts_with('#') && !line.starts_with("typedef") && line.split('(').next().is_some_and(|h| h.contains(' ')) {
+            ident(line.split('(').next().unwrap().rsplit([' ', '*']).next().unwrap_or(""))
+        } else if line.ends_with(',') || line.contains(" = ") {
+            // enum constants
+            let n = ident(line);
+            if n.chars().next().is_some_and(|c| c.is_ascii_uppercase()) { n } else { continue }
+        } else {
+            continue;
+        };
+        if !name.is_empty() && !ok(&name) && !["extern", "const", "void", "int", "uint32_t", "int32_t", "uint64_t", "uint16_t", "size_t", "char"].contains(&name.as_str()) {
+            bad.push(name);
+        }
+    }
+    assert!(bad.is_empty(), "include/flatshard.h declares names outside flatshard's prefix: {bad:?}");
+}

@@ -67,7 +67,7 @@ pub fn nccl() -> Result<()> {
 }
 
 #[cfg(feature = "cuda")]
-pub mod nccl_sys;
+pub(crate) mod nccl_sys;
 
 #[cfg(feature = "cuda")]
 pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {

@@ -20,43 +20,43 @@ use crate::error::{Error, Result};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::sync::OnceLock;
 
-pub type ncclComm_t = *mut c_void;
-pub type ncclResult_t = c_int;
-pub type ncclDataType_t = c_int;
-pub type ncclRedOp_t = c_int;
-pub type cudaStream_t = *mut c_void;
+pub(crate) type ncclComm_t = *mut c_void;
+pub(crate) type ncclResult_t = c_int;
+pub(crate) type ncclDataType_t = c_int;
+pub(crate) type ncclRedOp_t = c_int;
+pub(crate) type cudaStream_t = *mut c_void;
 
-pub const NCCL_SUCCESS: ncclResult_t = 0;
-pub const NCCL_IN_PROGRESS: ncclResult_t = 7;
+pub(crate) const NCCL_SUCCESS: ncclResult_t = 0;
+pub(crate) const NCCL_IN_PROGRESS: ncclResult_t = 7;
 /// ncclCommSplit color of a rank that joins no group.
-pub const NCCL_SPLIT_NOCOLOR: c_int = -1;
+pub(crate) const NCCL_SPLIT_NOCOLOR: c_int = -1;
 
 // ncclDataType_t
-pub const NCCL_UINT8: ncclDataType_t = 1;
-pub const NCCL_INT32: ncclDataType_t = 2;
-pub const NCCL_INT64: ncclDataType_t = 4;
-pub const NCCL_FLOAT16: ncclDataType_t = 6;
-pub const NCCL_FLOAT32: ncclDataType_t = 7;
-pub const NCCL_FLOAT64: ncclDataType_t = 8;
-pub const NCCL_BFLOAT16: ncclDataType_t = 9;
+pub(crate) const NCCL_UINT8: ncclDataType_t = 1;
+pub(crate) const NCCL_INT32: ncclDataType_t = 2;
+pub(crate) const NCCL_INT64: ncclDataType_t = 4;
+pub(crate) const NCCL_FLOAT16: ncclDataType_t = 6;
+pub(crate) const NCCL_FLOAT32: ncclDataType_t = 7;
+pub(crate) const NCCL_FLOAT64: ncclDataType_t = 8;
+pub(crate) const NCCL_BFLOAT16: ncclDataType_t = 9;
 
 // ncclRedOp_t
-pub const NCCL_SUM: ncclRedOp_t = 0;
-pub const NCCL_MAX: ncclRedOp_t = 2;
-pub const NCCL_MIN: ncclRedOp_t = 3;
-pub const NCCL_AVG: ncclRedOp_t = 4;
+pub(crate) const NCCL_SUM: ncclRedOp_t = 0;
+pub(crate) const NCCL_MAX: ncclRedOp_t = 2;
+pub(crate) const NCCL_MIN: ncclRedOp_t = 3;
+pub(crate) const NCCL_AVG: ncclRedOp_t = 4;
 
 /// NCCL_UNIQUE_ID_BYTES = 128; passed by value to ncclCommInitRank.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct ncclUniqueId {
-    pub internal: [c_char; 128],
+pub(crate) struct ncclUniqueId {
+    pub(crate) internal: [c_char; 128],
 }
 
 type R = ncclResult_t;
 
 /// The NCCL entry points flatshard uses.
-pub struct Nccl {
+pub(crate) struct Nccl {
     pub version: i32,
     pub path: String,
     pub get_unique_id: unsafe extern "C" fn(*mut ncclUniqueId) -> R,
@@ -186,13 +186,13 @@ fn load() -> std::result::Result<Nccl, String> {
 }
 
 /// The loaded NCCL (loaded once per process), or UNSUPPORTED saying why not.
-pub fn nccl() -> Result<&'static Nccl> {
+pub(crate) fn nccl() -> Result<&'static Nccl> {
     static LIB: OnceLock<std::result::Result<Nccl, String>> = OnceLock::new();
     LIB.get_or_init(load).as_ref().map_err(|e| Error::unsupported(e.clone()))
 }
 
 /// "major.minor.patch" of a version code.
-pub fn version_string(v: i32) -> String {
+pub(crate) fn version_string(v: i32) -> String {
     format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100)
 }
 
