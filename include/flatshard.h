@@ -441,8 +441,8 @@ void flatshard_averager_free(flatshard_averager *a);
  * authenticated by the job token. Collective over all ranks; NCCL needs one
  * GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
  * destroys the NCCL comm after this rank's queued work). NCCL is found as
- * the libnccl.so.2 already loaded in the process, else FLATSHARD_NCCL_LIBRARY,
- * else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
+ * FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
+ * process, else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
  * >= 2.18 for split. Host pointers given to its collectives are staged
  * through device memory. Results of AVG/SUM can differ from a host
  * communicator's in the last bits (NCCL's reduction order and AVG scaling).
@@ -463,8 +463,8 @@ flatshard_status flatshard_comm_init_nccl(const char *master_addr,
  * timeout, which then only poison the wrapper; aborting the NCCL comm is its
  * owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
  * must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
- * from the NCCL library flatshard uses: the one already loaded in the
- * process (libnccl.so.2), else FLATSHARD_NCCL_LIBRARY or the search path.
+ * from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
+ * the one already loaded in the process (libnccl.so.2), else the search path.
  */
 flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
                                           int32_t cuda_device,

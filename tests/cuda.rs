@@ -207,7 +207,7 @@ fn flat_param_scenario(comm: &Comm, dev: Option<i32>, sharding: Sharding, log: &
     let (d, g) = fp.read_shard().unwrap();
     log.push(("shard after rank0 writeback".into(), d));
     log.push(("grad after rank0 writeback".into(), g.unwrap()));
-    fp.zero_grad().unwrap();
+    fp.zero_grad(&comm).unwrap();
     log.push(("grad after zero_grad".into(), fp.read_shard().unwrap().1.unwrap()));
     // average_parameters on the placed tensors themselves
     let ts: Vec<TensorRef> = placed
@@ -286,11 +286,16 @@ fn nccl_world_one_flat_param_matches_host() {
     flat_param_scenario(&host, None, Sharding::FullShard, &mut a);
     flat_param_scenario(nccl, Some(0), Sharding::FullShard, &mut b);
     compare(0, &a, &b);
-    // ncclCommSplit: a world-1 split is a working communicator of one
-    let sub = nccl.split(0, 0).unwrap().expect("color 0 joins a group");
-    assert_eq!((sub.size(), sub.rank()), (1, 0));
-    sub.barrier().unwrap();
-    assert!(nccl.split(-1, 0).unwrap().is_none());
+    // ncclCommSplit (NCCL >= 2.18): a world-1 split is a working communicator of one
+    match nccl.split(0, 0) {
+        Err(e) if e.kind == flatshard::error::ErrorKind::Unsupported => eprintln!("split skipped: {e}"),
+        r => {
+            let sub = r.unwrap().expect("color 0 joins a group");
+            assert_eq!((sub.size(), sub.rank()), (1, 0));
+            sub.barrier().unwrap();
+            assert!(nccl.split(-1, 0).unwrap().is_none());
+        }
+    }
 }
 
 #[test]
@@ -415,7 +420,9 @@ fn nccl_two_gpus_flat_param_matches_host() {
                 assert!((u - v).abs() <= 1e-2 * (1.0 + u.abs()), "rank {rank}: {k}: host {u} vs NCCL {v}");
             }
         }
-        let sub = nccl.split(rank as i32, 0).unwrap().expect("own group");
-        assert_eq!((sub.size(), sub.rank()), (1, 0));
+        match nccl.split(rank as i32, 0) {
+            Err(e) if e.kind == flatshard::error::ErrorKind::Unsupported => eprintln!("split skipped: {e}"),
+            r => assert_eq!(r.unwrap().map(|s| (s.size(), s.rank())), Some((1, 0))),
+        }
     });
 }

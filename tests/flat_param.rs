@@ -330,7 +330,7 @@ fn train(comm: Comm, replicate: Option<&Comm>, sharding: Sharding, global_rank: 
         for (x, gx) in d.iter_mut().zip(g.iter()) {
             *x -= LR * gx;
         }
-        fp.zero_grad().unwrap();
+        fp.zero_grad(&comm).unwrap();
         assert!(grad_f32(&fp.shard()).unwrap().iter().all(|x| *x == 0.0));
     }
     let _ = global_world;
@@ -554,7 +554,7 @@ fn mixed_precision_reduce_grads() {
                     assert_eq!(*x, want, "shard grad elem {k} of {c} after step {step}: {ctx}");
                 }
             }
-            fp.zero_grad().unwrap();
+            fp.zero_grad(&comm).unwrap();
             assert!(bytes_f32(fp.shard_grad_bytes().unwrap()).iter().all(|x| *x == 0.0));
         }
     });

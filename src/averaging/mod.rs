@@ -33,5 +33,8 @@ pub fn average_flat_params(replicate: &crate::comm::Comm, fps: &mut [&mut crate:
     }
     // SAFETY: each shard is library-owned memory of `numel` elements, alive
     // while `fps` is borrowed mutably.
-    unsafe { average_parameters(replicate, &shards, 0) }
+    unsafe { average_parameters(replicate, &shards, 0)? };
+    // Flat-param calls complete before returning, also on an NCCL comm
+    // (whose averaging is otherwise only stream-ordered).
+    replicate.synchronize()
 }

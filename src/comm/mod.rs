@@ -304,6 +304,17 @@ impl Comm {
             return Err(Error::unsupported("rank 0 could not create an ncclUniqueId (is NCCL loadable there?)"));
         }
         let id: [u8; 128] = msg[1..].try_into().map_err(|_| Error::internal("id length"))?;
+        // ncclCommInitRank has no timeout: make sure every rank can use its
+        // device before any of them enters it.
+        let mine = crate::cuda::set_device(device);
+        let mut flags = vec![0u8; host.size()];
+        host.all_gather(&[mine.is_err() as u8], &mut flags, DType::U8)?;
+        if let Err(e) = mine {
+            return Err(e.context(format!("rank {rank}: cuda_device {device}")));
+        }
+        if let Some(bad) = flags.iter().position(|f| *f != 0) {
+            return Err(Error::mismatch(format!("rank {rank}: rank {bad} cannot use its CUDA device (see its error); no NCCL communicator was created")));
+        }
         let b = nccl::NcclBackend::init(&id, rank as usize, world as usize, device, stream, timeout)?;
         host.barrier()?;
         Ok(Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false))))

@@ -196,6 +196,9 @@ impl DeviceCollectives for NcclBackend {
                 nc::version_string(self.lib.version)
             ))
         })?;
+        // Every rank must reach ncclCommSplit, which has no timeout: meet in a
+        // barrier first (a one-word all-reduce waited for with the deadline).
+        Backend::barrier(self)?;
         let mut child: ncclComm_t = std::ptr::null_mut();
         let c = if color < 0 { nc::NCCL_SPLIT_NOCOLOR } else { color };
         // SAFETY: live communicator, valid out-pointer; a NULL config inherits
@@ -204,7 +207,14 @@ impl DeviceCollectives for NcclBackend {
         if color < 0 || child.is_null() {
             return Ok(None);
         }
-        Ok(Some(Box::new(NcclBackend::new(self.lib, child, self.device, self.stream, true, self.timeout)?)))
+        match NcclBackend::new(self.lib, child, self.device, self.stream, true, self.timeout) {
+            Ok(b) => Ok(Some(Box::new(b))),
+            Err(e) => {
+                // SAFETY: the fresh child, not used again.
+                unsafe { (self.lib.comm_destroy)(child) };
+                Err(e)
+            }
+        }
     }
     fn group(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         self.enter()?;
@@ -227,6 +237,7 @@ impl DeviceCollectives for NcclBackend {
             // SAFETY: live comm (not destroyed: checked in enter and below).
             unsafe { (self.lib.comm_get_async_error)(self.comm, &mut async_err) };
             if async_err != nc::NCCL_SUCCESS && async_err != nc::NCCL_IN_PROGRESS {
+                cuda::mark_failed();
                 self.kill();
                 return nccl_check(self.lib, async_err, &format!("rank {}: asynchronous NCCL error; {what}", self.rank));
             }
@@ -234,13 +245,16 @@ impl DeviceCollectives for NcclBackend {
                 return Ok(());
             }
             if q != cu::CUresult::CUDA_ERROR_NOT_READY {
+                cuda::mark_failed();
                 return cuda::check(q, "cuStreamQuery");
             }
             if self.abort.load(Ordering::SeqCst) {
+                cuda::mark_failed();
                 self.kill();
                 return Err(Error::aborted(format!("the communicator was aborted; {what}")));
             }
             if Instant::now() >= deadline {
+                cuda::mark_failed();
                 self.kill();
                 return Err(Error::timeout(format!(
                     "rank {}: NCCL work did not finish within {} ms; {what}",
@@ -288,8 +302,10 @@ impl Backend for NcclBackend {
         self.synchronize()
     }
     fn abort(&self) {
+        // Flag only: another thread may be inside an NCCL call on this comm,
+        // and ncclCommAbort frees it. The owning thread aborts it when it sees
+        // the flag (synchronize polls it every 50 µs) or at drop.
         self.abort.store(true, Ordering::SeqCst);
-        self.kill();
     }
     fn device(&self) -> Option<&dyn DeviceCollectives> {
         Some(self)
@@ -299,10 +315,19 @@ impl Backend for NcclBackend {
 impl Drop for NcclBackend {
     fn drop(&mut self) {
         // The barrier word (a DevMem) frees itself in its own context.
-        if self.owned && !self.destroyed.swap(true, Ordering::SeqCst) {
+        if !self.owned || self.destroyed.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.abort.load(Ordering::SeqCst) || cuda::failed() {
+            self.kill();
+            return;
+        }
+        // Wait (with the deadline) for this rank's queued work, so that
+        // ncclCommDestroy, which waits for it too, cannot hang on a dead peer;
+        // synchronize aborts the comm if the wait fails.
+        if self.synchronize().is_ok() && !self.destroyed.swap(true, Ordering::SeqCst) {
             let _ = cuda::set_device(self.device);
-            // SAFETY: owned, live, not used again. ncclCommDestroy finalizes
-            // first (waiting for this rank's queued work) when needed.
+            // SAFETY: owned, live, idle, not used again.
             unsafe {
                 (self.lib.comm_destroy)(self.comm);
             }

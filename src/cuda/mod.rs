@@ -175,11 +175,44 @@ pub(crate) fn enter_ptr(p: *const u8) -> Result<()> {
     Ok(())
 }
 
+/// Make a context current for a pointer query without creating one: the
+/// caller's if it has one, else the first device's primary context that is
+/// already active (memory from a primary context can only exist then).
+/// False if there is no context at all (then no device memory exists).
+#[cfg(feature = "cuda")]
+fn ctx_for_query() -> bool {
+    if driver().is_err() {
+        return false;
+    }
+    let mut cur: cu::CUcontext = std::ptr::null_mut();
+    // SAFETY: valid out-pointers.
+    unsafe {
+        if cu::cuCtxGetCurrent(&mut cur) == cu::CUresult::CUDA_SUCCESS && !cur.is_null() {
+            return true;
+        }
+        let mut n = 0;
+        if cu::cuDeviceGetCount(&mut n) != cu::CUresult::CUDA_SUCCESS {
+            return false;
+        }
+        for d in 0..n {
+            let (mut dev, mut flags, mut active) = (0, 0u32, 0i32);
+            if cu::cuDeviceGet(&mut dev, d) == cu::CUresult::CUDA_SUCCESS
+                && cu::cuDevicePrimaryCtxGetState(dev, &mut flags, &mut active) == cu::CUresult::CUDA_SUCCESS
+                && active != 0
+            {
+                return set_device(d).is_ok();
+            }
+        }
+    }
+    false
+}
+
 /// True if `p` is device memory (false without a driver or for host memory).
+/// Never creates a CUDA context (a CPU-only job on a GPU machine stays off the GPU).
 pub fn is_device_ptr(p: *const u8) -> bool {
     #[cfg(feature = "cuda")]
     {
-        if p.is_null() || ensure_ctx().is_err() {
+        if p.is_null() || !ctx_for_query() {
             return false;
         }
         let mut ty: u32 = 0;
@@ -259,6 +292,21 @@ pub fn device_of(p: *const u8) -> Option<i32> {
     None
 }
 
+static DEVICE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Record that waiting for device work failed (timeout, abort, NCCL error):
+/// kernels may still be running on flatshard's buffers, and cuMemFree /
+/// cuMemFreeHost would wait for them — possibly forever. From now on this
+/// process leaks its device and pinned buffers instead of freeing them.
+pub fn mark_failed() {
+    DEVICE_FAILED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Did waiting for device work fail in this process (see `mark_failed`)?
+pub fn failed() -> bool {
+    DEVICE_FAILED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Device memory owned by flatshard (cuMemAlloc / cuMemFree).
 pub struct DevMem {
     ptr: u64,
@@ -313,7 +361,7 @@ impl DevMem {
 impl Drop for DevMem {
     fn drop(&mut self) {
         #[cfg(feature = "cuda")]
-        if self.ptr != 0 {
+        if self.ptr != 0 && !failed() {
             // cuMemFree waits for work still using the allocation.
             // SAFETY: allocated by cuMemAlloc in `zeroed`, not used after this.
             unsafe {
@@ -406,7 +454,7 @@ impl PinnedMem {
 impl Drop for PinnedMem {
     fn drop(&mut self) {
         #[cfg(feature = "cuda")]
-        if !self.ptr.is_null() {
+        if !self.ptr.is_null() && !failed() {
             // SAFETY: allocated by cuMemHostAlloc, not used after this.
             unsafe {
                 let _ = ensure_ctx();
@@ -481,7 +529,11 @@ pub fn stream_sync(device: i32, stream: Stream) -> Result<()> {
     {
         set_device(device)?;
         // SAFETY: a stream handle of that device (or the default stream).
-        check(unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) }, "cuStreamSynchronize")
+        let r = check(unsafe { cu::cuStreamSynchronize(stream as cu::CUstream) }, "cuStreamSynchronize");
+        if r.is_err() {
+            mark_failed();
+        }
+        r
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -15,8 +15,8 @@ use std::ffi::{c_char, c_void};
 /// authenticated by the job token. Collective over all ranks; NCCL needs one
 /// GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
 /// destroys the NCCL comm after this rank's queued work). NCCL is found as
-/// the libnccl.so.2 already loaded in the process, else FLATSHARD_NCCL_LIBRARY,
-/// else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
+/// FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
+/// process, else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
 /// >= 2.18 for split. Host pointers given to its collectives are staged
 /// through device memory. Results of AVG/SUM can differ from a host
 /// communicator's in the last bits (NCCL's reduction order and AVG scaling).
@@ -55,8 +55,8 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
 /// timeout, which then only poison the wrapper; aborting the NCCL comm is its
 /// owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
 /// must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
-/// from the NCCL library flatshard uses: the one already loaded in the
-/// process (libnccl.so.2), else FLATSHARD_NCCL_LIBRARY or the search path.
+/// from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
+/// the one already loaded in the process (libnccl.so.2), else the search path.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_wrap_nccl(nccl_comm: *mut c_void, cuda_device: i32, cuda_stream: *mut c_void, out: *mut *mut flatshard_comm) -> flatshard_status {
     boundary("flatshard_comm_wrap_nccl", || {

@@ -348,7 +348,9 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_zero_grad", || {
-        fp_mut(fp)?.fp.zero_grad()
+        let h = fp_mut(fp)?;
+        let c = h.comm()?;
+        h.fp.zero_grad(c)
     })
 }
 

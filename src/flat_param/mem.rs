@@ -283,10 +283,16 @@ impl<'c> Ops<'c> {
     /// owns our stream (deadline, asynchronous errors), else a stream sync.
     fn sync(&mut self) -> Result<()> {
         let Some(dev) = self.pending.take() else { return Ok(()) };
-        match self.comm {
+        let r = match self.comm {
             Some(c) if c.is_device() && c.stream() == self.stream => c.synchronize(),
             _ => cuda::stream_sync(dev, self.stream),
+        };
+        if r.is_err() {
+            // Kernels may still use our buffers: from now on they are leaked,
+            // not freed (cuMemFree would wait for them, maybe forever).
+            cuda::mark_failed();
         }
+        r
     }
 
     /// Keep `b` alive until this call's device work is done.
@@ -319,6 +325,8 @@ impl<'c> Ops<'c> {
 
     pub fn fill0(&mut self, r: Region) -> Result<()> {
         if r.place.is_host() {
+            // Queued device work may still write it (a device-to-host copy).
+            self.sync()?;
             // SAFETY: a live host region (Region's contract).
             unsafe { r.slice().fill(0) };
             return Ok(());
@@ -441,6 +449,15 @@ impl<'c> Ops<'c> {
     /// returning (so a loop of these stays at one region's worth of memory).
     fn staged(&mut self, comm: &Comm, rs: &[(Region, bool, bool)], f: impl FnOnce(&mut Ops<'c>, &[Region]) -> Result<()>) -> Result<()> {
         let want = Self::want(comm);
+        if let Place::Device(d) = want {
+            if let Some(r) = rs.iter().find(|(r, _, _)| matches!(r.place, Place::Device(x) if x != d)) {
+                return Err(Error::invalid_arg(format!(
+                    "rank {}: a buffer on {} given to an NCCL communicator on cuda:{d}; use buffers on the communicator's GPU",
+                    comm.rank(),
+                    r.0.place.device().describe()
+                )));
+            }
+        }
         let mut temps: Vec<Option<Buf>> = Vec::with_capacity(rs.len());
         for (r, cin, _) in rs {
             temps.push(if r.place.serves(want) { None } else { Some(self.temp(*r, want, *cin, "collective staging")?) });
@@ -457,6 +474,9 @@ impl<'c> Ops<'c> {
             if other_stream {
                 // The collective ran on comm's stream: wait for it there.
                 let w = comm.synchronize();
+                if w.is_err() {
+                    cuda::mark_failed();
+                }
                 r?;
                 w?;
             } else {
@@ -560,12 +580,11 @@ impl<'c> Ops<'c> {
 impl Drop for Ops<'_> {
     fn drop(&mut self) {
         // An error path left device work queued: wait for it before the
-        // buffers it uses are freed; if even that fails (a dead NCCL peer on
-        // a wrapped comm), leak them rather than free memory still in use.
-        if self.pending.is_some() && self.sync().is_err() {
-            for b in self.held.drain(..) {
-                std::mem::forget(b);
-            }
+        // buffers it uses are freed. If that wait fails (a dead NCCL peer on
+        // a wrapped comm), `sync` marked the process failed and every device
+        // and pinned buffer is leaked from then on instead of freed.
+        if self.pending.is_some() {
+            let _ = self.sync();
         }
     }
 }

@@ -264,9 +264,11 @@ impl FlatParam {
         let (d0, dev0) = (params[0].dtype, params[0].device);
         if let Device::Cuda(d) = dev0 {
             crate::cuda::driver().map_err(|e| e.context(format!("params[0].device: cuda:{d} flat params need a CUDA driver")))?;
-            if let Some(cd) = comm.device_index() {
-                if cd != d {
-                    return Err(Error::invalid_arg(format!("params[0].device: cuda:{d}, but the NCCL communicator runs on cuda:{cd}")));
+        }
+        for (name, c) in [("comm", Some(comm)), ("options.replicate_comm", replicate)] {
+            if let Some(cd) = c.and_then(|c| c.device_index()) {
+                if dev0 != Device::Cuda(cd) {
+                    return Err(Error::invalid_arg(format!("params[0].device: {}, but {name} is an NCCL communicator on cuda:{cd}", dev0.describe())));
                 }
             }
         }
@@ -464,7 +466,9 @@ impl FlatParam {
     pub fn shard_grad_bytes(&self) -> Option<&[u8]> {
         self.shard_grad.as_ref().and_then(|g| g.host_bytes())
     }
-    /// A host copy of the shard (and of its gradient, if any), wherever it lives.
+    /// A host copy of the shard (and of its gradient, if any), wherever it
+    /// lives (device flat params: after the flat-param calls, which complete
+    /// before returning; the copy runs on the legacy default stream).
     pub fn read_shard(&self) -> Result<(Vec<u8>, Option<Vec<u8>>)> {
         let mut ops = Ops::local();
         let mut read = |b: &Buf| -> Result<Vec<u8>> {
@@ -863,10 +867,13 @@ impl FlatParam {
         ops.finish()
     }
 
-    /// Zero this rank's shard gradient (no-op if none yet).
-    pub fn zero_grad(&mut self) -> Result<()> {
+    /// Zero this rank's shard gradient (no-op if none yet). Local; on a CUDA
+    /// flat param ordered on `comm`'s stream (after the engine's optimizer
+    /// step there) and complete when this returns.
+    pub fn zero_grad(&mut self, comm: &Comm) -> Result<()> {
+        self.check_comm(comm, "zero_grad")?;
         if let Some(g) = &self.shard_grad {
-            let mut ops = Ops::local();
+            let mut ops = Ops::new(comm);
             ops.fill0(g.region())?;
             ops.finish()?;
         }
