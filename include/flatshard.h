@@ -442,8 +442,8 @@ void flatshard_averager_free(flatshard_averager *a);
  * GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
  * destroys the NCCL comm after this rank's queued work). NCCL is found as
  * FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
- * process, else libnccl.so.2 / libnccl.so on the search path; NCCL >= 2.10 (ncclAvg),
- * >= 2.18 for split. Host pointers given to its collectives are staged
+ * process, else libnccl.so.2 / libnccl.so on the search path; NCCL 2.10 or
+ * newer (ncclAvg), 2.18 or newer for split. Host pointers given to its collectives are staged
  * through device memory. Results of AVG/SUM can differ from a host
  * communicator's in the last bits (NCCL's reduction order and AVG scaling).
  * UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.

@@ -207,7 +207,7 @@ fn flat_param_scenario(comm: &Comm, dev: Option<i32>, sharding: Sharding, log: &
     let (d, g) = fp.read_shard().unwrap();
     log.push(("shard after rank0 writeback".into(), d));
     log.push(("grad after rank0 writeback".into(), g.unwrap()));
-    fp.zero_grad(&comm).unwrap();
+    fp.zero_grad(comm).unwrap();
     log.push(("grad after zero_grad".into(), fp.read_shard().unwrap().1.unwrap()));
     // average_parameters on the placed tensors themselves
     let ts: Vec<TensorRef> = placed
@@ -331,7 +331,7 @@ fn cuda_flat_params_without_a_driver_are_unsupported_and_peers_are_told() {
     }
     common::ranks("cuda_flat_params_without_a_driver_are_unsupported_and_peers_are_told", 2, &[], |c| {
         let rank = c.rank();
-        let buf = vec![0u8; 64];
+        let buf = [0u8; 64];
         // rank 0 passes CUDA tensors, rank 1 host ones: rank 0 UNSUPPORTED, rank 1 MISMATCH, nobody waits
         let dev = if rank == 0 { Device::Cuda(0) } else { Device::Cpu };
         let p = [unsafe { ParamInput::raw(buf.as_ptr(), 16, DType::F32, dev) }];

@@ -68,7 +68,8 @@ fn short(dt: DType) -> &'static str {
 /// Is there a device kernel for this conversion? (f64 → f16/bf16 would round
 /// twice through f32, so those run on the host.)
 fn has_convert(from: DType, to: DType) -> bool {
-    from != to && !short(from).is_empty() && !short(to).is_empty() && !(from == DType::F64 && matches!(to, DType::F16 | DType::BF16))
+    let double_rounding = from == DType::F64 && matches!(to, DType::F16 | DType::BF16);
+    from != to && !short(from).is_empty() && !short(to).is_empty() && !double_rounding
 }
 
 /// `dst[i] = (to) src[i]` for `n` elements on the device, in order on

@@ -142,17 +142,25 @@ fn load() -> std::result::Result<Nccl, String> {
             tried.join("; ")
         ));
     };
+    /// A symbol address as the function pointer type of the field it fills.
+    ///
+    /// # Safety
+    /// `F` is the symbol's C signature (true in every NCCL 2.x that exports it).
+    unsafe fn cast<F: Copy>(p: *mut c_void) -> F {
+        assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+        std::mem::transmute_copy(&p)
+    }
     macro_rules! req {
         ($name:literal) => {{
             let p = sym(h, $name).ok_or_else(|| format!("{path} has no symbol {}", $name))?;
-            // SAFETY: the symbol has this C signature in every NCCL 2.x that exports it.
-            unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            // SAFETY: see `cast`.
+            unsafe { cast(p) }
         }};
     }
     macro_rules! opt {
         ($name:literal) => {{
-            // SAFETY: as above.
-            sym(h, $name).map(|p| unsafe { std::mem::transmute::<*mut c_void, _>(p) })
+            // SAFETY: see `cast`.
+            sym(h, $name).map(|p| unsafe { cast(p) })
         }};
     }
     let get_version: unsafe extern "C" fn(*mut c_int) -> R = req!("ncclGetVersion");
