@@ -147,7 +147,7 @@ pub fn validate(rank: usize, params: &[TensorRef], flags: u32) -> Result<()> {
 }
 
 /// The indices of the tensors to average, after `validate`.
-pub(crate) fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
+fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
     if params.is_empty() {
         return Err(Error::invalid_arg(format!("rank {rank}: params: n is 0, nothing to average (PyTorch raises too)")));
     }
@@ -187,15 +187,16 @@ pub unsafe fn average_parameters_with(comm: &Comm, params: &[TensorRef], flags: 
 }
 
 /// Fingerprint sent by a rank whose arguments were refused.
-pub(crate) const REFUSED: u64 = u64::MAX;
+const REFUSED: u64 = u64::MAX;
 
 unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: Result<AvgOptions>) -> Result<()> {
     let rank = comm.rank();
-    if params.iter().any(|t| t.device != Device::Cpu) {
-        return super::device::average_device(comm, params, flags);
-    }
+    let cuda = params.iter().any(|t| t.device != Device::Cpu);
     let local = opts.and_then(|o| {
         validate(rank, params, flags)?;
+        if cuda {
+            super::device::check_memory(comm, params)?;
+        }
         if o.bucket_bytes == 0 {
             return Err(Error::invalid_arg(format!("rank {rank}: bucket_bytes: must be positive, got 0")));
         }
@@ -214,11 +215,14 @@ unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: R
     let agreed = agree(comm, fp);
     let (opts, chosen) = local?;
     agreed?;
+    if cuda {
+        return super::device::average_device(comm, params, &chosen, &opts);
+    }
     stream(comm, params, &chosen, &opts, world)
 }
 
 /// FNV-1a over what decides the sequence of collectives.
-pub(crate) fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> u64 {
+fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |v: u64| {
         for b in v.to_le_bytes() {
@@ -236,7 +240,7 @@ pub(crate) fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: 
 
 /// All ranks learn every rank's fingerprint; the ranks that differ from the
 /// most common one are named.
-pub(crate) fn agree(comm: &Comm, fp: u64) -> Result<()> {
+fn agree(comm: &Comm, fp: u64) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.size());
     let mut all = vec![0u8; 8 * world];
     // Through the staging layer, so an NCCL communicator agrees too.

@@ -13,7 +13,7 @@
 //! moves: a rank with bad arguments makes every rank return (MISMATCH on the
 //! others) instead of leaving them waiting.
 
-use super::average::{agree, fingerprint, select, AvgOptions, AVG_ONLY_WITH_GRAD, REFUSED};
+use super::average::AvgOptions;
 use crate::comm::Comm;
 use crate::dtype::ReduceOp;
 use crate::error::{Error, Result};
@@ -42,56 +42,32 @@ pub fn validate(rank: usize, params: &[TensorRef]) -> Result<()> {
     Ok(())
 }
 
-fn check(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<(Vec<usize>, AvgOptions)> {
+/// The checks that need the memory itself and the communicator: every
+/// tensor's memory is on the GPU its device names, and that GPU is the NCCL
+/// communicator's (if it is one). After `validate`.
+pub fn check_memory(comm: &Comm, params: &[TensorRef]) -> Result<()> {
     let rank = comm.rank();
-    let opts = AvgOptions::from_env()?;
-    if flags & !AVG_ONLY_WITH_GRAD != 0 {
-        return Err(Error::invalid_arg(format!("flags: 0x{flags:x} has unknown bits; the only flag is FLATSHARD_AVG_ONLY_WITH_GRAD (0x1)")));
-    }
-    validate(rank, params)?;
     for (i, t) in params.iter().enumerate() {
-        let Device::Cuda(d) = t.device else {
-            return Err(Error::unsupported(format!(
-                "params[{i}] is a host tensor among CUDA tensors; average host and device tensors in separate calls"
-            )));
-        };
-        if !t.dtype.is_float() {
-            return Err(Error::invalid_arg(format!("params[{i}].dtype: {} cannot be averaged; pass f32, f64, f16 or bf16", t.dtype.name())));
-        }
-        t.bytes().map_err(|e| e.context(format!("params[{i}]")))?;
+        let Device::Cuda(d) = t.device else { continue };
+        let what = format!("rank {rank}: params[{i}]");
+        t.bytes().map_err(|e| e.context(&what))?;
         if t.numel > 0 {
-            match crate::cuda::device_of(t.data) {
-                Some(x) if x == d => {}
-                Some(x) => return Err(Error::invalid_arg(format!("params[{i}].data: memory of cuda:{x}, but device says cuda:{d}"))),
-                None => return Err(Error::invalid_arg(format!("params[{i}].data: not CUDA device memory, but device says cuda:{d}"))),
-            }
+            crate::cuda::check_on_device(t.data, d, &format!("{what}.data"))?;
         }
-        if let Some(cd) = comm.device_index() {
-            if cd != d {
-                return Err(Error::invalid_arg(format!("params[{i}].device: cuda:{d}, but the NCCL communicator runs on cuda:{cd}")));
-            }
+        if let Some(cd) = comm.device_index().filter(|cd| *cd != d) {
+            return Err(Error::invalid_arg(format!("{what}.device: cuda:{d}, but the NCCL communicator runs on cuda:{cd}")));
         }
     }
-    let chosen = select(rank, params, flags)?;
-    Ok((chosen, opts))
+    Ok(())
 }
 
+/// Average the `chosen` CUDA tensors (arguments checked and agreed by
+/// `average_parameters`).
+///
 /// # Safety
 /// Every tensor's `data` must be device memory valid for `numel` elements,
 /// not accessed by anything else during the call.
-pub unsafe fn average_device(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<()> {
-    let rank = comm.rank();
-    let local = check(comm, params, flags).map_err(|e| if e.msg.starts_with("rank ") { e } else { e.context(format!("rank {rank}")) });
-    if comm.size() == 1 {
-        return local.map(|_| ());
-    }
-    let fp = match &local {
-        Ok((chosen, o)) => fingerprint(params, chosen, o.bucket_bytes),
-        Err(_) => REFUSED,
-    };
-    let agreed = agree(comm, fp);
-    let (chosen, opts) = local?;
-    agreed?;
+pub(crate) unsafe fn average_device(comm: &Comm, params: &[TensorRef], chosen: &[usize], opts: &AvgOptions) -> Result<()> {
     if comm.is_device() {
         for batch in chosen.chunks(GROUP) {
             comm.dev_group(|| {
@@ -104,7 +80,7 @@ pub unsafe fn average_device(comm: &Comm, params: &[TensorRef], flags: u32) -> R
         }
         return Ok(());
     }
-    staged(comm, params, &chosen, opts.bucket_bytes)
+    staged(comm, params, chosen, opts.bucket_bytes)
 }
 
 /// Host communicator: pack the chosen tensors (pieces of them) into one

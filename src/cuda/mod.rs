@@ -233,6 +233,15 @@ pub fn is_device_ptr(p: *const u8) -> bool {
     }
 }
 
+/// INVALID_ARGUMENT unless `p` is memory of CUDA device `d`; `what` names it.
+pub fn check_on_device(p: *const u8, d: i32, what: &str) -> Result<()> {
+    match device_of(p) {
+        Some(x) if x == d => Ok(()),
+        Some(x) => Err(Error::invalid_arg(format!("{what}: memory of cuda:{x}, but device says cuda:{d}"))),
+        None => Err(Error::invalid_arg(format!("{what}: not CUDA device memory, but device says cuda:{d}"))),
+    }
+}
+
 /// Copy device → host (synchronous).
 ///
 /// # Safety

@@ -305,10 +305,14 @@ impl<'c> Ops<'c> {
     /// A zero-filled temporary for this call, freed when the call's device
     /// work is done (`finish`, or `drop` on an error path).
     pub fn temp_buf(&mut self, place: Place, len: usize, what: &str) -> Result<Region> {
-        let b = Buf::zeroed_on(place, len, what)?;
+        Ok(self.keep(Buf::zeroed_on(place, len, what)?))
+    }
+
+    /// `hold(b)`, returning its region.
+    pub fn keep(&mut self, b: Buf) -> Region {
         let r = b.region();
         self.hold(b);
-        Ok(r)
+        r
     }
 
     /// Wait for this call's device work, then free what it held.

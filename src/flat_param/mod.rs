@@ -104,10 +104,7 @@ impl<'a> ParamInput<'a> {
         ParamInput { data, numel, dtype, device, _borrow: std::marker::PhantomData }
     }
     fn place(&self) -> Place {
-        match self.device {
-            Device::Cpu => Place::Host,
-            Device::Cuda(d) => Place::Device(d),
-        }
+        Region::place_of(self.device)
     }
     fn region(&self) -> Region {
         Region::new(self.data as *mut u8, (self.numel as usize).saturating_mul(self.dtype.size()), self.place())
@@ -295,11 +292,7 @@ impl FlatParam {
                 return Err(Error::invalid_arg(format!("params[{i}].data: NULL but numel is {}", p.numel)));
             }
             if let (Device::Cuda(d), true) = (p.device, p.numel > 0) {
-                match crate::cuda::device_of(p.data) {
-                    Some(x) if x == d => {}
-                    Some(x) => return Err(Error::invalid_arg(format!("params[{i}].data: memory of cuda:{x}, but device says cuda:{d}"))),
-                    None => return Err(Error::invalid_arg(format!("params[{i}].data: not CUDA device memory, but device says cuda:{d}"))),
-                }
+                crate::cuda::check_on_device(p.data, d, &format!("params[{i}].data"))?;
             }
         }
         for (name, d) in [("param_dtype", opts.param_dtype), ("reduce_dtype", opts.reduce_dtype)] {
@@ -692,22 +685,8 @@ impl FlatParam {
         let Unsharded { opts, full, grad, .. } = st;
         let grad_shard = matches!(grad, FullGrad::Shard);
         // The full buffers are freed only when this call's device work is done.
-        let full = match full {
-            Full::Owned(b) => {
-                let r = b.region();
-                ops.hold(b);
-                Some(r)
-            }
-            _ => None,
-        };
-        let grad = match grad {
-            FullGrad::Owned(b) => {
-                let r = b.region();
-                ops.hold(b);
-                Some(r)
-            }
-            _ => None,
-        };
+        let full = if let Full::Owned(b) = full { Some(ops.keep(b)) } else { None };
+        let grad = if let FullGrad::Owned(b) = grad { Some(ops.keep(b)) } else { None };
         if opts.rank0_only && self.sharded() {
             self.scatter_from_rank0(ops, comm, full, part, false)?;
             if opts.with_grads && self.any_grad_view(ops, comm, grad.is_some())? {
