@@ -11,6 +11,7 @@ pub mod error;
 pub mod ffi;
 pub mod flat_param;
 pub mod log;
+pub mod memcopy;
 pub mod reduce;
 pub mod tensor;
 

@@ -188,29 +188,44 @@ unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: R
     }
 }
 
+/// Blocks of `BLOCK` elements: the first pass combines the first two sources,
+/// middle passes fold one source each into `acc`, and the last pass combines
+/// the last source and stores, so every pass does arithmetic (a pass that only
+/// loads or only stores is turned into a `memcpy` call by the compiler, which
+/// was most of the time of a 2-source reduction) and 2 sources are one pass.
 #[inline(always)]
 unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, scale_by: f64, f: F) {
+    let fin = |a: E::Acc| if scale_by != 0.0 { E::div(a, scale_by) } else { a };
+    let k = srcs.len();
+    if k == 1 {
+        let s0 = srcs[0];
+        for j in 0..n {
+            E::store(dst, j, fin(E::load(s0, j)));
+        }
+        return;
+    }
+    let (s0, s1, last) = (srcs[0], srcs[1], srcs[k - 1]);
+    if k == 2 {
+        for j in 0..n {
+            E::store(dst, j, fin(f(E::load(s0, j), E::load(s1, j))));
+        }
+        return;
+    }
     let mut acc = [E::Acc::default(); BLOCK];
     let mut start = 0;
     while start < n {
         let len = BLOCK.min(n - start);
-        let s0 = srcs[0];
         for j in 0..len {
-            acc[j] = E::load(s0, start + j);
+            acc[j] = f(E::load(s0, start + j), E::load(s1, start + j));
         }
-        for s in &srcs[1..] {
+        for s in &srcs[2..k - 1] {
             let s = *s;
             for j in 0..len {
                 acc[j] = f(acc[j], E::load(s, start + j));
             }
         }
-        if scale_by != 0.0 {
-            for a in acc.iter_mut().take(len) {
-                *a = E::div(*a, scale_by);
-            }
-        }
         for j in 0..len {
-            E::store(dst, start + j, acc[j]);
+            E::store(dst, start + j, fin(f(acc[j], E::load(last, start + j))));
         }
         start += len;
     }
@@ -313,7 +328,7 @@ pub fn kernel_name() -> &'static str {
 }
 
 /// 0 portable, 1 avx2, 2 avx512 (decided once).
-fn flavour() -> u8 {
+pub(crate) fn flavour() -> u8 {
     use std::sync::OnceLock;
     static K: OnceLock<u8> = OnceLock::new();
     *K.get_or_init(|| match kernel_name() {

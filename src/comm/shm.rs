@@ -39,6 +39,7 @@ use super::store::StoreClient;
 use super::{Backend, OpDesc, OpKind};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::memcopy;
 use crate::reduce;
 use std::ffi::CString;
 use std::io;
@@ -418,15 +419,13 @@ fn part(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
     (es * (c * base + c.min(rem)), es * (base + usize::from(c < rem)))
 }
 
-/// memcpy between non-overlapping regions.
+/// Copy between non-overlapping regions (see `memcopy` for why not memcpy).
 ///
 /// # Safety
 /// Both pointers valid for `len` bytes and not overlapping.
 #[inline]
 unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
-    if len > 0 {
-        std::ptr::copy_nonoverlapping(src, dst, len);
-    }
+    memcopy::copy(src, dst, len)
 }
 
 /// Results bigger than this are written with non-temporal stores: they do not
@@ -440,32 +439,11 @@ const STREAM_MIN: usize = 48 << 20;
 /// As `copy`.
 #[inline]
 unsafe fn copy_out(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if stream && len >= 4096 {
-            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-            let head = dst.align_offset(16).min(len);
-            copy(src, dst, head);
-            let mut i = head;
-            while i + 64 <= len {
-                // SAFETY: SSE2 is baseline on x86_64; dst + i is 16-aligned,
-                // both ranges are within the caller's bounds.
-                let s = src.add(i) as *const __m128i;
-                let d = dst.add(i) as *mut __m128i;
-                let (a, b, c, e) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)), _mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
-                _mm_stream_si128(d, a);
-                _mm_stream_si128(d.add(1), b);
-                _mm_stream_si128(d.add(2), c);
-                _mm_stream_si128(d.add(3), e);
-                i += 64;
-            }
-            copy(src.add(i), dst.add(i), len - i);
-            _mm_sfence();
-            return;
-        }
+    if stream {
+        memcopy::copy_stream(src, dst, len)
+    } else {
+        memcopy::copy(src, dst, len)
     }
-    let _ = stream;
-    copy(src, dst, len)
 }
 
 impl ShmBackend {
