@@ -195,11 +195,35 @@ unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: R
 /// was most of the time of a 2-source reduction) and 2 sources are one pass.
 #[inline(always)]
 unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, scale_by: f64, f: F) {
-    let fin = |a: E::Acc| if scale_by != 0.0 { E::div(a, scale_by) } else { a };
+    // Two instantiations, so the scale test is not a per-element branch
+    // (which kept the loops from being vectorised).
+    if scale_by != 0.0 {
+        reduce_passes::<E, F, _>(dst, srcs, n, f, |a| E::div(a, scale_by))
+    } else {
+        reduce_passes::<E, F, _>(dst, srcs, n, f, |a| a)
+    }
+}
+
+#[inline(always)]
+unsafe fn reduce_passes<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc, G: Fn(E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, f: F, fin: G) {
     let k = srcs.len();
     if k == 1 {
+        // In fixed groups through a local array: written as one loop, the
+        // possible overlap of dst and src kept it scalar.
+        const G: usize = 16;
         let s0 = srcs[0];
-        for j in 0..n {
+        let mut j = 0;
+        while j + G <= n {
+            let mut t = [E::Acc::default(); G];
+            for (l, v) in t.iter_mut().enumerate() {
+                *v = fin(E::load(s0, j + l));
+            }
+            for (l, v) in t.iter().enumerate() {
+                E::store(dst, j + l, *v);
+            }
+            j += G;
+        }
+        for j in j..n {
             E::store(dst, j, fin(E::load(s0, j)));
         }
         return;
