@@ -637,3 +637,78 @@ fn sharded_save_restore_round_trips_exactly() {
         }
     });
 }
+
+fn minor_faults() -> i64 {
+    // SAFETY: getrusage fills the struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_minflt
+}
+
+/// Full params of ≥ 4 MiB are recycled between reshard and the next unshard
+/// (no fresh pages to fault in), and a recycled buffer never leaks stale
+/// contents: every unshard shows exactly what the previous writeback stored.
+/// With FLATSHARD_HOST_CACHE_BYTES=0 the same unshard faults its pages in
+/// (which shows the fault count measures the cache), and a malformed value is
+/// an INVALID_ARGUMENT naming the variable.
+/// The body of the recycling tests, with FLATSHARD_HOST_CACHE_BYTES = `cache`.
+fn recycle_check(comm: Comm, cache: &str) {
+    let r = comm.rank();
+    let numels = [10 << 20, 1001]; // 40 MiB (above glibc's mmap threshold) + a tail that pads the shards
+    // values that stay exact in f32 after a few +1 edits
+    let val = |i: usize, j: usize| ((i * 7919 + j) % 4093) as f32 + 0.5;
+    let bufs: Vec<Vec<u8>> = numels.iter().enumerate().map(|(i, &n)| f32_bytes(&(0..n).map(|j| val(i, j)).collect::<Vec<_>>())).collect();
+    let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();
+    let wb = UnshardOptions { writeback: true, ..Default::default() };
+    if cache == "lots" {
+        let e = fp.unshard(&comm, wb).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+        assert!(e.msg.contains("FLATSHARD_HOST_CACHE_BYTES") && e.msg.contains("lots"), "{}", e.msg);
+        return;
+    }
+    let mut faults = Vec::new();
+    for round in 0..4usize {
+        comm.barrier().unwrap();
+        let f0 = minor_faults();
+        fp.unshard(&comm, wb).unwrap();
+        faults.push(minor_faults() - f0);
+        // flat index of param i element j (no alignment), and its owner
+        let chunk = (numels[0] + numels[1]).div_ceil(2);
+        for (i, &n) in numels.iter().enumerate() {
+            let v = view_f32(&fp.view(i as u64).unwrap());
+            assert_eq!(v.len(), n);
+            for (j, x) in v.iter_mut().enumerate() {
+                let want = val(i, j) + round.saturating_sub(1) as f32;
+                assert_eq!(*x, want, "rank {r} round {round} param {i} element {j}");
+                // Edit: +1 in this rank's shard (writeback keeps it); garbage
+                // elsewhere, which a stale recycled buffer would show next round.
+                let owner = usize::from(if i == 0 { j } else { numels[0] + j } >= chunk);
+                if round > 0 {
+                    *x = if owner == r { want + 1.0 } else { -7.0 };
+                }
+            }
+        }
+        fp.reshard(&comm).unwrap();
+    }
+    eprintln!("#: rank {r}, FLATSHARD_HOST_CACHE_BYTES='{cache}': page faults per unshard {faults:?}");
+    if cache.is_empty() {
+        assert!(faults[2..].iter().all(|f| *f < 8), "rank {r}: recycled unshards should not fault pages in: {faults:?}");
+    } else {
+        assert!(faults[2..].iter().all(|f| *f >= 8), "rank {r}: without the cache every unshard maps fresh pages: {faults:?}");
+    }
+}
+
+#[test]
+fn full_param_buffers_are_recycled_without_stale_data() {
+    ranks("full_param_buffers_are_recycled_without_stale_data", 2, &[("FLATSHARD_HOST_CACHE_BYTES", String::new())], |c| recycle_check(c, ""));
+}
+
+#[test]
+fn full_param_buffers_without_the_cache_fault_in_fresh_pages() {
+    ranks("full_param_buffers_without_the_cache_fault_in_fresh_pages", 2, &[("FLATSHARD_HOST_CACHE_BYTES", "0".into())], |c| recycle_check(c, "0"));
+}
+
+#[test]
+fn malformed_host_cache_setting_is_invalid_argument() {
+    ranks("malformed_host_cache_setting_is_invalid_argument", 2, &[("FLATSHARD_HOST_CACHE_BYTES", "lots".into())], |c| recycle_check(c, "lots"));
+}

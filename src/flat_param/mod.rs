@@ -517,7 +517,8 @@ impl FlatParam {
         let w = self.layout.world as usize;
         let me = comm.rank();
         if !rank0_only {
-            let full = Buf::zeroed_on(place, part * w, what)?;
+            // every byte is gathered (padding included): no zeros needed
+            let full = Buf::for_overwrite_on(place, part * w, what)?;
             if dt == self.dtype {
                 ops.all_gather(comm, src, full.region(), dt)?;
             } else {
