@@ -704,8 +704,12 @@ flatshard_status flatshard_flat_param_view(flatshard_flat_param *fp,
  * invalid. With writeback, each rank first copies its own unpadded range of
  * the full buffer (and of the gradients with with_grads) into its shard;
  * under rank0_only + writeback rank 0 scatters the ranges back, so this is
- * then collective. INVALID_STATE: already sharded (call
- * flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
+ * then collective. Host full buffers of 4 MiB or more that every rank
+ * gathered go to a small per-process cache (at most
+ * FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the next unshard
+ * of the same size: released with MADV_FREE, so the kernel may reclaim them
+ * at any time, but until then they count in the RSS. INVALID_STATE: already
+ * sharded (call flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
  */
 flatshard_status flatshard_flat_param_reshard(flatshard_flat_param *fp);
 
