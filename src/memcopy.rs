@@ -34,6 +34,23 @@ pub unsafe fn copy_stream(src: *const u8, dst: *mut u8, len: usize) {
     copy_impl(src, dst, len, true)
 }
 
+/// Copy `len` bytes from `src` to both `dst` (regular stores: it is read again
+/// soon, e.g. a shared-memory slot) and `out` (streaming stores if
+/// `stream_out`), reading `src` once.
+///
+/// # Safety
+/// `src` valid for reads, `dst` and `out` for writes of `len` bytes; no two overlap.
+pub unsafe fn copy2(src: *const u8, dst: *mut u8, out: *mut u8, len: usize, stream_out: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if len >= VEC_MIN && reduce::flavour() == 2 {
+            return x86::copy2_avx512(src, dst, out, len, stream_out);
+        }
+    }
+    copy(src, dst, len);
+    copy_impl(src, out, len, stream_out);
+}
+
 #[inline]
 unsafe fn copy_impl(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
     if len == 0 {
@@ -100,6 +117,35 @@ mod x86 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn copy2_avx512(src: *const u8, dst: *mut u8, out: *mut u8, len: usize, stream: bool) {
+        // align the streamed destination (streaming stores need 64 bytes)
+        let mut i = out.align_offset(64).min(len);
+        std::ptr::copy_nonoverlapping(src, dst, i);
+        std::ptr::copy_nonoverlapping(src, out, i);
+        while i + 128 <= len {
+            let s = src.add(i) as *const __m512i;
+            let (a, b) = (_mm512_loadu_si512(s), _mm512_loadu_si512(s.add(1)));
+            let d = dst.add(i) as *mut __m512i;
+            _mm512_storeu_si512(d, a);
+            _mm512_storeu_si512(d.add(1), b);
+            let o = out.add(i) as *mut __m512i;
+            if stream {
+                _mm512_stream_si512(o, a);
+                _mm512_stream_si512(o.add(1), b);
+            } else {
+                _mm512_store_si512(o, a);
+                _mm512_store_si512(o.add(1), b);
+            }
+            i += 128;
+        }
+        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+        std::ptr::copy_nonoverlapping(src.add(i), out.add(i), len - i);
+        if stream {
+            _mm_sfence();
+        }
+    }
+
     #[target_feature(enable = "avx2")]
     pub unsafe fn copy_avx2(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
         let mut i = head(src, dst, len, 32);
@@ -159,6 +205,13 @@ mod tests {
                         assert_eq!(&dst[d_off..d_off + len], &src[so..so + len], "len {len} src+{so} dst+{d_off} stream {stream}");
                         assert!(dst[..d_off].iter().all(|b| *b == 0xAA), "wrote before dst (len {len})");
                         assert!(dst[d_off + len..].iter().all(|b| *b == 0xAA), "wrote past dst (len {len})");
+                        let (mut d1, mut d2) = (vec![0x55u8; len + 128], vec![0x66u8; len + 128]);
+                        // SAFETY: as above.
+                        unsafe { copy2(src.as_ptr().add(so), d1.as_mut_ptr().add(d_off), d2.as_mut_ptr().add(63 - d_off), len, stream) };
+                        assert_eq!(&d1[d_off..d_off + len], &src[so..so + len], "copy2 dst: len {len} stream {stream}");
+                        assert_eq!(&d2[63 - d_off..63 - d_off + len], &src[so..so + len], "copy2 out: len {len} stream {stream}");
+                        assert!(d1[..d_off].iter().chain(&d1[d_off + len..]).all(|b| *b == 0x55), "copy2 wrote outside dst (len {len})");
+                        assert!(d2[..63 - d_off].iter().chain(&d2[63 - d_off + len..]).all(|b| *b == 0x66), "copy2 wrote outside out (len {len})");
                     }
                 }
             }

@@ -692,7 +692,7 @@ impl Backend for ShmBackend {
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
-        let n = self.size;
+        let (n, r) = (self.size, self.rank);
         let cb = send.len();
         let desc = OpDesc::new(OpKind::AllGather, (cb / dt.size()) as u64, dt, ReduceOp::Sum, -1);
         let w = self.wait("all_gather");
@@ -703,10 +703,10 @@ impl Backend for ShmBackend {
         loop {
             let len = self.slot_bytes.min(cb - off);
             let d = (off == 0).then_some(&desc);
-            // SAFETY: len <= slot_bytes, within send.
-            let slot = self.round(&mut st, d, &w, |dst| unsafe { copy(sp.add(off), dst, len) })?;
-            for p in 0..n {
-                // Our own block too comes from our slot: it is still in cache.
+            // Our piece goes to our slot and our own block of recv in one pass.
+            // SAFETY: len <= slot_bytes, within send; block r of recv.
+            let slot = self.round(&mut st, d, &w, |dst| unsafe { memcopy::copy2(sp.add(off), dst, rp.add(r * cb + off), len, stream) })?;
+            for p in (0..n).filter(|p| *p != r) {
                 let src = self.slot_ptr(p, slot) as *const u8;
                 // SAFETY: block p of recv (recv.len() == n * cb).
                 unsafe { copy_out(src, rp.add(p * cb + off), len, stream) };
