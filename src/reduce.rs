@@ -188,11 +188,6 @@ unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: R
     }
 }
 
-/// Blocks of `BLOCK` elements: the first pass combines the first two sources,
-/// middle passes fold one source each into `acc`, and the last pass combines
-/// the last source and stores, so every pass does arithmetic (a pass that only
-/// loads or only stores is turned into a `memcpy` call by the compiler, which
-/// was most of the time of a 2-source reduction) and 2 sources are one pass.
 #[inline(always)]
 unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, scale_by: f64, f: F) {
     // Two instantiations, so the scale test is not a per-element branch
@@ -228,6 +223,12 @@ unsafe fn store_grouped<E: Elem>(dst: *mut u8, n: usize, val: impl Fn(usize) -> 
     }
 }
 
+/// Sources are combined left to right (as before: results are unchanged).
+/// Blocks of `BLOCK` elements: the first pass combines the first two sources,
+/// middle passes fold one source each into `acc`, and the last pass combines
+/// the last source and stores, so every pass does arithmetic (a pass that only
+/// loads or only stores is turned into a `memcpy` call by the compiler, which
+/// was most of the time of a 2-source reduction) and 2 sources are one pass.
 #[inline(always)]
 unsafe fn reduce_passes<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc, G: Fn(E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, f: F, fin: G) {
     let k = srcs.len();
