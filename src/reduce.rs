@@ -239,7 +239,7 @@ unsafe fn reduce_passes<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc, G: Fn(E::Acc) 
     }
     let (s0, s1, last) = (srcs[0], srcs[1], srcs[k - 1]);
     if k == 2 {
-        if dst as *const u8 == s0 || dst as *const u8 == s1 {
+        if std::ptr::eq(dst, s0) || std::ptr::eq(dst, s1) {
             // in place (the TCP ring's reduce): see store_grouped
             store_grouped::<E>(dst, n, |j| fin(f(E::load(s0, j), E::load(s1, j))));
         } else {
