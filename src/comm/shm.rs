@@ -26,7 +26,8 @@
 //! Algorithms: all_reduce up to `small_bytes` is one-shot (every rank reduces
 //! all slots in rank order into its output, so results are bit-identical on all
 //! ranks); larger ones go in slot-sized chunks: copy in, reduce my 1/n slice of
-//! everyone's chunk into my slot, signal, copy every rank's reduced slice out.
+//! everyone's chunk into my slot (copying each cache-sized piece on into my
+//! buffer at once), signal, copy every peer's reduced slice out.
 //! all_gather, reduce_scatter and broadcast are one round per slot-sized piece.
 //!
 //! Waiting spins briefly (long only when every rank can have its own core),
@@ -428,6 +429,10 @@ unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
     memcopy::copy(src, dst, len)
 }
 
+/// all_reduce reduces our slice in pieces of this many bytes, each copied to
+/// the caller's buffer while it is still in cache.
+const OWN_PIECE: usize = 32 << 10;
+
 /// Results bigger than this are written with non-temporal stores: they do not
 /// fit in the last-level cache anyway, and streaming them skips the
 /// read-for-ownership of every destination line.
@@ -640,6 +645,7 @@ impl Backend for ShmBackend {
         let per_round = (self.slot_bytes / es) * es;
         let stream = nb >= self.stream_min;
         let mut srcs: Vec<*const u8> = vec![std::ptr::null(); n];
+        let mut piece = srcs.clone();
         // Round k: copy in (all but our slice), meet, reduce our slice into our slot, signal, then
         // (lookahead) copy in and signal round k+1 before meeting the peers'
         // reduced slices of round k and copying them out. Three slots make the
@@ -669,13 +675,29 @@ impl Backend for ShmBackend {
                 // SAFETY: within slot p of this round, or our own slice of buf.
                 *s = if p == r { unsafe { bp.add(off + so) } } else { unsafe { self.slot_ptr(p, slot).add(so) } };
             }
-            // SAFETY: our slice of every slot; we write only our own slot's
-            // slice, which no peer reads before our next signal.
-            unsafe { reduce::reduce_n_raw(self.slot_ptr(r, slot).add(so), &srcs, sl / es, dt, op, 0.0) };
+            // Reduce our slice into our slot in cache-sized pieces, each
+            // copied into our buf while it is still in L1/L2 (then the
+            // copy-out below skips our slice).
+            // SAFETY: our slice of every slot and of buf; we write only our
+            // own slot's slice, which no peer reads before our next signal,
+            // and pieces of our buf slice that are already reduced.
+            unsafe {
+                let mine = self.slot_ptr(r, slot).add(so);
+                let mut x = 0;
+                while x < sl {
+                    let k = (sl - x).min(OWN_PIECE / es * es);
+                    for (d, p) in piece.iter_mut().zip(&srcs) {
+                        *d = p.add(x);
+                    }
+                    reduce::reduce_n_raw(mine.add(x), &piece, k / es, dt, op, 0.0);
+                    copy_out(mine.add(x), bp.add(off + so + x), k, stream);
+                    x += k;
+                }
+            }
             let reduced = self.signal(&mut st);
             let next = (off + len < nb).then(|| self.publish(&mut st, None, fill_at(off + len)));
             self.meet(reduced, &w)?;
-            for p in 0..n {
+            for p in (0..n).filter(|p| *p != r) {
                 let (po, pl) = part(ne, n, p, es);
                 // SAFETY: rank p's reduced slice, published by its signal.
                 unsafe { copy_out(self.slot_ptr(p, slot).add(po), bp.add(off + po), pl, stream) };
