@@ -82,40 +82,38 @@ mod x86 {
         h
     }
 
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn copy_avx512(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
-        let mut i = head(src, dst, len, 64);
-        while i + 256 <= len {
-            let s = src.add(i) as *const __m512i;
-            let d = dst.add(i) as *mut __m512i;
-            let (a, b, c, e) = (_mm512_loadu_si512(s), _mm512_loadu_si512(s.add(1)), _mm512_loadu_si512(s.add(2)), _mm512_loadu_si512(s.add(3)));
-            if stream {
-                _mm512_stream_si512(d, a);
-                _mm512_stream_si512(d.add(1), b);
-                _mm512_stream_si512(d.add(2), c);
-                _mm512_stream_si512(d.add(3), e);
-            } else {
-                _mm512_store_si512(d, a);
-                _mm512_store_si512(d.add(1), b);
-                _mm512_store_si512(d.add(2), c);
-                _mm512_store_si512(d.add(3), e);
+    /// One copy loop per vector width: `$v` vectors of `$w` bytes, four per
+    /// step, then single vectors, then the tail; streaming or regular stores.
+    macro_rules! copy_loop {
+        ($name:ident, $feature:literal, $v:ty, $w:literal, $load:ident, $store:ident, $stream:ident) => {
+            #[target_feature(enable = $feature)]
+            pub unsafe fn $name(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
+                let put = |d: *mut $v, x: $v| if stream { $stream(d, x) } else { $store(d, x) };
+                let mut i = head(src, dst, len, $w);
+                while i + 4 * $w <= len {
+                    let s = src.add(i) as *const $v;
+                    let d = dst.add(i) as *mut $v;
+                    let (a, b, c, e) = ($load(s), $load(s.add(1)), $load(s.add(2)), $load(s.add(3)));
+                    put(d, a);
+                    put(d.add(1), b);
+                    put(d.add(2), c);
+                    put(d.add(3), e);
+                    i += 4 * $w;
+                }
+                while i + $w <= len {
+                    put(dst.add(i) as *mut $v, $load(src.add(i) as *const $v));
+                    i += $w;
+                }
+                std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+                if stream {
+                    _mm_sfence();
+                }
             }
-            i += 256;
-        }
-        while i + 64 <= len {
-            let v = _mm512_loadu_si512(src.add(i) as *const __m512i);
-            if stream {
-                _mm512_stream_si512(dst.add(i) as *mut __m512i, v);
-            } else {
-                _mm512_store_si512(dst.add(i) as *mut __m512i, v);
-            }
-            i += 64;
-        }
-        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
-        if stream {
-            _mm_sfence();
-        }
+        };
     }
+
+    copy_loop!(copy_avx512, "avx512f", __m512i, 64, _mm512_loadu_si512, _mm512_store_si512, _mm512_stream_si512);
+    copy_loop!(copy_avx2, "avx2", __m256i, 32, _mm256_loadu_si256, _mm256_store_si256, _mm256_stream_si256);
 
     #[target_feature(enable = "avx512f")]
     pub unsafe fn copy2_avx512(src: *const u8, dst: *mut u8, out: *mut u8, len: usize, stream: bool) {
@@ -146,72 +144,60 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn copy_avx2(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
-        let mut i = head(src, dst, len, 32);
-        while i + 128 <= len {
-            let s = src.add(i) as *const __m256i;
-            let d = dst.add(i) as *mut __m256i;
-            let (a, b, c, e) = (_mm256_loadu_si256(s), _mm256_loadu_si256(s.add(1)), _mm256_loadu_si256(s.add(2)), _mm256_loadu_si256(s.add(3)));
-            if stream {
-                _mm256_stream_si256(d, a);
-                _mm256_stream_si256(d.add(1), b);
-                _mm256_stream_si256(d.add(2), c);
-                _mm256_stream_si256(d.add(3), e);
-            } else {
-                _mm256_store_si256(d, a);
-                _mm256_store_si256(d.add(1), b);
-                _mm256_store_si256(d.add(2), c);
-                _mm256_store_si256(d.add(3), e);
-            }
-            i += 128;
-        }
-        while i + 32 <= len {
-            let v = _mm256_loadu_si256(src.add(i) as *const __m256i);
-            if stream {
-                _mm256_stream_si256(dst.add(i) as *mut __m256i, v);
-            } else {
-                _mm256_store_si256(dst.add(i) as *mut __m256i, v);
-            }
-            i += 32;
-        }
-        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
-        if stream {
-            _mm_sfence();
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    type CopyFns = Vec<(&'static str, unsafe fn(*const u8, *mut u8, usize, bool))>;
+    type Copy2Fns = Vec<(&'static str, unsafe fn(*const u8, *mut u8, *mut u8, usize, bool))>;
+
+    /// Every implementation this CPU can run, called directly (the dispatch
+    /// picks only one of them per process).
+    fn impls() -> (CopyFns, Copy2Fns) {
+        let mut one: CopyFns = vec![("dispatch", copy_impl)];
+        let mut two: Copy2Fns = vec![("dispatch", copy2)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") {
+                one.push(("avx2", x86::copy_avx2));
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                one.push(("avx512", x86::copy_avx512));
+                two.push(("avx512", x86::copy2_avx512));
+            }
+        }
+        (one, two)
+    }
+
     #[test]
     fn copies_every_length_and_alignment() {
         let src: Vec<u8> = (0..20000u32).map(|i| (i * 7 + 3) as u8).collect();
+        let (one, two) = impls();
         for &len in &[0usize, 1, 63, 4095, 4096, 4097, 5000, 8191, 12345] {
             for so in 0..3 {
                 for d_off in [0usize, 1, 31, 33, 63] {
                     for stream in [false, true] {
-                        let mut dst = vec![0xAAu8; len + 128];
-                        // SAFETY: both ranges inside their vectors.
-                        unsafe {
-                            if stream {
-                                copy_stream(src.as_ptr().add(so), dst.as_mut_ptr().add(d_off), len)
-                            } else {
-                                copy(src.as_ptr().add(so), dst.as_mut_ptr().add(d_off), len)
-                            }
-                        };
-                        assert_eq!(&dst[d_off..d_off + len], &src[so..so + len], "len {len} src+{so} dst+{d_off} stream {stream}");
-                        assert!(dst[..d_off].iter().all(|b| *b == 0xAA), "wrote before dst (len {len})");
-                        assert!(dst[d_off + len..].iter().all(|b| *b == 0xAA), "wrote past dst (len {len})");
-                        let (mut d1, mut d2) = (vec![0x55u8; len + 128], vec![0x66u8; len + 128]);
-                        // SAFETY: as above.
-                        unsafe { copy2(src.as_ptr().add(so), d1.as_mut_ptr().add(d_off), d2.as_mut_ptr().add(63 - d_off), len, stream) };
-                        assert_eq!(&d1[d_off..d_off + len], &src[so..so + len], "copy2 dst: len {len} stream {stream}");
-                        assert_eq!(&d2[63 - d_off..63 - d_off + len], &src[so..so + len], "copy2 out: len {len} stream {stream}");
-                        assert!(d1[..d_off].iter().chain(&d1[d_off + len..]).all(|b| *b == 0x55), "copy2 wrote outside dst (len {len})");
-                        assert!(d2[..63 - d_off].iter().chain(&d2[63 - d_off + len..]).all(|b| *b == 0x66), "copy2 wrote outside out (len {len})");
+                        for (name, f) in &one {
+                            let mut dst = vec![0xAAu8; len + 128];
+                            // SAFETY: both ranges inside their vectors.
+                            unsafe { f(src.as_ptr().add(so), dst.as_mut_ptr().add(d_off), len, stream) };
+                            let at = format!("{name}: len {len} src+{so} dst+{d_off} stream {stream}");
+                            assert_eq!(&dst[d_off..d_off + len], &src[so..so + len], "{at}");
+                            assert!(dst[..d_off].iter().chain(&dst[d_off + len..]).all(|b| *b == 0xAA), "wrote outside dst: {at}");
+                        }
+                        for (name, f) in &two {
+                            let (mut d1, mut d2) = (vec![0x55u8; len + 128], vec![0x66u8; len + 128]);
+                            let o = 63 - d_off;
+                            // SAFETY: as above.
+                            unsafe { f(src.as_ptr().add(so), d1.as_mut_ptr().add(d_off), d2.as_mut_ptr().add(o), len, stream) };
+                            let at = format!("copy2 {name}: len {len} src+{so} dst+{d_off} out+{o} stream {stream}");
+                            assert_eq!(&d1[d_off..d_off + len], &src[so..so + len], "dst: {at}");
+                            assert_eq!(&d2[o..o + len], &src[so..so + len], "out: {at}");
+                            assert!(d1[..d_off].iter().chain(&d1[d_off + len..]).all(|b| *b == 0x55), "wrote outside dst: {at}");
+                            assert!(d2[..o].iter().chain(&d2[o + len..]).all(|b| *b == 0x66), "wrote outside out: {at}");
+                        }
                     }
                 }
             }

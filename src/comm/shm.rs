@@ -40,7 +40,7 @@ use super::store::StoreClient;
 use super::{Backend, OpDesc, OpKind};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
-use crate::memcopy;
+use crate::memcopy::{self, copy};
 use crate::reduce;
 use std::ffi::CString;
 use std::io;
@@ -418,15 +418,6 @@ fn reached(v: u32, target: u32) -> bool {
 fn part(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
     let (base, rem) = (n / w, n % w);
     (es * (c * base + c.min(rem)), es * (base + usize::from(c < rem)))
-}
-
-/// Copy between non-overlapping regions (see `memcopy` for why not memcpy).
-///
-/// # Safety
-/// Both pointers valid for `len` bytes and not overlapping.
-#[inline]
-unsafe fn copy(src: *const u8, dst: *mut u8, len: usize) {
-    memcopy::copy(src, dst, len)
 }
 
 /// all_reduce reduces our slice in pieces of this many bytes, each copied to
