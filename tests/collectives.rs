@@ -82,6 +82,47 @@ fn shm_collectives_small_chunks_w3() {
     ranks("shm_collectives_small_chunks_w3", 3, &env, |c| check_all(c, SIZES));
 }
 
+/// The TCP socket-buffer setting: kernel autotuning (0) and the smallest
+/// fixed size (every send and receive partial) give the same results.
+#[test]
+fn tcp_collectives_autotuned_socket_buffers_w3() {
+    let env = [transport_env("tcp"), ("FLATSHARD_TCP_SOCKBUF", "0".into())];
+    ranks("tcp_collectives_autotuned_socket_buffers_w3", 3, &env, |c| check_all(c, SIZES));
+}
+
+#[test]
+fn tcp_collectives_small_socket_buffers_w3() {
+    let env = [transport_env("tcp"), ("FLATSHARD_TCP_SOCKBUF", "16384".into())];
+    ranks("tcp_collectives_small_socket_buffers_w3", 3, &env, |c| check_all(c, SIZES));
+}
+
+/// A malformed or out-of-range FLATSHARD_TCP_SOCKBUF fails init on every
+/// rank at once with INVALID_ARGUMENT naming the variable and the limits
+/// (checked before the rendezvous, so no rank is left waiting).
+#[test]
+fn bad_tcp_socket_buffer_setting_is_invalid_argument() {
+    const NAME: &str = "bad_tcp_socket_buffer_setting_is_invalid_argument";
+    if is_worker() {
+        let v = std::env::var("FLATSHARD_TCP_SOCKBUF").unwrap();
+        let t = std::time::Instant::now();
+        let e = flatshard::Comm::init_from_env(worker_options()).err().unwrap_or_else(|| panic!("FLATSHARD_TCP_SOCKBUF={v}: init succeeded"));
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{v}: {e}");
+        assert!(e.msg.contains("FLATSHARD_TCP_SOCKBUF") && e.msg.contains(&format!("rank {}", env_rank())), "{v}: {e}");
+        if v != "lots" {
+            assert!(e.msg.contains("16384") && e.msg.contains("1073741824"), "{v}: the limits are not named: {e}");
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "{v}: took {:?}", t.elapsed());
+        return;
+    }
+    for v in ["lots", "4096", "2147483648"] {
+        let res = wait_all(spawn(NAME, 2, &[("FLATSHARD_TCP_SOCKBUF", v.into())]), std::time::Duration::from_secs(60));
+        for (r, (code, out)) in res.iter().enumerate() {
+            assert_eq!(*code, Some(0), "FLATSHARD_TCP_SOCKBUF={v}: rank {r} failed:\n{out}");
+            assert!(out.contains("running 1 test"), "rank {r} ran no test:\n{out}");
+        }
+    }
+}
+
 fn mismatch_body(c: flatshard::Comm) {
     let r = c.rank();
     // rank 1 passes a different count (small and large paths)

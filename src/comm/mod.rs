@@ -202,6 +202,8 @@ pub struct JobCtx {
     pub job_id: String,
     pub host_id: String,
     pub bind_ip: IpAddr,
+    /// FLATSHARD_TCP_SOCKBUF, read once at init.
+    pub tcp_sockbuf: Option<usize>,
 }
 
 /// A communicator: a group of ranks and the transport that joins them.
@@ -239,6 +241,9 @@ impl Comm {
             opts.token = std::env::var("FLATSHARD_TOKEN").ok().filter(|t| !t.is_empty()).map(String::into_bytes);
         }
         let key = opts.token.clone().unwrap_or_default();
+        // Settings are checked before any rank touches the network, so a bad
+        // one fails every rank at once instead of leaving peers waiting.
+        let tcp_sockbuf = tcp_sockbuf_setting(rank)?;
         if world == 1 {
             let ctx = JobCtx {
                 opts,
@@ -248,6 +253,7 @@ impl Comm {
                 job_id: "solo".into(),
                 host_id: host_id(),
                 bind_ip: IpAddr::from([127, 0, 0, 1]),
+                tcp_sockbuf,
             };
             let abort = Arc::new(AtomicBool::new(false));
             return Ok(Comm { backend: Box::new(SelfBackend), abort, poisoned: Mutex::new(None), ctx: Some(Arc::new(ctx)), gid: "w".into(), splits: AtomicU64::new(0) });
@@ -279,7 +285,7 @@ impl Comm {
         } else {
             String::from_utf8_lossy(&store.get("job_id", &w)?).into_owned()
         };
-        let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip });
+        let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip, tcp_sockbuf });
         let backend = create_group(&ctx, "w", rank, world, &abort)?;
         crate::log::info(rank, &format!("joined job {} ({} ranks, {} transport)", ctx.job_id, world, backend.transport_name()));
         Ok(Comm { backend, abort, poisoned: Mutex::new(None), ctx: Some(ctx), gid: "w".into(), splits: AtomicU64::new(0) })
@@ -570,6 +576,37 @@ impl Drop for Comm {
     }
 }
 
+/// FLATSHARD_TCP_SOCKBUF: socket buffer bytes for every TCP peer (0 = kernel
+/// autotuning); None when unset (then peers on this host get
+/// tcp::LOCAL_SOCKBUF and others autotuning).
+fn tcp_sockbuf_setting(rank: usize) -> Result<Option<usize>> {
+    const VAR: &str = "FLATSHARD_TCP_SOCKBUF";
+    if std::env::var(VAR).map_or(true, |v| v.trim().is_empty()) {
+        return Ok(None);
+    }
+    let b = env_bytes(VAR, 0).map_err(|e| e.context(format!("rank {rank}")))?;
+    if b != 0 && !(tcp::MIN_SOCKBUF..=tcp::MAX_SOCKBUF).contains(&b) {
+        return Err(Error::invalid_arg(format!(
+            "rank {rank}: environment: {VAR}={b} is outside [{}, {}] bytes (or 0 for kernel autotuning)",
+            tcp::MIN_SOCKBUF,
+            tcp::MAX_SOCKBUF
+        )));
+    }
+    Ok(Some(b))
+}
+
+/// A byte count from the environment; `default` when unset or empty,
+/// INVALID_ARGUMENT naming the variable when malformed.
+pub(crate) fn env_bytes(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| Error::invalid_arg(format!("environment: {name}='{v}' is not a byte count"))),
+        _ => Ok(default),
+    }
+}
+
 /// Rendezvous for one group and pick its transport.
 fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &Arc<AtomicBool>) -> Result<Box<dyn Backend>> {
     if size == 1 {
@@ -612,7 +649,17 @@ fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &
         drop(listener);
         return shm::connect(&ctx.job_id, gid, rank, size, store, ctx.opts.timeout, abort.clone());
     }
-    let b = tcp::TcpBackend::connect(rank, size, listener, &addrs, &ctx.key, &ident, ctx.opts.timeout, abort.clone())?;
+    let peers: Vec<tcp::Peer> = (0..size)
+        .map(|r| tcp::Peer {
+            addr: addrs[r],
+            sockbuf: match ctx.tcp_sockbuf {
+                Some(0) => None,
+                Some(b) => Some(b),
+                None => (hosts[r] == hosts[rank]).then_some(tcp::LOCAL_SOCKBUF),
+            },
+        })
+        .collect();
+    let b = tcp::TcpBackend::connect(rank, size, listener, &peers, &ctx.key, &ident, ctx.opts.timeout, abort.clone())?;
     Ok(Box::new(b))
 }
 

@@ -77,16 +77,6 @@ pub fn available() -> bool {
     }
 }
 
-fn env_bytes(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<usize>()
-            .map_err(|_| Error::invalid_arg(format!("environment: {name}='{v}' is not a byte count"))),
-        _ => Ok(default),
-    }
-}
-
 /// One mapped segment (ours or a peer's); unmapped on drop.
 struct Seg {
     base: *mut u8,
@@ -323,7 +313,7 @@ fn connect_inner(
 ) -> Result<Box<dyn Backend>> {
     let what = format!("rank {rank}: shared-memory setup of group {gid}");
     let w = Wait::new(timeout, &abort, &what);
-    let slot_bytes = env_bytes("FLATSHARD_SHM_CHUNK", DEFAULT_SLOT)?;
+    let slot_bytes = super::env_bytes("FLATSHARD_SHM_CHUNK", DEFAULT_SLOT)?;
     if !(MIN_SLOT..=MAX_SLOT).contains(&slot_bytes) {
         return Err(Error::invalid_arg(format!("FLATSHARD_SHM_CHUNK: must be in [{MIN_SLOT}, {MAX_SLOT}] bytes, got {slot_bytes}")));
     }
@@ -335,7 +325,7 @@ fn connect_inner(
             size * 64
         )));
     }
-    let small_bytes = env_bytes("FLATSHARD_SHM_SMALL", DEFAULT_SMALL)?.min(slot_bytes);
+    let small_bytes = super::env_bytes("FLATSHARD_SHM_SMALL", DEFAULT_SMALL)?.min(slot_bytes);
     let seg_len = HDR_BYTES + NSLOTS * slot_bytes;
     let name_of = |r: usize| segment_name(job, gid, r);
     let own_name = name_of(rank);
@@ -391,7 +381,7 @@ fn connect_inner(
     let segs: Vec<Seg> = segs.into_iter().map(|s| s.ok_or_else(|| Error::internal("shm: segment missing"))).collect::<Result<_>>()?;
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let oversubscribed = size > ncpu;
-    let spin_us = env_bytes("FLATSHARD_SHM_SPIN_US", if oversubscribed { 2 } else { 50 })?;
+    let spin_us = super::env_bytes("FLATSHARD_SHM_SPIN_US", if oversubscribed { 2 } else { 50 })?;
     Ok(Box::new(ShmBackend {
         rank,
         size,
@@ -401,7 +391,7 @@ fn connect_inner(
         timeout,
         slot_bytes,
         small_bytes,
-        stream_min: env_bytes("FLATSHARD_SHM_STREAM_MIN", STREAM_MIN)?,
+        stream_min: super::env_bytes("FLATSHARD_SHM_STREAM_MIN", STREAM_MIN)?,
         spin: Duration::from_micros(spin_us as u64),
         yields: if oversubscribed { 8 } else { 2 },
         blame: AtomicU32::new(DEAD_SELF),
