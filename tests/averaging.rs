@@ -583,7 +583,7 @@ fn set_step_resumes_the_schedule() {
 fn averager_validation_errors() {
     c_ranks("averager_validation_errors", 4, &[], |comm| {
         let r = std::env::var("RANK").unwrap();
-        let sentinel = 0x1 as *mut flatshard_averager;
+        let sentinel = std::ptr::dangling_mut::<flatshard_averager>();
         let hier = |p: &[u64], g: &[i32]| {
             let mut out = sentinel;
             let st = unsafe { flatshard_hierarchical_averager_new(comm, p.as_ptr(), g.as_ptr(), p.len() as u64, 0, &mut out) };

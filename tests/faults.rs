@@ -27,7 +27,7 @@ fn collective_loop() {
     let mut buf = vec![0u8; n * 4];
     let init = f32_bytes(&(0..300_000).map(|i| (i % 97) as f32).collect::<Vec<_>>());
     let mut fp = FlatParam::new(&c, None, &[ParamInput::host(&init, DType::F32)], &FlatParamOptions::default()).unwrap();
-    let mut avg = vec![vec![1u8; 400_000], vec![2u8; 4000]];
+    let mut avg = [vec![1u8; 400_000], vec![2u8; 4000]];
     let mut i = 0u64;
     loop {
         let op = i % 5;

@@ -10,7 +10,7 @@ pub const PERIOD_ONE_WARNING: &str = "period 1 averages the parameters after eve
 
 /// Periodic averager: average iff `step >= warmup && (step - warmup) % period == 0`.
 pub fn periodic_due(step: u64, period: u64, warmup: u64) -> bool {
-    period > 0 && step >= warmup && (step - warmup) % period == 0
+    period > 0 && step >= warmup && (step - warmup).is_multiple_of(period)
 }
 
 /// Hierarchical averager: once `step >= warmup`, the index of the first period
@@ -20,7 +20,7 @@ pub fn hierarchical_due(step: u64, periods: &[u64], warmup: u64) -> Option<usize
     if step < warmup {
         return None;
     }
-    (0..periods.len()).rev().find(|&i| periods[i] > 0 && step % periods[i] == 0)
+    (0..periods.len()).rev().find(|&i| periods[i] > 0 && step.is_multiple_of(periods[i]))
 }
 
 /// Check a periodic averager's period; `Ok(true)` = log the period-1 warning.
@@ -57,7 +57,7 @@ pub fn check_hierarchical(periods: &[u64], group_sizes: &[i32], world: usize) ->
         )));
     }
     for (i, &g) in group_sizes.iter().enumerate() {
-        if world % g as usize != 0 {
+        if !world.is_multiple_of(g as usize) {
             return Err(Error::invalid_arg(format!("group_sizes[{i}]: world size {world} must be divisible by group size {g}")));
         }
     }

@@ -139,13 +139,17 @@ pub trait Backend: Send + Sync {
 /// Collectives on raw device pointers, stream-ordered (NCCL). Pointers are
 /// never dereferenced on the host.
 pub trait DeviceCollectives {
-    /// # Safety: device pointers valid for `count` elements.
+    /// # Safety
+    /// Device pointers valid for `count` elements.
     unsafe fn all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()>;
-    /// # Safety: see all_reduce; recv holds size × count.
+    /// # Safety
+    /// As `all_reduce`; recv holds size × count.
     unsafe fn all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()>;
-    /// # Safety: see all_reduce; send holds size × count.
+    /// # Safety
+    /// As `all_reduce`; send holds size × count.
     unsafe fn reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()>;
-    /// # Safety: see all_reduce.
+    /// # Safety
+    /// As `all_reduce`.
     unsafe fn broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: usize) -> Result<()>;
     /// Wait for the queued work with the deadline; report asynchronous errors.
     fn synchronize(&self) -> Result<()>;
@@ -342,7 +346,7 @@ impl Comm {
         self.backend.device().map_or(std::ptr::null_mut(), |d| d.stream())
     }
 
-    fn dev<'a>(b: &'a dyn Backend) -> Result<&'a dyn DeviceCollectives> {
+    fn dev(b: &dyn Backend) -> Result<&dyn DeviceCollectives> {
         b.device().ok_or_else(|| Error::unsupported("device collectives need an NCCL communicator (flatshard_comm_init_nccl / _wrap_nccl)"))
     }
 

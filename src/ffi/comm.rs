@@ -367,5 +367,5 @@ pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatsha
 /// PEER_LOST. Rank 0's store lives until its last communicator is freed.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_free(c: *mut flatshard_comm) {
-    let _ = boundary_value((), || handle::free::<Comm, _>(c));
+    boundary_value((), || handle::free::<Comm, _>(c));
 }

@@ -390,7 +390,7 @@ pub unsafe extern "C" fn flatshard_average_flat_params(
                 return Err(Error::invalid_arg(format!("fps[{i}] repeats an earlier entry")));
             }
             let h = handle::get_mut::<Handle, _>(*p, &format!("fps[{i}]"))?;
-            if !h.replicate.is_null() && h.replicate != replicate_comm as *const flatshard_comm {
+            if !h.replicate.is_null() && !std::ptr::eq(h.replicate, replicate_comm) {
                 return Err(Error::invalid_arg(format!(
                     "fps[{i}] was built with a different replicate_comm than the one passed here"
                 )));

@@ -140,7 +140,7 @@ pub extern "C" fn flatshard_status_name(status: StatusArg) -> *const c_char {
 /// until the next flatshard call on the same thread. Never NULL.
 #[no_mangle]
 pub extern "C" fn flatshard_last_error() -> *const c_char {
-    boundary_value(b"\0".as_ptr() as *const c_char, || LAST_ERROR.with(|l| l.borrow().as_ptr()))
+    boundary_value(c"".as_ptr(), || LAST_ERROR.with(|l| l.borrow().as_ptr()))
 }
 
 /// The library version, "MAJOR.MINOR.PATCH" (static string).

@@ -13,7 +13,7 @@ pub fn align_elems(itemsize: usize) -> u64 {
 
 /// Ceiling division that never overflows for the sizes we accept.
 fn ceil_div(a: u64, b: u64) -> u64 {
-    a / b + u64::from(a % b != 0)
+    a / b + u64::from(!a.is_multiple_of(b))
 }
 
 /// Where param `i`'s piece inside one rank's shard lies.
@@ -58,14 +58,14 @@ impl Layout {
         let mut total: u64 = 0;
         for (i, &n) in numels.iter().enumerate() {
             if let Some(a) = align {
-                if i > 0 && total % a != 0 {
+                if i > 0 && !total.is_multiple_of(a) {
                     total = total.checked_add(a - total % a).ok_or_else(overflow)?;
                 }
             }
             offsets.push(total);
             total = total.checked_add(n).ok_or_else(overflow)?;
         }
-        if align.is_some() && total % pad_world != 0 {
+        if align.is_some() && !total.is_multiple_of(pad_world) {
             total += pad_world - total % pad_world;
         }
         if total > i64::MAX as u64 / 16 {
