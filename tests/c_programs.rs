@@ -399,3 +399,24 @@ fn collectives_world_2_under_valgrind() {
         assert_eq!(o.status.code(), Some(0), "rank {r} under valgrind:\n{text}");
     }
 }
+
+/// bench/loopback_tcp.c (the loopback TCP measurement behind the TCP
+/// transport's socket buffers; no flatshard) still builds warning-free and
+/// moves its bytes, with autotuned and with fixed socket buffers.
+#[test]
+fn loopback_tcp_measurement_builds_and_runs() {
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("loopback_tcp-{}", std::process::id()));
+    let o = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+        .arg(&out)
+        .arg(repo().join("bench/loopback_tcp.c"))
+        .output()
+        .expect("run the C compiler (cc)");
+    assert!(o.status.success(), "compiling bench/loopback_tcp.c failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    for (args, want) in [(&["4", "2"][..], "socket buffers autotuned"), (&["4", "2", "65536"][..], "socket buffers 65536")] {
+        let o = Command::new(&out).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "loopback_tcp {args:?} failed: {text}{}", String::from_utf8_lossy(&o.stderr));
+        assert!(text.starts_with("send, ") && text.contains(want) && text.contains("GB/s"), "loopback_tcp {args:?}: {text}");
+    }
+}
