@@ -585,10 +585,7 @@ impl Drop for Comm {
 /// tcp::LOCAL_SOCKBUF and others autotuning).
 fn tcp_sockbuf_setting(rank: usize) -> Result<Option<usize>> {
     const VAR: &str = "FLATSHARD_TCP_SOCKBUF";
-    if std::env::var(VAR).map_or(true, |v| v.trim().is_empty()) {
-        return Ok(None);
-    }
-    let b = env_bytes(VAR, 0).map_err(|e| e.context(format!("rank {rank}")))?;
+    let Some(b) = env_bytes_opt(VAR).map_err(|e| e.context(format!("rank {rank}")))? else { return Ok(None) };
     if b != 0 && !(tcp::MIN_SOCKBUF..=tcp::MAX_SOCKBUF).contains(&b) {
         return Err(Error::invalid_arg(format!(
             "rank {rank}: environment: {VAR}={b} is outside [{}, {}] bytes (or 0 for kernel autotuning)",
@@ -599,16 +596,22 @@ fn tcp_sockbuf_setting(rank: usize) -> Result<Option<usize>> {
     Ok(Some(b))
 }
 
-/// A byte count from the environment; `default` when unset or empty,
+/// A byte count from the environment; None when unset or empty,
 /// INVALID_ARGUMENT naming the variable when malformed.
-pub(crate) fn env_bytes(name: &str, default: usize) -> Result<usize> {
+fn env_bytes_opt(name: &str) -> Result<Option<usize>> {
     match std::env::var(name) {
         Ok(v) if !v.trim().is_empty() => v
             .trim()
             .parse::<usize>()
+            .map(Some)
             .map_err(|_| Error::invalid_arg(format!("environment: {name}='{v}' is not a byte count"))),
-        _ => Ok(default),
+        _ => Ok(None),
     }
+}
+
+/// `env_bytes_opt`, with `default` when unset or empty.
+pub(crate) fn env_bytes(name: &str, default: usize) -> Result<usize> {
+    Ok(env_bytes_opt(name)?.unwrap_or(default))
 }
 
 /// Rendezvous for one group and pick its transport.
@@ -653,16 +656,8 @@ fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &
         drop(listener);
         return shm::connect(&ctx.job_id, gid, rank, size, store, ctx.opts.timeout, abort.clone());
     }
-    let peers: Vec<tcp::Peer> = (0..size)
-        .map(|r| tcp::Peer {
-            addr: addrs[r],
-            sockbuf: match ctx.tcp_sockbuf {
-                Some(0) => None,
-                Some(b) => Some(b),
-                None => (hosts[r] == hosts[rank]).then_some(tcp::LOCAL_SOCKBUF),
-            },
-        })
-        .collect();
+    let peers: Vec<tcp::Peer> =
+        (0..size).map(|r| tcp::Peer { addr: addrs[r], sockbuf: tcp::peer_sockbuf(ctx.tcp_sockbuf, hosts[r] == hosts[rank]) }).collect();
     let b = tcp::TcpBackend::connect(rank, size, listener, &peers, &ctx.key, &ident, ctx.opts.timeout, abort.clone())?;
     Ok(Box::new(b))
 }

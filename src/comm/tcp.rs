@@ -612,6 +612,17 @@ impl Backend for TcpBackend {
     }
 }
 
+/// The socket buffer size for a connection to a peer (None: kernel
+/// autotuning), from FLATSHARD_TCP_SOCKBUF (`setting`: None when unset,
+/// Some(0) = autotuning) and whether the peer is on this host.
+pub(crate) fn peer_sockbuf(setting: Option<usize>, same_host: bool) -> Option<usize> {
+    match setting {
+        Some(0) => None,
+        Some(b) => Some(b),
+        None => same_host.then_some(LOCAL_SOCKBUF),
+    }
+}
+
 /// Fix both socket buffers of the connection to `peer` at `bytes` (None:
 /// leave kernel autotuning on).
 fn set_sockbuf(s: &TcpStream, bytes: Option<usize>, peer: usize) -> Result<()> {
@@ -708,6 +719,18 @@ mod tests {
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn socket_buffer_choice() {
+        // unset: fixed for peers on this host, autotuned for others
+        assert_eq!(peer_sockbuf(None, true), Some(LOCAL_SOCKBUF));
+        assert_eq!(peer_sockbuf(None, false), None);
+        // 0: autotuned everywhere; a size: that size everywhere
+        assert_eq!(peer_sockbuf(Some(0), true), None);
+        assert_eq!(peer_sockbuf(Some(0), false), None);
+        assert_eq!(peer_sockbuf(Some(65536), true), Some(65536));
+        assert_eq!(peer_sockbuf(Some(65536), false), Some(65536));
     }
 
     #[test]
