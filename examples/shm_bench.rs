@@ -40,7 +40,12 @@ fn main() {
                 flatshard::reduce::reduce_n(&mut d, &[&a, &b], dt, ReduceOp::Sum);
                 best = best.min(t0.elapsed().as_secs_f64());
             }
-            println!("{{\"kernel\": \"{}\", \"dtype\": \"{}\", \"in_GBps\": {:.2}}}", flatshard::reduce::kernel_name(), dt.name(), 2.0 * nb as f64 / best / 1e9);
+            println!(
+                "{{\"kernel\": \"{}\", \"dtype\": \"{}\", \"in_GBps\": {:.2}}}",
+                flatshard::reduce::kernel_name(),
+                dt.name(),
+                2.0 * nb as f64 / best / 1e9
+            );
         }
         return;
     }
@@ -93,7 +98,13 @@ fn main() {
     for op in ops.split(',') {
         for s in sizes.split(',') {
             let nbytes = parse_size(s);
-            let iters = if nbytes <= 64 << 10 { 2000 } else if nbytes <= 32 << 20 { 30 } else { 5 };
+            let iters = if nbytes <= 64 << 10 {
+                2000
+            } else if nbytes <= 32 << 20 {
+                30
+            } else {
+                5
+            };
             let mut times = Vec::with_capacity(iters);
             let (factor, mut a, mut b) = match op {
                 "all_reduce" => (2.0 * (n - 1) as f64 / n as f64, vec![1u8; nbytes], vec![]),
@@ -143,4 +154,3 @@ fn main() {
         }
     }
 }
-

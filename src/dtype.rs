@@ -15,7 +15,6 @@ pub enum DType {
 }
 
 impl DType {
-
     /// Validate an integer coming from C; `what` names the argument.
     pub fn from_raw(v: i64, what: &str) -> Result<DType> {
         match v {
@@ -26,9 +25,7 @@ impl DType {
             4 => Ok(DType::I32),
             5 => Ok(DType::I64),
             6 => Ok(DType::U8),
-            _ => Err(Error::invalid_arg(format!(
-                "{what}: {v} is not a flatshard_dtype (valid: 0..=6, FLATSHARD_F32..FLATSHARD_U8)"
-            ))),
+            _ => Err(Error::invalid_arg(format!("{what}: {v} is not a flatshard_dtype (valid: 0..=6, FLATSHARD_F32..FLATSHARD_U8)"))),
         }
     }
     pub fn size(self) -> usize {
@@ -59,12 +56,7 @@ impl DType {
             .checked_mul(self.size() as u64)
             .filter(|b| *b <= isize::MAX as u64)
             .map(|b| b as usize)
-            .ok_or_else(|| {
-                Error::invalid_arg(format!(
-                    "{what}: {count} elements of {} overflow the address space",
-                    self.name()
-                ))
-            })
+            .ok_or_else(|| Error::invalid_arg(format!("{what}: {count} elements of {} overflow the address space", self.name())))
     }
 }
 
@@ -84,9 +76,7 @@ impl ReduceOp {
             1 => Ok(ReduceOp::Avg),
             2 => Ok(ReduceOp::Min),
             3 => Ok(ReduceOp::Max),
-            _ => Err(Error::invalid_arg(format!(
-                "{what}: {v} is not a flatshard_reduce_op (valid: 0..=3, FLATSHARD_SUM..FLATSHARD_MAX)"
-            ))),
+            _ => Err(Error::invalid_arg(format!("{what}: {v} is not a flatshard_reduce_op (valid: 0..=3, FLATSHARD_SUM..FLATSHARD_MAX)"))),
         }
     }
     pub fn name(self) -> &'static str {
@@ -100,10 +90,7 @@ impl ReduceOp {
     /// AVG on an integer dtype is refused (API.md §3).
     pub fn check(self, dt: DType) -> Result<()> {
         if self == ReduceOp::Avg && !dt.is_float() {
-            return Err(Error::invalid_arg(format!(
-                "op: FLATSHARD_AVG needs a floating dtype, got {}",
-                dt.name()
-            )));
+            return Err(Error::invalid_arg(format!("op: FLATSHARD_AVG needs a floating dtype, got {}", dt.name())));
         }
         Ok(())
     }

@@ -77,13 +77,7 @@ impl Error {
     pub fn poisons(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::Timeout
-                | ErrorKind::PeerLost
-                | ErrorKind::Aborted
-                | ErrorKind::Io
-                | ErrorKind::Auth
-                | ErrorKind::Internal
-                | ErrorKind::Nccl
+            ErrorKind::Timeout | ErrorKind::PeerLost | ErrorKind::Aborted | ErrorKind::Io | ErrorKind::Auth | ErrorKind::Internal | ErrorKind::Nccl
         )
     }
 }
@@ -99,8 +93,7 @@ impl std::error::Error for Error {}
 /// Allocate a zero-filled byte buffer, reporting failure instead of aborting.
 pub fn try_zeroed(len: usize, what: &str) -> Result<Vec<u8>> {
     let mut v: Vec<u8> = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::oom(format!("cannot allocate {len} bytes for {what}")))?;
+    v.try_reserve_exact(len).map_err(|_| Error::oom(format!("cannot allocate {len} bytes for {what}")))?;
     v.resize(len, 0);
     Ok(v)
 }

@@ -143,7 +143,6 @@ mod x86 {
             _mm_sfence();
         }
     }
-
 }
 
 #[cfg(test)]

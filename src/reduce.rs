@@ -44,11 +44,19 @@ macro_rules! plain_elem {
             }
             #[inline(always)]
             fn min(a: $acc, b: $acc) -> $acc {
-                if b < a { b } else { a }
+                if b < a {
+                    b
+                } else {
+                    a
+                }
             }
             #[inline(always)]
             fn max(a: $acc, b: $acc) -> $acc {
-                if b > a { b } else { a }
+                if b > a {
+                    b
+                } else {
+                    a
+                }
             }
             #[inline(always)]
             fn div(a: $acc, n: f64) -> $acc {
@@ -93,11 +101,19 @@ macro_rules! f32_ops {
         }
         #[inline(always)]
         fn min(a: f32, b: f32) -> f32 {
-            if b < a { b } else { a }
+            if b < a {
+                b
+            } else {
+                a
+            }
         }
         #[inline(always)]
         fn max(a: f32, b: f32) -> f32 {
-            if b > a { b } else { a }
+            if b > a {
+                b
+            } else {
+                a
+            }
         }
         #[inline(always)]
         fn div(a: f32, n: f64) -> f32 {
@@ -153,7 +169,13 @@ pub fn f16_bits_to_f32(h: u16) -> f32 {
     let o_inf = o.wrapping_add((128 - 16) << 23) | nan_quiet;
     // zero/subnormal: renormalise through a float subtraction
     let o_small = (f32::from_bits(o.wrapping_add(1 << 23)) - f32::from_bits(113 << 23)).to_bits();
-    let o = if infnan { o_inf } else if small { o_small } else { o };
+    let o = if infnan {
+        o_inf
+    } else if small {
+        o_small
+    } else {
+        o
+    };
     f32::from_bits(o | ((h & 0x8000) << 16))
 }
 
@@ -172,7 +194,13 @@ pub fn f32_to_f16_bits(x: f32) -> u16 {
     // normal: rebias and round to nearest-even by hand
     let mant_odd = (a >> 13) & 1;
     let norm = a.wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff)).wrapping_add(mant_odd) >> 13;
-    let o = if a >= f16max { special } else if a < (113 << 23) { sub } else { norm };
+    let o = if a >= f16max {
+        special
+    } else if a < (113 << 23) {
+        sub
+    } else {
+        norm
+    };
     (o | sign) as u16
 }
 

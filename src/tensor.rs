@@ -52,12 +52,6 @@ impl TensorRef {
 impl TensorRef {
     /// Describe a host byte buffer as a tensor of `dtype` (no grad).
     pub fn host(buf: &mut [u8], dtype: DType) -> TensorRef {
-        TensorRef {
-            data: buf.as_mut_ptr(),
-            grad: std::ptr::null_mut(),
-            numel: (buf.len() / dtype.size()) as u64,
-            dtype,
-            device: Device::Cpu,
-        }
+        TensorRef { data: buf.as_mut_ptr(), grad: std::ptr::null_mut(), numel: (buf.len() / dtype.size()) as u64, dtype, device: Device::Cpu }
     }
 }

@@ -12,17 +12,18 @@ use flatshard::reduce::{bf16_bits_to_f32, f32_to_bf16_bits};
 use flatshard::tensor::{Device, TensorRef};
 use flatshard::{Comm, CommOptions, DType, ErrorKind};
 use std::ffi::CStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 // ---------------------------------------------------------------- helpers
 
 /// Run `body` once per world size (each a separate set of processes).
-fn each_world(name: &str, worlds: &[usize], extra: &[(&str, String)], body: impl Fn(Comm)) {
+fn each_world(name: &str, worlds: &[usize], extra: &[(&str, String)], body: impl Fn(Arc<Comm>)) {
     if is_worker() {
-        return ranks(name, 0, extra, body);
+        return ranks(name, 0, extra, |c| body(Arc::new(c)));
     }
     for &w in worlds {
-        ranks(name, w, extra, &body);
+        ranks(name, w, extra, |c| body(Arc::new(c)));
     }
 }
 
@@ -431,7 +432,7 @@ fn periodic_averager_pytorch_scenario() {
         let (r, w) = (c.rank(), c.size());
         let mid = (w as f64 - 1.0) / 2.0;
         for warmup in 12..=15u64 {
-            let mut a = Averager::periodic(&c, 4, warmup).unwrap();
+            let mut a = Averager::periodic(c.clone(), 4, warmup).unwrap();
             for step in 0..20u64 {
                 let mut p = rank_params(r, 2, DType::F32);
                 assert_eq!(a.current_step(), step);
@@ -453,7 +454,7 @@ fn periodic_averager_with_grad_filter() {
     each_world("periodic_averager_with_grad_filter", &[2, 4], &[], |c| {
         let (r, w) = (c.rank(), c.size());
         let mid = (w as f64 - 1.0) / 2.0;
-        let mut a = Averager::periodic(&c, 4, 13).unwrap();
+        let mut a = Averager::periodic(c.clone(), 4, 13).unwrap();
         for step in 0..20u64 {
             let mut p = rank_params(r, 3, DType::F32);
             for b in &mut p {
@@ -519,7 +520,7 @@ fn hierarchical_spec_example_three_levels() {
 fn hierarchical_eight_ranks() {
     each_world("hierarchical_eight_ranks", &[8], &[], |c| {
         let r = c.rank();
-        let mut a = Averager::hierarchical(&c, &[3, 2, 12], &[1, 2, 8], 0).unwrap();
+        let mut a = Averager::hierarchical(c.clone(), &[3, 2, 12], &[1, 2, 8], 0).unwrap();
         for step in 0..14u64 {
             let mut p = rank_params(r, 1, DType::F32);
             let g = unsafe { a.step(&refs(&mut p), 0) }.unwrap();
@@ -553,13 +554,13 @@ fn set_step_resumes_the_schedule() {
                 })
                 .collect()
         };
-        fn hier(c: &Comm) -> Averager<'_> {
-            Averager::hierarchical(c, &[2, 4, 8], &[2, 4, 4], 10).unwrap()
+        fn hier(c: &Arc<Comm>) -> Averager {
+            Averager::hierarchical(c.clone(), &[2, 4, 8], &[2, 4, 4], 10).unwrap()
         }
-        fn per(c: &Comm) -> Averager<'_> {
-            Averager::periodic(c, 3, 5).unwrap()
+        fn per(c: &Arc<Comm>) -> Averager {
+            Averager::periodic(c.clone(), 3, 5).unwrap()
         }
-        for make in [hier as fn(&Comm) -> Averager<'_>, per] {
+        for make in [hier as fn(&Arc<Comm>) -> Averager, per] {
             let whole = run(&mut make(&c), 0..30);
             let mut first = make(&c);
             let mut resumed = run(&mut first, 0..11);
@@ -664,9 +665,9 @@ fn averager_validation_errors() {
 #[test]
 fn period_one_warns() {
     if is_worker() {
-        let c = Comm::init_from_env(CommOptions::default()).unwrap();
-        Averager::periodic(&c, 1, 0).unwrap();
-        Averager::hierarchical(&c, &[1], &[1], 0).unwrap();
+        let c = Arc::new(Comm::init_from_env(CommOptions::default()).unwrap());
+        Averager::periodic(c.clone(), 1, 0).unwrap();
+        Averager::hierarchical(c.clone(), &[1], &[1], 0).unwrap();
         return;
     }
     let res = wait_all(spawn("period_one_warns", 1, &[("FLATSHARD_DEBUG", "WARN".into())]), Duration::from_secs(60));

@@ -52,12 +52,7 @@ fn program(name: &str, link: Link) -> PathBuf {
     let out = out_dir.join(format!("{key}-{}", std::process::id()));
     let src = repo().join("tests/c").join(format!("{name}.c"));
     let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-    cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-g"])
-        .arg("-I")
-        .arg(repo().join("include"))
-        .arg(&src)
-        .arg("-o")
-        .arg(&out);
+    cmd.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-O1", "-g"]).arg("-I").arg(repo().join("include")).arg(&src).arg("-o").arg(&out);
     if link == Link::Sanitized {
         cmd.args(["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]);
     }
@@ -334,10 +329,7 @@ fn wrong_or_missing_token_is_refused_and_job_goes_on() {
     let port = free_port();
     let good = [("FLATSHARD_TOKEN", "right-token")];
     let rank0 = start(&prog, &["token"], 0, 2, port, &good);
-    let intruders = vec![
-        start(&prog, &["intruder"], 1, 2, port, &[("FLATSHARD_TOKEN", "wrong-token")]),
-        start(&prog, &["intruder"], 1, 2, port, &[]),
-    ];
+    let intruders = vec![start(&prog, &["intruder"], 1, 2, port, &[("FLATSHARD_TOKEN", "wrong-token")]), start(&prog, &["intruder"], 1, 2, port, &[])];
     let res = finish(intruders, LIMIT);
     for x in &res {
         assert_eq!(x.end, End::Code(0), "{}", report("intruders", &res));
@@ -366,18 +358,17 @@ fn api_conventions_under_valgrind() {
     assert!(text.contains("conventions OK"), "{text}");
 }
 
-/// The collectives program on 2 ranks, both under valgrind memcheck: no
-/// memory errors, no definite leaks. Rank 0 starts first (valgrind is slow to
-/// start; the rendezvous store must be up before the long retry loop).
-#[test]
-fn collectives_world_2_under_valgrind() {
-    let prog = program("collectives", Link::Shared);
+/// A C program on 2 ranks, both under valgrind memcheck: no memory errors,
+/// no definite leaks. Rank 0 starts first (valgrind is slow to start; the
+/// rendezvous store must be up before the long retry loop).
+fn two_ranks_under_valgrind(name: &str, args: &[&str]) -> Vec<String> {
+    let prog = program(name, Link::Shared);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let spawn = |rank: usize| {
         Command::new("valgrind")
             .args(["-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"])
             .arg(&prog)
-            .arg("small")
+            .args(args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", "2")
             .env("MASTER_ADDR", "127.0.0.1")
@@ -393,11 +384,34 @@ fn collectives_world_2_under_valgrind() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let r1 = spawn(1);
+    let mut outs = Vec::new();
     for (r, child) in [r0, r1].into_iter().enumerate() {
         let o = child.wait_with_output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert_eq!(o.status.code(), Some(0), "rank {r} under valgrind:\n{text}");
+        assert_eq!(o.status.code(), Some(0), "{name}: rank {r} under valgrind:\n{text}");
+        outs.push(text);
     }
+    outs
+}
+
+#[test]
+fn collectives_world_2_under_valgrind() {
+    two_ranks_under_valgrind("collectives", &["small"]);
+}
+
+/// Freeing the communicator before the flat param and the averagers that use
+/// it: they keep working (their own references), clean under valgrind.
+#[test]
+fn comm_freed_before_its_users_under_valgrind() {
+    for (r, out) in two_ranks_under_valgrind("lifetimes", &[]).iter().enumerate() {
+        assert!(out.contains("lifetimes OK"), "rank {r}:\n{out}");
+    }
+}
+
+/// The same program on 3 ranks without valgrind (odd world, shard padding).
+#[test]
+fn comm_freed_before_its_users_world_3() {
+    job(&program("lifetimes", Link::Shared), &[], 3, &[], LIMIT, all_ok);
 }
 
 /// bench/loopback_tcp.c (the loopback TCP measurement behind the TCP

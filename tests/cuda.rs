@@ -146,10 +146,7 @@ impl Placed {
         if self.dev.is_empty() {
             return self.host.iter().map(|h| ParamInput::host(h, DType::F32)).collect();
         }
-        self.dev
-            .iter()
-            .map(|m| unsafe { ParamInput::raw(m.ptr(), (m.len() / 4) as u64, DType::F32, Device::Cuda(m.device())) })
-            .collect()
+        self.dev.iter().map(|m| unsafe { ParamInput::raw(m.ptr(), (m.len() / 4) as u64, DType::F32, Device::Cuda(m.device())) }).collect()
     }
 }
 
@@ -169,10 +166,8 @@ fn flat_param_scenario(comm: &Comm, dev: Option<i32>, sharding: Sharding, log: &
             let v = fp.view(i).unwrap();
             assert_eq!(v.dtype, DType::BF16);
             log.push((format!("step {step} view {i}"), read(&v)));
-            let g: Vec<u8> = values(rank * 13 + i as usize + step, numels[i as usize])
-                .iter()
-                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_ne_bytes())
-                .collect();
+            let g: Vec<u8> =
+                values(rank * 13 + i as usize + step, numels[i as usize]).iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_ne_bytes()).collect();
             write(&v, true, &g);
         }
         fp.reduce_grads(comm, None).unwrap();
@@ -288,7 +283,9 @@ fn nccl_world_one_flat_param_matches_host() {
     compare(0, &a, &b);
     // ncclCommSplit (NCCL >= 2.18): a world-1 split is a working communicator of one
     match nccl.split(0, 0) {
-        Err(e) if e.kind == flatshard::error::ErrorKind::Unsupported => eprintln!("split skipped: {e}"),
+        Err(e) if e.kind == flatshard::error::ErrorKind::Unsupported => {
+            eprintln!("split skipped: {e}")
+        }
         r => {
             let sub = r.unwrap().expect("color 0 joins a group");
             assert_eq!((sub.size(), sub.rank()), (1, 0));
@@ -421,7 +418,9 @@ fn nccl_two_gpus_flat_param_matches_host() {
             }
         }
         match nccl.split(rank as i32, 0) {
-            Err(e) if e.kind == flatshard::error::ErrorKind::Unsupported => eprintln!("split skipped: {e}"),
+            Err(e) if e.kind == flatshard::error::ErrorKind::Unsupported => {
+                eprintln!("split skipped: {e}")
+            }
             r => assert_eq!(r.unwrap().map(|s| (s.size(), s.rank())), Some((1, 0))),
         }
     });

@@ -42,18 +42,12 @@ fn collective_loop() {
             2 => c.barrier(),
             3 => fp.unshard(&c, UnshardOptions { writeback: true, ..Default::default() }).and_then(|_| fp.reshard(&c)),
             _ => {
-                let ts: Vec<flatshard::tensor::TensorRef> = avg
-                    .iter_mut()
-                    .map(|b| flatshard::tensor::TensorRef::host(b, DType::F32))
-                    .collect();
+                let ts: Vec<flatshard::tensor::TensorRef> = avg.iter_mut().map(|b| flatshard::tensor::TensorRef::host(b, DType::F32)).collect();
                 unsafe { flatshard::averaging::average_parameters(&c, &ts, 0) }
             }
         };
         if let Err(e) = res {
-            assert!(
-                matches!(e.kind, ErrorKind::PeerLost | ErrorKind::Timeout | ErrorKind::Aborted),
-                "rank {r}: unexpected error kind in op {op}: {e}"
-            );
+            assert!(matches!(e.kind, ErrorKind::PeerLost | ErrorKind::Timeout | ErrorKind::Aborted), "rank {r}: unexpected error kind in op {op}: {e}");
             // a failed unshard/reshard leaves this rank's shard as it was
             assert!(fp.shard_bytes() == &shard_before[..], "rank {r}: op {op} changed the shard although it failed");
             println!("FAILED_AT {} op {op} kind {:?} msg {}", now_ms(), e.kind, e.msg);

@@ -221,9 +221,7 @@ fn writeback_matrix(comm: Comm) {
                             assert_eq!(after[k], want, "shard elem {k}: {ctx}");
                         }
                         let grad_after = fp.shard_grad_bytes().map(bytes_f32);
-                        let grads_edited = with_grads
-                            && grads != 0
-                            && if sw > 1 { writeback } else { writeback || (holds_full && has_grad) };
+                        let grads_edited = with_grads && grads != 0 && if sw > 1 { writeback } else { writeback || (holds_full && has_grad) };
                         if grads_edited {
                             let ga = grad_after.expect("edited grads land in the shard grad");
                             for k in 0..c {
@@ -568,7 +566,7 @@ fn average_flat_params_over_the_replicate_group() {
         let r = c.rank();
         let shard_comm = c.new_subgroups(2).unwrap(); // {0,1} {2,3}
         let rep = c.split((r % 2) as i32, r as i32).unwrap().unwrap(); // {0,2} {1,3}
-        // replica group k = r / 2 holds values 10*k + i
+                                                                       // replica group k = r / 2 holds values 10*k + i
         let vals: Vec<f32> = (0..21).map(|i| (10 * (r / 2)) as f32 + i as f32).collect();
         let buf = f32_bytes(&vals);
         let opts = FlatParamOptions { sharding: Sharding::HybridShard, ..Default::default() };
@@ -655,7 +653,7 @@ fn minor_faults() -> i64 {
 fn recycle_check(comm: Comm, cache: &str) {
     let r = comm.rank();
     let numels = [10 << 20, 1001]; // 40 MiB (above glibc's mmap threshold) + a tail that pads the shards
-    // values that stay exact in f32 after a few +1 edits
+                                   // values that stay exact in f32 after a few +1 edits
     let val = |i: usize, j: usize| ((i * 7919 + j) % 4093) as f32 + 0.5;
     let bufs: Vec<Vec<u8>> = numels.iter().enumerate().map(|(i, &n)| f32_bytes(&(0..n).map(|j| val(i, j)).collect::<Vec<_>>())).collect();
     let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();

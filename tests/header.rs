@@ -21,7 +21,8 @@ fn committed_header_matches_cbindgen() {
     assert!(o.status.success(), "scripts/gen-header.sh failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     let committed = repo().join("include/flatshard.h");
     if std::fs::read(&committed).unwrap() != std::fs::read(&fresh).unwrap() {
-        let diff = Command::new("diff").arg("-u").arg(&committed).arg(&fresh).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let diff =
+            Command::new("diff").arg("-u").arg(&committed).arg(&fresh).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
         panic!("include/flatshard.h is stale: run scripts/gen-header.sh and commit the result.\n{diff}");
     }
 }
@@ -87,16 +88,28 @@ fn header_declares_only_flatshard_names() {
             ident(r) // end of typedef struct/enum
         } else if line.starts_with("typedef ") && line.ends_with(';') && !line.contains('(') {
             ident(line.trim_end_matches(';').rsplit([' ', '*']).next().unwrap_or(""))
-        } else if line.contains('(') && !line.ends_with(',') && !line.starts_with('#') && !line.starts_with("typedef") && line.split('(').next().is_some_and(|h| h.contains(' ')) {
+        } else if line.contains('(')
+            && !line.ends_with(',')
+            && !line.starts_with('#')
+            && !line.starts_with("typedef")
+            && line.split('(').next().is_some_and(|h| h.contains(' '))
+        {
             ident(line.split('(').next().unwrap().rsplit([' ', '*']).next().unwrap_or(""))
         } else if line.ends_with(',') || line.contains(" = ") {
             // enum constants
             let n = ident(line);
-            if n.chars().next().is_some_and(|c| c.is_ascii_uppercase()) { n } else { continue }
+            if n.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+                n
+            } else {
+                continue;
+            }
         } else {
             continue;
         };
-        if !name.is_empty() && !ok(&name) && !["extern", "const", "void", "int", "uint32_t", "int32_t", "uint64_t", "uint16_t", "size_t", "char"].contains(&name.as_str()) {
+        if !name.is_empty()
+            && !ok(&name)
+            && !["extern", "const", "void", "int", "uint32_t", "int32_t", "uint64_t", "uint16_t", "size_t", "char"].contains(&name.as_str())
+        {
             bad.push(name);
         }
     }

@@ -23,26 +23,19 @@ fn install_then_build_with_pkg_config_and_cmake() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let prefix = tmpdir("prefix");
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| root.join("target").display().to_string());
-    run(Command::new("make").current_dir(root).args([
-        "install",
-        "PROFILE=debug",
-        &format!("PREFIX={}", prefix.display()),
-        &format!("TARGET_DIR={target}"),
-    ]));
+    run(Command::new("make").current_dir(root).args(["install", "PROFILE=debug", &format!("PREFIX={}", prefix.display()), &format!("TARGET_DIR={target}")]));
     let lib = prefix.join("lib");
     assert!(lib.join("libflatshard.so.0").exists(), "soname link missing");
     // Only flatshard_* symbols are exported.
     let syms = run(Command::new("nm").args(["-D", "--defined-only"]).arg(lib.join("libflatshard.so")));
-    let foreign: Vec<&str> = syms.lines().filter_map(|l| l.split_whitespace().nth(2)).filter(|s| !s.starts_with("flatshard_") && !s.starts_with("FLATSHARD_")).collect();
+    let foreign: Vec<&str> =
+        syms.lines().filter_map(|l| l.split_whitespace().nth(2)).filter(|s| !s.starts_with("flatshard_") && !s.starts_with("FLATSHARD_")).collect();
     assert!(foreign.is_empty(), "unexpected exported symbols: {foreign:?}");
 
     let work = tmpdir("consumer");
     let pc = lib.join("pkgconfig");
     let pkg = |args: &[&str]| -> Vec<String> {
-        run(Command::new("pkg-config").env("PKG_CONFIG_PATH", &pc).args(args).arg("flatshard"))
-            .split_whitespace()
-            .map(String::from)
-            .collect()
+        run(Command::new("pkg-config").env("PKG_CONFIG_PATH", &pc).args(args).arg("flatshard")).split_whitespace().map(String::from).collect()
     };
     let cflags = pkg(&["--cflags"]);
     let libs = pkg(&["--libs"]);
@@ -56,7 +49,14 @@ fn install_then_build_with_pkg_config_and_cmake() {
     // static: name the archive so the linker cannot pick the .so
     let exe = work.join("hello_static");
     let static_libs: Vec<String> = libs_static.iter().filter(|a| *a != "-lflatshard").cloned().collect();
-    run(Command::new("cc").args(["-std=c11", "-Wall", "-Wextra", "-Werror"]).args(&cflags).arg(&src).arg("-o").arg(&exe).arg(lib.join("libflatshard.a")).args(&static_libs));
+    run(Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror"])
+        .args(&cflags)
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .arg(lib.join("libflatshard.a"))
+        .args(&static_libs));
     let ldd = run(Command::new("ldd").arg(&exe));
     assert!(!ldd.contains("libflatshard"), "static build still links the .so:\n{ldd}");
     assert!(run(&mut Command::new(&exe)).contains("sum-ok=1"));

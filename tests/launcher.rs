@@ -80,13 +80,8 @@ fn a_failing_rank_stops_the_others_and_sets_the_exit_code() {
 #[test]
 fn ctrl_c_is_forwarded() {
     let script = r#"trap 'echo got-int; exit 3' INT; echo ready; sleep 60 & wait"#;
-    let mut child = Command::new(RUN)
-        .args(["-n", "2", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        Command::new(RUN).args(["-n", "2", "--", "sh", "-c", script]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let pid = child.id() as libc::pid_t;
     // Wait until both ranks have installed their trap.
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());

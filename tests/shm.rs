@@ -12,10 +12,8 @@ fn announce(c: &Comm) {
 
 /// No /dev/shm entry of the jobs named in the outputs remains.
 fn assert_no_leftovers(outs: &[(Option<i32>, String)]) {
-    let jobs: Vec<String> = outs
-        .iter()
-        .flat_map(|(_, o)| o.lines().filter_map(|l| l.split("JOBID=").nth(1)).map(|j| j.trim().to_string()).collect::<Vec<_>>())
-        .collect();
+    let jobs: Vec<String> =
+        outs.iter().flat_map(|(_, o)| o.lines().filter_map(|l| l.split("JOBID=").nth(1)).map(|j| j.trim().to_string()).collect::<Vec<_>>()).collect();
     assert!(!jobs.is_empty(), "no worker announced its job id: {outs:?}");
     let left: Vec<String> = std::fs::read_dir("/dev/shm")
         .unwrap()

@@ -79,7 +79,10 @@ fn soak_unshard_reshard_cycles() {
         let first = unsafe { *(v.data as *const f32) };
         assert_eq!(first, 0.5 + cycles as f32, "writeback lost edits");
         fp.reshard(&c).unwrap();
-        println!("#: soak rank {}: {cycles} unshard/reshard cycles (writeback, every third rank0_only), RSS {rss0} -> {rss1} KiB, fds {fd0} -> {fd1}", c.rank());
+        println!(
+            "#: soak rank {}: {cycles} unshard/reshard cycles (writeback, every third rank0_only), RSS {rss0} -> {rss1} KiB, fds {fd0} -> {fd1}",
+            c.rank()
+        );
         assert!(fd1 <= fd0, "file descriptors leaked: {fd0} -> {fd1}");
         assert!(rss1 < rss0 + 2048, "resident memory grew from {rss0} to {rss1} KiB");
     });

@@ -7,6 +7,7 @@ use super::schedule::{check_hierarchical, check_periodic, hierarchical_due, peri
 use crate::comm::Comm;
 use crate::error::{Error, Result};
 use crate::tensor::TensorRef;
+use std::sync::Arc;
 
 /// Which communicator a level averages over.
 enum Group {
@@ -18,7 +19,6 @@ enum Group {
 
 struct Level {
     period: u64,
-    group_size: usize,
     group: Group,
 }
 
@@ -27,21 +27,21 @@ enum Schedule {
     Hierarchical { levels: Vec<Level> },
 }
 
-/// A model averager over `comm`. It borrows `comm` (which must outlive it) and
-/// owns the subgroups it created.
-pub struct Averager<'c> {
-    comm: &'c Comm,
+/// A model averager over `comm`. It shares `comm` (the communicator lives as
+/// long as its last user) and owns the subgroups it created.
+pub struct Averager {
+    comm: Arc<Comm>,
     subgroups: Vec<Comm>,
     schedule: Schedule,
     warmup: u64,
     step: u64,
 }
 
-impl<'c> Averager<'c> {
+impl Averager {
     /// Average over all of `comm` every `period` steps once `step >= warmup`.
     /// Not collective. Period 1 logs a warning (an all-reduce of the gradients
     /// is cheaper).
-    pub fn periodic(comm: &'c Comm, period: u64, warmup_steps: u64) -> Result<Averager<'c>> {
+    pub fn periodic(comm: Arc<Comm>, period: u64, warmup_steps: u64) -> Result<Averager> {
         let rank = comm.rank();
         if check_periodic(period).map_err(|e| e.context(format!("rank {rank}")))? {
             crate::log::warn(rank, PERIOD_ONE_WARNING);
@@ -52,7 +52,7 @@ impl<'c> Averager<'c> {
     /// `periods[i]` → `group_sizes[i]`, in the order given (PyTorch's dict
     /// order). Collective over `comm`: creates the subgroups (contiguous blocks
     /// of ranks, once per distinct size); the size equal to `comm`'s reuses it.
-    pub fn hierarchical(comm: &'c Comm, periods: &[u64], group_sizes: &[i32], warmup_steps: u64) -> Result<Averager<'c>> {
+    pub fn hierarchical(comm: Arc<Comm>, periods: &[u64], group_sizes: &[i32], warmup_steps: u64) -> Result<Averager> {
         let (rank, world) = (comm.rank(), comm.size());
         if check_hierarchical(periods, group_sizes, world).map_err(|e| e.context(format!("rank {rank}")))? {
             crate::log::warn(rank, PERIOD_ONE_WARNING);
@@ -73,7 +73,7 @@ impl<'c> Averager<'c> {
                 Group::Sub(subgroups.len() - 1)
             };
             crate::log::info(rank, &format!("averaging hierarchy: groups of {g} ranks average every {period} steps, if no higher level does"));
-            levels.push(Level { period, group_size: g, group });
+            levels.push(Level { period, group });
         }
         Ok(Averager { comm, subgroups, schedule: Schedule::Hierarchical { levels }, warmup: warmup_steps, step: 0 })
     }
@@ -96,25 +96,14 @@ impl<'c> Averager<'c> {
     /// The group that averages at the current step, if any.
     fn due(&self) -> Option<&Comm> {
         match &self.schedule {
-            Schedule::Periodic { period } => periodic_due(self.step, *period, self.warmup).then_some(self.comm),
+            Schedule::Periodic { period } => periodic_due(self.step, *period, self.warmup).then_some(&*self.comm),
             Schedule::Hierarchical { levels } => {
                 let periods: Vec<u64> = levels.iter().map(|l| l.period).collect();
                 hierarchical_due(self.step, &periods, self.warmup).map(|i| match levels[i].group {
-                    Group::Whole => self.comm,
+                    Group::Whole => &*self.comm,
                     Group::Sub(k) => &self.subgroups[k],
                 })
             }
-        }
-    }
-
-    /// The group size that averages at the current step (0 = none).
-    pub fn due_group_size(&self) -> usize {
-        match &self.schedule {
-            Schedule::Hierarchical { levels } => {
-                let periods: Vec<u64> = levels.iter().map(|l| l.period).collect();
-                hierarchical_due(self.step, &periods, self.warmup).map_or(0, |i| levels[i].group_size)
-            }
-            Schedule::Periodic { .. } => self.due().map_or(0, |c| c.size()),
         }
     }
 

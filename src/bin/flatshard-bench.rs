@@ -72,10 +72,7 @@ fn make_op(op: &str, rank: usize, world: usize, nbytes: usize, dev: Option<i32>)
         "average_parameters" => {
             let mut bufs: Vec<Vec<u8>> = (0..10).map(|_| fill(numel / 10)).collect();
             Box::new(move |c| {
-                let ts: Vec<flatshard::tensor::TensorRef> = bufs
-                    .iter_mut()
-                    .map(|b| flatshard::tensor::TensorRef::host(b, DType::F32))
-                    .collect();
+                let ts: Vec<flatshard::tensor::TensorRef> = bufs.iter_mut().map(|b| flatshard::tensor::TensorRef::host(b, DType::F32)).collect();
                 // SAFETY: the tensors point into `bufs`, alive and unaliased here.
                 unsafe { flatshard::averaging::average_parameters(c, &ts, 0) }
             })
@@ -115,7 +112,13 @@ fn dev_fill(d: i32, rank: usize, numel: usize) -> Result<flatshard::cuda::DevMem
 fn make_device_op(op: &str, rank: usize, world: usize, nbytes: usize, d: i32) -> Result<Step, String> {
     use flatshard::tensor::{Device, TensorRef};
     let numel = nbytes / 4;
-    let dev_t = move |m: &flatshard::cuda::DevMem| TensorRef { data: m.ptr(), grad: std::ptr::null_mut(), numel: (m.len() / 4) as u64, dtype: DType::F32, device: Device::Cuda(d) };
+    let dev_t = move |m: &flatshard::cuda::DevMem| TensorRef {
+        data: m.ptr(),
+        grad: std::ptr::null_mut(),
+        numel: (m.len() / 4) as u64,
+        dtype: DType::F32,
+        device: Device::Cuda(d),
+    };
     let need_nccl = |c: &Comm| {
         if c.is_device() {
             Ok(())
@@ -181,7 +184,8 @@ fn make_device_op(op: &str, rank: usize, world: usize, nbytes: usize, d: i32) ->
                 use flatshard::flat_param::{FlatParam, FlatParamOptions, ParamInput, UnshardOptions};
                 if fp.is_none() {
                     // SAFETY: device tensors alive in `bufs`.
-                    let ins: Vec<ParamInput> = bufs.iter().map(|m| unsafe { ParamInput::raw(m.ptr(), (m.len() / 4) as u64, DType::F32, Device::Cuda(d)) }).collect();
+                    let ins: Vec<ParamInput> =
+                        bufs.iter().map(|m| unsafe { ParamInput::raw(m.ptr(), (m.len() / 4) as u64, DType::F32, Device::Cuda(d)) }).collect();
                     fp = Some(FlatParam::new(c, None, &ins, &FlatParamOptions::default())?);
                 }
                 let fp = fp.as_mut().ok_or_else(|| flatshard::Error::internal("flat param missing"))?;
@@ -215,7 +219,8 @@ struct Opts {
     raw: Vec<String>,
 }
 
-const USAGE: &str = "usage: flatshard-bench [--world N] [--sizes 4K,1M,16M,256M] [--ops all_reduce,...] [--transport auto|tcp|shm|nccl] [--device cpu|cuda] [--iters 5]";
+const USAGE: &str =
+    "usage: flatshard-bench [--world N] [--sizes 4K,1M,16M,256M] [--ops all_reduce,...] [--transport auto|tcp|shm|nccl] [--device cpu|cuda] [--iters 5]";
 
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
@@ -338,7 +343,9 @@ fn worker(o: &Opts) -> Result<(), String> {
                 let head = format!(r#"{{"impl": "{implname}", "op": "{op}", "world": {world}, "bytes": {nbytes}, "dtype": "f32""#);
                 let row = match &result {
                     Err(e) => format!(r#"{head}, "error": "{}"}}"#, e.replace('\\', "\\\\").replace('"', "\\\"")),
-                    Ok(_) if meds.iter().any(|m| *m < 0.0) => format!(r#"{head}, "error": "failed on another rank"}}"#),
+                    Ok(_) if meds.iter().any(|m| *m < 0.0) => {
+                        format!(r#"{head}, "error": "failed on another rank"}}"#)
+                    }
                     Ok(_) => {
                         let t = meds.iter().cloned().fold(0.0, f64::max);
                         let algbw = nbytes as f64 / t / 1e9;

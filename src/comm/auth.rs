@@ -117,9 +117,7 @@ pub fn connect(s: &mut TcpStream, key: &[u8], ident: &str, w: &Wait, peer: &str)
     match reply[0] {
         VERDICT_OK => {}
         VERDICT_BAD_TOKEN => {
-            return Err(Error::auth(format!(
-                "{peer} refused this process's job token (set the same FLATSHARD_TOKEN / options.token on every rank)"
-            )))
+            return Err(Error::auth(format!("{peer} refused this process's job token (set the same FLATSHARD_TOKEN / options.token on every rank)")))
         }
         _ => return Err(Error::auth(format!("{peer} refused '{ident}' (duplicate rank or a different job)"))),
     }

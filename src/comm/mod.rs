@@ -249,18 +249,17 @@ impl Comm {
         // one fails every rank at once instead of leaving peers waiting.
         let tcp_sockbuf = tcp_sockbuf_setting(rank)?;
         if world == 1 {
-            let ctx = JobCtx {
-                opts,
-                key,
-                store: None,
-                server: None,
-                job_id: "solo".into(),
-                host_id: host_id(),
-                bind_ip: IpAddr::from([127, 0, 0, 1]),
-                tcp_sockbuf,
-            };
+            let ctx =
+                JobCtx { opts, key, store: None, server: None, job_id: "solo".into(), host_id: host_id(), bind_ip: IpAddr::from([127, 0, 0, 1]), tcp_sockbuf };
             let abort = Arc::new(AtomicBool::new(false));
-            return Ok(Comm { backend: Box::new(SelfBackend), abort, poisoned: Mutex::new(None), ctx: Some(Arc::new(ctx)), gid: "w".into(), splits: AtomicU64::new(0) });
+            return Ok(Comm {
+                backend: Box::new(SelfBackend),
+                abort,
+                poisoned: Mutex::new(None),
+                ctx: Some(Arc::new(ctx)),
+                gid: "w".into(),
+                splits: AtomicU64::new(0),
+            });
         }
         if port == 0 {
             return Err(Error::invalid_arg(format!("master_port: 0 is not a port the other {} ranks can reach", world - 1)));
@@ -401,7 +400,8 @@ impl Comm {
     /// torchrun's environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE.
     pub fn init_from_env(opts: CommOptions) -> Result<Comm> {
         let var = |name: &str| {
-            std::env::var(name).map_err(|_| Error::invalid_arg(format!("environment: {name} is not set (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")))
+            std::env::var(name)
+                .map_err(|_| Error::invalid_arg(format!("environment: {name} is not set (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")))
         };
         let num = |name: &str| -> Result<i64> {
             let v = var(name)?;
@@ -528,9 +528,10 @@ impl Comm {
             let b = self.run(|b| Self::dev(b)?.split(color, key))?;
             return Ok(b.map(|b| Comm::from_backend(b, Arc::new(AtomicBool::new(false)))));
         }
-        let ctx = self.ctx.clone().ok_or_else(|| {
-            Error::unsupported("split: this communicator was built from user callbacks; create subgroups with your own library")
-        })?;
+        let ctx = self
+            .ctx
+            .clone()
+            .ok_or_else(|| Error::unsupported("split: this communicator was built from user callbacks; create subgroups with your own library"))?;
         let n = self.size();
         let mut mine = [0u8; 8];
         mine[..4].copy_from_slice(&color.to_le_bytes());
@@ -560,9 +561,7 @@ impl Comm {
     pub fn new_subgroups(&self, group_size: i32) -> Result<Comm> {
         let n = self.size() as i32;
         if group_size <= 0 || group_size > n || n % group_size != 0 {
-            return Err(Error::invalid_arg(format!(
-                "group_size: must be positive and divide the communicator size {n}, got {group_size}"
-            )));
+            return Err(Error::invalid_arg(format!("group_size: must be positive and divide the communicator size {n}, got {group_size}")));
         }
         let r = self.rank() as i32;
         self.split(r / group_size, r)?.ok_or_else(|| Error::internal("new_subgroups: no group"))
@@ -585,7 +584,9 @@ impl Drop for Comm {
 /// tcp::LOCAL_SOCKBUF and others autotuning).
 fn tcp_sockbuf_setting(rank: usize) -> Result<Option<usize>> {
     const VAR: &str = "FLATSHARD_TCP_SOCKBUF";
-    let Some(b) = env_bytes_opt(VAR).map_err(|e| e.context(format!("rank {rank}")))? else { return Ok(None) };
+    let Some(b) = env_bytes_opt(VAR).map_err(|e| e.context(format!("rank {rank}")))? else {
+        return Ok(None);
+    };
     if b != 0 && !(tcp::MIN_SOCKBUF..=tcp::MAX_SOCKBUF).contains(&b) {
         return Err(Error::invalid_arg(format!(
             "rank {rank}: environment: {VAR}={b} is outside [{}, {}] bytes (or 0 for kernel autotuning)",
@@ -600,11 +601,9 @@ fn tcp_sockbuf_setting(rank: usize) -> Result<Option<usize>> {
 /// INVALID_ARGUMENT naming the variable when malformed.
 fn env_bytes_opt(name: &str) -> Result<Option<usize>> {
     match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse::<usize>()
-            .map(Some)
-            .map_err(|_| Error::invalid_arg(format!("environment: {name}='{v}' is not a byte count"))),
+        Ok(v) if !v.trim().is_empty() => {
+            v.trim().parse::<usize>().map(Some).map_err(|_| Error::invalid_arg(format!("environment: {name}='{v}' is not a byte count")))
+        }
         _ => Ok(None),
     }
 }
@@ -656,9 +655,7 @@ fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &
         drop(listener);
         return shm::connect(&ctx.job_id, gid, rank, size, store, ctx.opts.timeout, abort.clone());
     }
-    let peers: Vec<tcp::Peer> =
-        (0..size).map(|r| tcp::Peer { addr: addrs[r], sockbuf: tcp::peer_sockbuf(ctx.tcp_sockbuf, hosts[r] == hosts[rank]) }).collect();
+    let peers: Vec<tcp::Peer> = (0..size).map(|r| tcp::Peer { addr: addrs[r], sockbuf: tcp::peer_sockbuf(ctx.tcp_sockbuf, hosts[r] == hosts[rank]) }).collect();
     let b = tcp::TcpBackend::connect(rank, size, listener, &peers, &ctx.key, &ident, ctx.opts.timeout, abort.clone())?;
     Ok(Box::new(b))
 }
-

@@ -5,9 +5,9 @@
 
 use super::{Backend, DeviceCollectives};
 use crate::cuda;
+use crate::cuda::nccl_sys::{self as nc, ncclComm_t, Nccl};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
-use crate::cuda::nccl_sys::{self as nc, ncclComm_t, Nccl};
 use cudarc::driver::sys as cu;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,7 +39,11 @@ fn nccl_check(lib: &Nccl, r: nc::ncclResult_t, what: &str) -> Result<()> {
     // SAFETY: returns a static string.
     let s = unsafe {
         let p = (lib.get_error_string)(r);
-        if p.is_null() { format!("error {r}") } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() }
+        if p.is_null() {
+            format!("error {r}")
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
     };
     Err(Error::new(crate::error::ErrorKind::Nccl, format!("{what}: {s} (ncclResult_t {r})")))
 }
@@ -190,11 +194,7 @@ impl DeviceCollectives for NcclBackend {
     fn split(&self, color: i32, key: i32) -> Result<Option<Box<dyn Backend>>> {
         self.enter()?;
         let split = self.lib.comm_split.ok_or_else(|| {
-            Error::unsupported(format!(
-                "split: {} is NCCL {}, ncclCommSplit needs NCCL >= 2.18",
-                self.lib.path,
-                nc::version_string(self.lib.version)
-            ))
+            Error::unsupported(format!("split: {} is NCCL {}, ncclCommSplit needs NCCL >= 2.18", self.lib.path, nc::version_string(self.lib.version)))
         })?;
         // Every rank must reach ncclCommSplit, which has no timeout: meet in a
         // barrier first (a one-word all-reduce waited for with the deadline).
@@ -256,11 +256,7 @@ impl DeviceCollectives for NcclBackend {
             if Instant::now() >= deadline {
                 cuda::mark_failed();
                 self.kill();
-                return Err(Error::timeout(format!(
-                    "rank {}: NCCL work did not finish within {} ms; {what}",
-                    self.rank,
-                    self.timeout.as_millis()
-                )));
+                return Err(Error::timeout(format!("rank {}: NCCL work did not finish within {} ms; {what}", self.rank, self.timeout.as_millis())));
             }
             std::thread::sleep(Duration::from_micros(50));
         }

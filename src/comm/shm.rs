@@ -273,15 +273,7 @@ pub struct ShmBackend {
 }
 
 /// Build the shm backend for one group (every rank of the group calls this).
-pub fn connect(
-    job: &str,
-    gid: &str,
-    rank: usize,
-    size: usize,
-    store: &StoreClient,
-    timeout: Duration,
-    abort: Arc<AtomicBool>,
-) -> Result<Box<dyn Backend>> {
+pub fn connect(job: &str, gid: &str, rank: usize, size: usize, store: &StoreClient, timeout: Duration, abort: Arc<AtomicBool>) -> Result<Box<dyn Backend>> {
     let r = connect_inner(job, gid, rank, size, store, timeout, abort);
     if r.is_err() {
         // A peer that died between creating its segment and unlinking it
@@ -302,15 +294,7 @@ fn segment_name(job: &str, gid: &str, rank: usize) -> String {
     format!("/flatshard-{}-{}-{rank}", clean(job), clean(gid))
 }
 
-fn connect_inner(
-    job: &str,
-    gid: &str,
-    rank: usize,
-    size: usize,
-    store: &StoreClient,
-    timeout: Duration,
-    abort: Arc<AtomicBool>,
-) -> Result<Box<dyn Backend>> {
+fn connect_inner(job: &str, gid: &str, rank: usize, size: usize, store: &StoreClient, timeout: Duration, abort: Arc<AtomicBool>) -> Result<Box<dyn Backend>> {
     let what = format!("rank {rank}: shared-memory setup of group {gid}");
     let w = Wait::new(timeout, &abort, &what);
     let slot_bytes = super::env_bytes("FLATSHARD_SHM_CHUNK", DEFAULT_SLOT)?;

@@ -69,7 +69,9 @@ fn accept_loop(listener: TcpListener, key: Vec<u8>, stop: Arc<AtomicBool>, share
     let key = Arc::new(key);
     while !stop.load(Ordering::Relaxed) {
         let w = Wait::new(forever, &stop, "store");
-        let Ok(s) = net::accept(&listener, &w) else { break };
+        let Ok(s) = net::accept(&listener, &w) else {
+            break;
+        };
         if shared.connections.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
             shared.refused.fetch_add(1, Ordering::Relaxed);
             continue; // dropped: closes the socket
@@ -92,7 +94,9 @@ fn serve_conn(mut s: TcpStream, key: &[u8], stop: &AtomicBool, shared: &Shared) 
     let mut registered: Option<String> = None;
     let ident = auth::serve(&mut s, key, &hw, &mut |ident| {
         // "store <rank>": one connection per rank; anything else is refused.
-        let Some(rank) = ident.strip_prefix("store ") else { return false };
+        let Some(rank) = ident.strip_prefix("store ") else {
+            return false;
+        };
         let mut ranks = shared.ranks.lock().unwrap_or_else(|p| p.into_inner());
         if ranks.insert(rank.to_string()) {
             registered = Some(rank.to_string());

@@ -103,7 +103,9 @@ impl TcpBackend {
             let hs = Wait { deadline: w.deadline.min(std::time::Instant::now() + Duration::from_secs(5)), ..w };
             let mut who = None;
             let res = super::auth::serve(&mut s, key, &hs, &mut |id: &str| {
-                let Some(r) = id.strip_prefix(&format!("data {ident} ")) else { return false };
+                let Some(r) = id.strip_prefix(&format!("data {ident} ")) else {
+                    return false;
+                };
                 match r.parse::<usize>() {
                     Ok(j) if j > rank && j < size && peers[j].is_none() => {
                         who = Some(j);
@@ -137,13 +139,7 @@ impl TcpBackend {
     /// Header exchange with every peer, optionally carrying payloads.
     /// `send(p)`: bytes for peer p. `slot(p)`: where p's payload goes and its
     /// expected length. Returns Err(MISMATCH) if any header differs.
-    fn exchange(
-        &self,
-        desc: &OpDesc,
-        send: &dyn Fn(usize) -> (*const u8, usize),
-        slot: &dyn Fn(usize) -> (*mut u8, usize),
-        what: &str,
-    ) -> Result<()> {
+    fn exchange(&self, desc: &OpDesc, send: &dyn Fn(usize) -> (*const u8, usize), slot: &dyn Fn(usize) -> (*mut u8, usize), what: &str) -> Result<()> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let w = self.wait(what);
         let n = self.size;
@@ -190,11 +186,8 @@ impl TcpBackend {
                 // send header then body
                 let total = HDR + p.body.1;
                 while p.s_pos < total {
-                    let (ptr, len) = if p.s_pos < HDR {
-                        (p.hdr_out[p.s_pos..].as_ptr(), HDR - p.s_pos)
-                    } else {
-                        (unsafe { p.body.0.add(p.s_pos - HDR) }, total - p.s_pos)
-                    };
+                    let (ptr, len) =
+                        if p.s_pos < HDR { (p.hdr_out[p.s_pos..].as_ptr(), HDR - p.s_pos) } else { (unsafe { p.body.0.add(p.s_pos - HDR) }, total - p.s_pos) };
                     match sys_send(p.fd, ptr, len) {
                         Ok(k) => {
                             p.s_pos += k;
@@ -213,8 +206,7 @@ impl TcpBackend {
                                 p.h_pos += k;
                                 progress = true;
                                 if p.h_pos == HDR {
-                                    let (theirs, len) = OpDesc::decode(&p.hdr_in)
-                                        .map_err(|e| e.context(format!("rank {peer}")))?;
+                                    let (theirs, len) = OpDesc::decode(&p.hdr_in).map_err(|e| e.context(format!("rank {peer}")))?;
                                     p.body_len = len as usize;
                                     if theirs != *desc {
                                         mismatch.push(format!("rank {peer} called {}", theirs.describe()));
@@ -293,8 +285,16 @@ impl TcpBackend {
         let tmp_ptr = tmp.as_mut_ptr();
         let (mut si, mut sp) = (0usize, 0usize);
         let (mut ri, mut rp, mut rd) = (0usize, 0usize, 0usize); // segment, received, done
-        // bytes of send segment j already sent
-        let sent = |si: usize, sp: usize, j: usize| if si > j { usize::MAX } else if si == j { sp } else { 0 };
+                                                                 // bytes of send segment j already sent
+        let sent = |si: usize, sp: usize, j: usize| {
+            if si > j {
+                usize::MAX
+            } else if si == j {
+                sp
+            } else {
+                0
+            }
+        };
         // bytes of send segment si that may be sent now
         let avail = |si: usize, ri: usize, rd: usize| {
             let s = &sends[si];
@@ -367,7 +367,11 @@ impl TcpBackend {
                         let lim = match r.after_sent {
                             Some(g) => {
                                 let s = sent(si, sp, g);
-                                if s >= whole { whole } else { s - s % es }
+                                if s >= whole {
+                                    whole
+                                } else {
+                                    s - s % es
+                                }
                             }
                             None => whole,
                         };
@@ -405,11 +409,8 @@ impl TcpBackend {
                 }
                 let mut pfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 2];
                 if nfd == pfd {
-                    pfds[0] = libc::pollfd {
-                        fd: nfd,
-                        events: (if want_out { libc::POLLOUT } else { 0 }) | (if want_in { libc::POLLIN } else { 0 }),
-                        revents: 0,
-                    };
+                    pfds[0] =
+                        libc::pollfd { fd: nfd, events: (if want_out { libc::POLLOUT } else { 0 }) | (if want_in { libc::POLLIN } else { 0 }), revents: 0 };
                 } else {
                     if want_out {
                         pfds[0] = libc::pollfd { fd: nfd, events: libc::POLLOUT, revents: 0 };
@@ -457,7 +458,10 @@ struct SendSeg {
 enum RecvKind {
     Into(*mut u8),
     /// dst = local op received (dst may equal local).
-    Reduce { dst: *mut u8, local: *const u8 },
+    Reduce {
+        dst: *mut u8,
+        local: *const u8,
+    },
 }
 
 struct RecvSeg {
@@ -550,7 +554,8 @@ impl Backend for TcpBackend {
             let tp = sc.as_mut_ptr();
             let slot_of = |p: usize| if p < r { p } else { p - 1 };
             self.exchange(&desc, &|p| (unsafe { sp.add(p * cb) }, cb), &|p| (unsafe { tp.add(slot_of(p) * cb) }, cb), "reduce_scatter")?;
-            let srcs: Vec<*const u8> = (0..w).map(|p| if p == r { unsafe { sp.add(r * cb) } } else { unsafe { tp.add(slot_of(p) * cb) as *const u8 } }).collect();
+            let srcs: Vec<*const u8> =
+                (0..w).map(|p| if p == r { unsafe { sp.add(r * cb) } } else { unsafe { tp.add(slot_of(p) * cb) as *const u8 } }).collect();
             unsafe { reduce::reduce_n_raw(rp, &srcs, cb / es, dt, op, 0.0) };
             return Ok(());
         }
@@ -580,8 +585,20 @@ impl Backend for TcpBackend {
         let desc = OpDesc::new(OpKind::Broadcast, (nb / dt.size()) as u64, dt, ReduceOp::Sum, root as i32);
         let bp = buf.as_mut_ptr();
         if nb <= SMALL_BYTES * 4 {
-            let send = |_p: usize| if r == root { (bp as *const u8, nb) } else { (std::ptr::null(), 0) };
-            let slot = |p: usize| if p == root { (bp, nb) } else { (std::ptr::null_mut(), 0) };
+            let send = |_p: usize| {
+                if r == root {
+                    (bp as *const u8, nb)
+                } else {
+                    (std::ptr::null(), 0)
+                }
+            };
+            let slot = |p: usize| {
+                if p == root {
+                    (bp, nb)
+                } else {
+                    (std::ptr::null_mut(), 0)
+                }
+            };
             return self.exchange(&desc, &send, &slot, "broadcast");
         }
         self.exchange(&desc, &|_| (std::ptr::null(), 0), &|_| (std::ptr::null_mut(), 0), "broadcast")?;
@@ -631,7 +648,13 @@ fn set_sockbuf(s: &TcpStream, bytes: Option<usize>, peer: usize) -> Result<()> {
     for (opt, name) in [(libc::SO_SNDBUF, "SO_SNDBUF"), (libc::SO_RCVBUF, "SO_RCVBUF")] {
         // SAFETY: a live socket; `v` is a c_int of the size passed.
         let r = unsafe {
-            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, opt, &v as *const libc::c_int as *const libc::c_void, std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         };
         if r != 0 {
             return Err(Error::io(format!("{name}={b} on the connection to rank {peer}: {}", io::Error::last_os_error())));

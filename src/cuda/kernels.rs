@@ -21,7 +21,10 @@ fn module(device: i32) -> Result<cu::CUmodule> {
     let mut h: cu::CUmodule = std::ptr::null_mut();
     // SAFETY: PTX is a NUL-terminated image; the module lives for the process
     // (the primary context is retained and never destroyed by flatshard).
-    check(unsafe { cu::cuModuleLoadData(&mut h, PTX.as_ptr() as *const std::ffi::c_void) }, "cuModuleLoadData (flatshard kernels, PTX ISA 8.1: needs a CUDA 12.1+ driver)")?;
+    check(
+        unsafe { cu::cuModuleLoadData(&mut h, PTX.as_ptr() as *const std::ffi::c_void) },
+        "cuModuleLoadData (flatshard kernels, PTX ISA 8.1: needs a CUDA 12.1+ driver)",
+    )?;
     m.push((device, h as usize));
     Ok(h)
 }
@@ -42,11 +45,8 @@ unsafe fn launch(device: i32, name: &str, a: *mut u8, b: *mut u8, n: usize, stre
     set_device(device)?;
     let f = function(device, name)?;
     let (mut a, mut b, mut n64) = (a as u64, b as u64, n as u64);
-    let mut args: [*mut std::ffi::c_void; 3] = [
-        &mut a as *mut u64 as *mut std::ffi::c_void,
-        &mut b as *mut u64 as *mut std::ffi::c_void,
-        &mut n64 as *mut u64 as *mut std::ffi::c_void,
-    ];
+    let mut args: [*mut std::ffi::c_void; 3] =
+        [&mut a as *mut u64 as *mut std::ffi::c_void, &mut b as *mut u64 as *mut std::ffi::c_void, &mut n64 as *mut u64 as *mut std::ffi::c_void];
     const THREADS: usize = 256;
     let blocks = n.div_ceil(THREADS).min(65_535) as u32;
     check(

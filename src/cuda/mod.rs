@@ -78,7 +78,11 @@ pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
     // SAFETY: cuGetErrorString writes a static string pointer.
     let name = unsafe {
         cu::cuGetErrorString(r, &mut s);
-        if s.is_null() { format!("{r:?}") } else { std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned() }
+        if s.is_null() {
+            format!("{r:?}")
+        } else {
+            std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned()
+        }
     };
     let kind = if r == cu::CUresult::CUDA_ERROR_OUT_OF_MEMORY { ErrorKind::OutOfMemory } else { ErrorKind::Cuda };
     Err(Error::new(kind, format!("{what}: {name}")))

@@ -3,7 +3,7 @@
 //! `flatshard_average_flat_params` (HYBRID_SHARD replicas) lands with the
 //! flat-parameter type.
 
-use super::comm::{comm_ref, flatshard_comm};
+use super::comm::{comm_arc, comm_ref, flatshard_comm};
 use super::handle::{self, Kind};
 use super::{boundary, boundary_value, need, types::*};
 use crate::averaging::{self, Averager};
@@ -20,7 +20,7 @@ pub struct flatshard_averager {
     _private: [u8; 0],
 }
 
-impl Kind for Averager<'static> {
+impl Kind for Averager {
     const TAG: u64 = 0x464c_5348_4156_4752; // "FLSHAVGR"
     const NAME: &'static str = "flatshard_averager";
 }
@@ -82,8 +82,8 @@ pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm,
     })
 }
 
-fn publish(a: Averager<'static>, out: *mut *mut flatshard_averager) {
-    unsafe { *out = handle::into_raw::<Averager<'static>, flatshard_averager>(a) };
+fn publish(a: Averager, out: *mut *mut flatshard_averager) {
+    unsafe { *out = handle::into_raw::<Averager, flatshard_averager>(a) };
 }
 
 /// A periodic averager (PyTorch `PeriodicModelAverager`): `flatshard_averager_step`
@@ -92,8 +92,9 @@ fn publish(a: Averager<'static>, out: *mut *mut flatshard_averager) {
 /// (FLATSHARD_DEBUG=WARN): an all-reduce of the gradients is cheaper.
 ///
 /// Ownership: on success `*out` owns a new averager; free it with
-/// flatshard_averager_free. The averager keeps `comm` (borrowed, not owned):
-/// `comm` must outlive the averager and not be freed before it.
+/// flatshard_averager_free. The averager holds its own reference to `comm`:
+/// `comm` may be freed before the averager, which keeps working (the
+/// communicator closes when its last user is freed).
 ///
 /// Statuses: OK; INVALID_ARGUMENT (NULL comm or out, period 0: "period must be
 /// a positive value").
@@ -106,7 +107,7 @@ pub unsafe extern "C" fn flatshard_periodic_averager_new(
 ) -> flatshard_status {
     boundary("flatshard_periodic_averager_new", || {
         need(out, "out")?;
-        let c = comm_ref(comm, "comm")?;
+        let c = comm_arc(comm, "comm")?;
         publish(Averager::periodic(c, period, warmup_steps)?, out);
         Ok(())
     })
@@ -127,7 +128,8 @@ pub unsafe extern "C" fn flatshard_periodic_averager_new(
 ///
 /// Ownership: `periods` and `group_sizes` (n entries each) are copied. On
 /// success `*out` owns a new averager (flatshard_averager_free), which owns its
-/// subgroups and borrows `comm`: `comm` must outlive the averager.
+/// subgroups and holds its own reference to `comm`, so `comm` may be freed
+/// first (the communicator closes when its last user is freed).
 ///
 /// Statuses: OK; INVALID_ARGUMENT (NULL comm/out, NULL arrays with n > 0, a
 /// failed check above — the message names the numbers); UNSUPPORTED (comm
@@ -144,7 +146,7 @@ pub unsafe extern "C" fn flatshard_hierarchical_averager_new(
 ) -> flatshard_status {
     boundary("flatshard_hierarchical_averager_new", || {
         need(out, "out")?;
-        let c = comm_ref(comm, "comm")?;
+        let c = comm_arc(comm, "comm")?;
         let (p, g): (&[u64], &[i32]) = if n == 0 {
             (&[], &[])
         } else {
@@ -182,7 +184,7 @@ pub unsafe extern "C" fn flatshard_averager_step(
     averaged_group_size: *mut i32,
 ) -> flatshard_status {
     boundary("flatshard_averager_step", || {
-        let avg = handle::get_mut::<Averager<'static>, _>(a, "a")?;
+        let avg = handle::get_mut::<Averager, _>(a, "a")?;
         let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", avg.rank())))?;
         let size = avg.step(&ts, flags)?;
         if !averaged_group_size.is_null() {
@@ -196,7 +198,7 @@ pub unsafe extern "C" fn flatshard_averager_step(
 /// save it with a checkpoint. 0 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_get_step(a: *const flatshard_averager) -> u64 {
-    boundary_value(0, || handle::get::<Averager<'static>, _>(a, "a").map(|a| a.current_step()).unwrap_or(0))
+    boundary_value(0, || handle::get::<Averager, _>(a, "a").map(|a| a.current_step()).unwrap_or(0))
 }
 
 /// Resume a schedule: the next flatshard_averager_step runs step `step`
@@ -205,15 +207,16 @@ pub unsafe extern "C" fn flatshard_averager_get_step(a: *const flatshard_average
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_set_step(a: *mut flatshard_averager, step: u64) -> flatshard_status {
     boundary("flatshard_averager_set_step", || {
-        handle::get_mut::<Averager<'static>, _>(a, "a")?.set_step(step);
+        handle::get_mut::<Averager, _>(a, "a")?.set_step(step);
         Ok(())
     })
 }
 
 /// Free an averager and the subgroups it created (NULL is a no-op). The
-/// communicator it was built on is not freed. Freeing subgroups is local; peers
+/// communicator it was built on closes here if the caller already freed it
+/// (the averager held the last reference). Freeing subgroups is local; peers
 /// still using theirs get PEER_LOST, so free averagers on every rank together.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_free(a: *mut flatshard_averager) {
-    boundary_value((), || handle::free::<Averager<'static>, _>(a));
+    boundary_value((), || handle::free::<Averager, _>(a));
 }

@@ -15,13 +15,25 @@ pub struct flatshard_comm {
     _private: [u8; 0],
 }
 
-impl Kind for Comm {
+/// A communicator handle holds one reference to a shared `Comm`; flat params
+/// and averagers built on it hold their own, so freeing the handle first is
+/// safe: the communicator closes when its last user is freed.
+impl Kind for Arc<Comm> {
     const TAG: u64 = 0x464c_5348_434f_4d4d; // "FLSHCOMM"
     const NAME: &'static str = "flatshard_comm";
 }
 
 pub(crate) unsafe fn comm_ref<'a>(c: *const flatshard_comm, arg: &str) -> Result<&'a Comm> {
-    handle::get::<Comm, _>(c, arg)
+    // SAFETY: the caller passes a pointer from the C caller; `handle::get`
+    // checks NULL and the tag before reading the object behind it.
+    unsafe { handle::get::<Arc<Comm>, _>(c, arg) }.map(|a| &**a)
+}
+
+/// A new reference to the communicator behind a handle, for objects that keep
+/// using it (flat params, averagers).
+pub(crate) unsafe fn comm_arc(c: *const flatshard_comm, arg: &str) -> Result<Arc<Comm>> {
+    // SAFETY: as in `comm_ref`.
+    unsafe { handle::get::<Arc<Comm>, _>(c, arg) }.cloned()
 }
 
 pub(crate) fn dtype(d: DtypeArg, arg: &str) -> Result<DType> {
@@ -76,8 +88,9 @@ pub(crate) unsafe fn master_addr_arg(master_addr: *const c_char, world_size: i32
     Ok(opt_str(master_addr, "master_addr")?.unwrap_or_default())
 }
 
-fn publish(c: Comm, out: *mut *mut flatshard_comm) {
-    unsafe { *out = handle::into_raw::<Comm, flatshard_comm>(c) };
+pub(crate) fn publish(c: Comm, out: *mut *mut flatshard_comm) {
+    // SAFETY: every caller checked `out` for NULL first (`need(out, ...)`).
+    unsafe { *out = handle::into_raw::<Arc<Comm>, flatshard_comm>(Arc::new(c)) };
 }
 
 /// Join a job of `world_size` ranks. Rank 0 serves the rendezvous store on
@@ -236,7 +249,13 @@ pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut 
 /// Gather `count_per_rank` elements from every rank into `recv` (size ×
 /// count_per_rank, rank-major). `send` may lie inside `recv` (in place).
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_all_gather(c: *mut flatshard_comm, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_all_gather(
+    c: *mut flatshard_comm,
+    send: *const c_void,
+    recv: *mut c_void,
+    count_per_rank: u64,
+    dt: DtypeArg,
+) -> flatshard_status {
     boundary("flatshard_all_gather", || {
         let c = comm_ref(c, "c")?;
         let dt = dtype(dt, "dt")?;
@@ -363,9 +382,13 @@ pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatsha
     })
 }
 
-/// Free a communicator (NULL is a no-op). Peers blocked on this rank get
-/// PEER_LOST. Rank 0's store lives until its last communicator is freed.
+/// Release the caller's reference to a communicator (NULL is a no-op). The
+/// handle is invalid afterwards. Flat params and averagers built on it hold
+/// their own references and keep working; the communicator closes when the
+/// last of them is freed (then peers blocked on this rank get PEER_LOST).
+/// Rank 0's store lives until its last communicator is closed. Not
+/// thread-safe with other calls on the same handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_free(c: *mut flatshard_comm) {
-    boundary_value((), || handle::free::<Comm, _>(c));
+    boundary_value((), || handle::free::<Arc<Comm>, _>(c));
 }

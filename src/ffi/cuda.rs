@@ -2,7 +2,6 @@
 
 use super::comm::{comm_ref, flatshard_comm};
 #[cfg(feature = "cuda")]
-use super::handle;
 use super::{boundary, need, types::*};
 #[cfg(feature = "cuda")]
 use crate::comm::Comm;
@@ -39,7 +38,7 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
         #[cfg(feature = "cuda")]
         {
             let c = Comm::init_nccl(&addr, master_port, rank, world_size, cuda_device, cuda_stream, opts)?;
-            *out = handle::into_raw::<Comm, flatshard_comm>(c);
+            super::comm::publish(c, out);
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]
@@ -58,7 +57,12 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
 /// from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
 /// the one already loaded in the process (libnccl.so.2), else the search path.
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_comm_wrap_nccl(nccl_comm: *mut c_void, cuda_device: i32, cuda_stream: *mut c_void, out: *mut *mut flatshard_comm) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
+    nccl_comm: *mut c_void,
+    cuda_device: i32,
+    cuda_stream: *mut c_void,
+    out: *mut *mut flatshard_comm,
+) -> flatshard_status {
     boundary("flatshard_comm_wrap_nccl", || {
         need(out, "out")?;
         need(nccl_comm, "nccl_comm")?;
@@ -66,7 +70,7 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(nccl_comm: *mut c_void, cuda_d
         {
             let b = crate::comm::nccl::NcclBackend::wrap(nccl_comm, cuda_device, cuda_stream, crate::comm::CommOptions::default().timeout)?;
             let c = Comm::from_backend(Box::new(b), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
-            *out = handle::into_raw::<Comm, flatshard_comm>(c);
+            super::comm::publish(c, out);
             Ok(())
         }
         #[cfg(not(feature = "cuda"))]

@@ -1,17 +1,17 @@
 //! C API §4: flat parameters (FSDP-style sharding). Converts pointers and
 //! options, then calls `crate::flat_param::FlatParam`.
 //!
-//! Lifetime rule: a flat param remembers the `comm` (and `replicate_comm`)
-//! handles it was built with and uses them in every collective call; they must
-//! stay alive until `flatshard_flat_param_free` (as with NCCL). A freed comm is
-//! usually detected (INVALID_ARGUMENT), but that is a courtesy, not a promise.
+//! Lifetime rule: a flat param holds its own references to the `comm` (and
+//! `replicate_comm`) it was built with, so the caller may free those handles
+//! first; the communicators close when the flat param is freed.
 
-use super::comm::{comm_ref, dtype, flatshard_comm};
+use super::comm::{comm_arc, comm_ref, dtype, flatshard_comm};
 use super::handle::{self, Kind};
 use super::{boundary, boundary_value, check_struct_size, need, types::*};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
 use crate::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
+use std::sync::Arc;
 
 /// Opaque flat parameter handle.
 pub struct flatshard_flat_param {
@@ -39,8 +39,9 @@ pub struct flatshard_flat_param_options {
     /// (default: param_dtype if set, else the params' dtype).
     pub has_reduce_dtype: i32,
     pub reduce_dtype: DtypeArg,
-    /// HYBRID_SHARD: the ranks holding the same shard. Borrowed: must outlive
-    /// the flat param. Ignored for the other strategies.
+    /// HYBRID_SHARD: the ranks holding the same shard. The flat param keeps
+    /// its own reference (the handle may be freed first). Ignored for the
+    /// other strategies.
     pub replicate_comm: *mut flatshard_comm,
 }
 
@@ -64,25 +65,13 @@ pub struct flatshard_unshard_options {
 
 struct Handle {
     fp: FlatParam,
-    comm: *const flatshard_comm,
-    replicate: *const flatshard_comm,
+    comm: Arc<Comm>,
+    replicate: Option<Arc<Comm>>,
 }
 
 impl Kind for Handle {
     const TAG: u64 = 0x464c_5348_464c_4154; // "FLSHFLAT"
     const NAME: &'static str = "flatshard_flat_param";
-}
-
-impl Handle {
-    unsafe fn comm<'a>(&self) -> Result<&'a Comm> {
-        comm_ref(self.comm, "the flat param's comm (must outlive the flat param)")
-    }
-    unsafe fn replicate<'a>(&self) -> Result<Option<&'a Comm>> {
-        if self.replicate.is_null() {
-            return Ok(None);
-        }
-        comm_ref(self.replicate, "the flat param's replicate_comm (must outlive the flat param)").map(Some)
-    }
 }
 
 unsafe fn fp_mut<'a>(fp: *mut flatshard_flat_param) -> Result<&'a mut Handle> {
@@ -134,8 +123,8 @@ pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshar
 /// for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, all in
 /// host memory or all on one CUDA device) in order, shards them and copies this rank's shard out of the
 /// caller's tensors; afterwards the caller's buffers are not referenced (their
-/// `grad` pointers are ignored). `comm` and `replicate_comm` are borrowed and
-/// must outlive the flat param. On success `*out` owns the flat param; free it
+/// `grad` pointers are ignored). The flat param holds its own references to
+/// `comm` and `replicate_comm`: their handles may be freed before it. On success `*out` owns the flat param; free it
 /// with flatshard_flat_param_free.
 /// INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
 /// dtype, bad options (message names the first offending index / field);
@@ -152,52 +141,52 @@ pub unsafe extern "C" fn flatshard_flat_param_new(
 ) -> flatshard_status {
     boundary("flatshard_flat_param_new", || {
         need(out, "out")?;
-        let c = comm_ref(comm, "comm")?;
-        let (inputs, o, replicate, rep) = match parse_new_args(params, n_params, opts) {
+        let comm = comm_arc(comm, "comm")?;
+        let (inputs, o, replicate) = match parse_new_args(params, n_params, opts) {
             Ok(v) => v,
-            Err(e) => return Err(FlatParam::fail_new(c, e)),
+            Err(e) => return Err(FlatParam::fail_new(&comm, e)),
         };
-        let fp = FlatParam::new(c, rep, &inputs, &o)?;
+        let fp = FlatParam::new(&comm, replicate.as_deref(), &inputs, &o)?;
         *out = handle::into_raw::<Handle, flatshard_flat_param>(Handle { fp, comm, replicate });
         Ok(())
     })
 }
 
-type NewArgs<'a> = (Vec<ParamInput<'a>>, FlatParamOptions, *const flatshard_comm, Option<&'a Comm>);
+type NewArgs<'a> = (Vec<ParamInput<'a>>, FlatParamOptions, Option<Arc<Comm>>);
 
 unsafe fn parse_new_args<'a>(params: *const flatshard_tensor, n_params: u64, opts: *const flatshard_flat_param_options) -> Result<NewArgs<'a>> {
-        let mut o = FlatParamOptions::default();
-        let mut replicate: *const flatshard_comm = std::ptr::null();
-        if !opts.is_null() {
-            let r = &*opts;
-            check_struct_size("flatshard_flat_param_options", r.struct_size, std::mem::size_of::<flatshard_flat_param_options>())?;
-            o.sharding = Sharding::from_raw(r.sharding.0 as i64, "options.sharding")?;
-            o.align_params = flag(r.align_params, "options.align_params")?;
-            o.sync_from_rank0 = flag(r.sync_from_rank0, "options.sync_from_rank0")?;
-            if flag(r.has_param_dtype, "options.has_param_dtype")? {
-                o.param_dtype = Some(dtype(r.param_dtype, "options.param_dtype")?);
-            }
-            if flag(r.has_reduce_dtype, "options.has_reduce_dtype")? {
-                o.reduce_dtype = Some(dtype(r.reduce_dtype, "options.reduce_dtype")?);
-            }
-            if o.sharding == Sharding::HybridShard {
-                replicate = r.replicate_comm;
-            }
+    let mut o = FlatParamOptions::default();
+    let mut replicate: *const flatshard_comm = std::ptr::null();
+    if !opts.is_null() {
+        let r = &*opts;
+        check_struct_size("flatshard_flat_param_options", r.struct_size, std::mem::size_of::<flatshard_flat_param_options>())?;
+        o.sharding = Sharding::from_raw(r.sharding.0 as i64, "options.sharding")?;
+        o.align_params = flag(r.align_params, "options.align_params")?;
+        o.sync_from_rank0 = flag(r.sync_from_rank0, "options.sync_from_rank0")?;
+        if flag(r.has_param_dtype, "options.has_param_dtype")? {
+            o.param_dtype = Some(dtype(r.param_dtype, "options.param_dtype")?);
         }
-        let rep = if replicate.is_null() { None } else { Some(comm_ref(replicate, "options.replicate_comm")?) };
-        if n_params > 0 {
-            need(params, "params")?;
+        if flag(r.has_reduce_dtype, "options.has_reduce_dtype")? {
+            o.reduce_dtype = Some(dtype(r.reduce_dtype, "options.reduce_dtype")?);
         }
-        let n = usize::try_from(n_params).map_err(|_| Error::invalid_arg(format!("n_params: {n_params} is too large")))?;
-        let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(params, n) };
-        let mut inputs = Vec::with_capacity(n);
-        for (i, t) in ts.iter().enumerate() {
-            let t = tensor_from_c(t, &format!("params[{i}]"))?;
-            // The tensor's memory is the caller's; FlatParam::new checks it
-            // (NULL, host vs device) before reading it.
-            inputs.push(ParamInput::raw(t.data, t.numel, t.dtype, t.device));
+        if o.sharding == Sharding::HybridShard {
+            replicate = r.replicate_comm;
         }
-        Ok((inputs, o, replicate, rep))
+    }
+    let rep = if replicate.is_null() { None } else { Some(comm_arc(replicate, "options.replicate_comm")?) };
+    if n_params > 0 {
+        need(params, "params")?;
+    }
+    let n = usize::try_from(n_params).map_err(|_| Error::invalid_arg(format!("n_params: {n_params} is too large")))?;
+    let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(params, n) };
+    let mut inputs = Vec::with_capacity(n);
+    for (i, t) in ts.iter().enumerate() {
+        let t = tensor_from_c(t, &format!("params[{i}]"))?;
+        // The tensor's memory is the caller's; FlatParam::new checks it
+        // (NULL, host vs device) before reading it.
+        inputs.push(ParamInput::raw(t.data, t.numel, t.dtype, t.device));
+    }
+    Ok((inputs, o, rep))
 }
 
 /// Σ param numels, no padding; 0 for NULL.
@@ -288,8 +277,7 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
     boundary("flatshard_flat_param_unshard", || {
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
-        let c = h.comm()?;
-        h.fp.unshard(c, o)
+        h.fp.unshard(&h.comm, o)
     })
 }
 
@@ -325,8 +313,7 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
 pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_reshard", || {
         let h = fp_mut(fp)?;
-        let c = h.comm()?;
-        h.fp.reshard(c)
+        h.fp.reshard(&h.comm)
     })
 }
 
@@ -342,8 +329,7 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_reduce_grads", || {
         let h = fp_mut(fp)?;
-        let (c, r) = (h.comm()?, h.replicate()?);
-        h.fp.reduce_grads(c, r)
+        h.fp.reduce_grads(&h.comm, h.replicate.as_deref())
     })
 }
 
@@ -353,8 +339,7 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_zero_grad", || {
         let h = fp_mut(fp)?;
-        let c = h.comm()?;
-        h.fp.zero_grad(c)
+        h.fp.zero_grad(&h.comm)
     })
 }
 
@@ -372,11 +357,7 @@ pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param
 /// INVALID_STATE) and, if it was built with a replicate_comm, built with this
 /// one (else INVALID_ARGUMENT). Ranks must pass the same layouts (MISMATCH).
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_average_flat_params(
-    replicate_comm: *mut flatshard_comm,
-    fps: *const *mut flatshard_flat_param,
-    n: u64,
-) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flatshard_comm, fps: *const *mut flatshard_flat_param, n: u64) -> flatshard_status {
     boundary("flatshard_average_flat_params", || {
         let rc = comm_ref(replicate_comm, "replicate_comm")?;
         if n > 0 {
@@ -390,10 +371,8 @@ pub unsafe extern "C" fn flatshard_average_flat_params(
                 return Err(Error::invalid_arg(format!("fps[{i}] repeats an earlier entry")));
             }
             let h = handle::get_mut::<Handle, _>(*p, &format!("fps[{i}]"))?;
-            if !h.replicate.is_null() && !std::ptr::eq(h.replicate, replicate_comm) {
-                return Err(Error::invalid_arg(format!(
-                    "fps[{i}] was built with a different replicate_comm than the one passed here"
-                )));
+            if h.replicate.as_deref().is_some_and(|r| !std::ptr::eq(r, rc)) {
+                return Err(Error::invalid_arg(format!("fps[{i}] was built with a different replicate_comm than the one passed here")));
             }
             handles.push(&mut h.fp);
         }

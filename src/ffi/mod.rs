@@ -11,8 +11,8 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod averaging;
-pub mod cuda;
 pub mod comm;
+pub mod cuda;
 pub mod flat_param;
 pub mod handle;
 pub mod types;
@@ -65,11 +65,8 @@ pub(crate) fn boundary(func: &str, f: impl FnOnce() -> Result<()>) -> flatshard_
             status_of(e.kind)
         }
         Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what =
+                p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
             set_last_error(&format!("{func}: internal error (a bug in flatshard, please report): {what}"));
             flatshard_status::FLATSHARD_ERR_INTERNAL
         }
@@ -96,18 +93,13 @@ pub(crate) unsafe fn opt_str(p: *const c_char, name: &str) -> Result<Option<Stri
     if p.is_null() {
         return Ok(None);
     }
-    CStr::from_ptr(p)
-        .to_str()
-        .map(|s| Some(s.to_string()))
-        .map_err(|_| Error::invalid_arg(format!("{name} is not valid UTF-8")))
+    CStr::from_ptr(p).to_str().map(|s| Some(s.to_string())).map_err(|_| Error::invalid_arg(format!("{name} is not valid UTF-8")))
 }
 
 /// Check an options struct's `struct_size`: 0 or a size this library knows.
 pub(crate) fn check_struct_size(name: &str, got: u32, known: usize) -> Result<()> {
     if got != 0 && got as usize != known {
-        return Err(Error::invalid_arg(format!(
-            "{name}.struct_size is {got}; this library knows {known} (or 0): call {name}_init() before setting fields"
-        )));
+        return Err(Error::invalid_arg(format!("{name}.struct_size is {got}; this library knows {known} (or 0): call {name}_init() before setting fields")));
     }
     Ok(())
 }

@@ -161,9 +161,8 @@ pub struct flatshard_collectives {
     pub ctx: *mut c_void,
     pub all_reduce: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> i32>,
     pub all_gather: Option<unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg) -> i32>,
-    pub reduce_scatter: Option<
-        unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg, op: ReduceOpArg) -> i32,
-    >,
+    pub reduce_scatter:
+        Option<unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg, op: ReduceOpArg) -> i32>,
     pub broadcast: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> i32>,
     pub barrier: Option<unsafe extern "C" fn(ctx: *mut c_void) -> i32>,
     /// May be NULL.

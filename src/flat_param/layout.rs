@@ -161,14 +161,7 @@ mod tests {
     fn shard_view_table() {
         // the 86/43 example: (param, rank) → (offset in shard, offset in param, numel)
         let l = Layout::new(&[21, 35, 25], Some(4), 2, 2).unwrap();
-        let table = [
-            (0, 0, (0, 0, 21)),
-            (1, 0, (24, 0, 19)),
-            (2, 0, (0, 0, 0)),
-            (0, 1, (0, 0, 0)),
-            (1, 1, (0, 19, 16)),
-            (2, 1, (17, 0, 25)),
-        ];
+        let table = [(0, 0, (0, 0, 21)), (1, 0, (24, 0, 19)), (2, 0, (0, 0, 0)), (0, 1, (0, 0, 0)), (1, 1, (0, 19, 16)), (2, 1, (17, 0, 25))];
         for (i, r, (os, op, n)) in table {
             assert_eq!(l.shard_view(i, r), ShardView { offset_in_shard: os, offset_in_param: op, numel: n }, "param {i} rank {r}");
         }

@@ -202,9 +202,7 @@ mod recycle {
     fn limit() -> Result<usize, String> {
         static L: OnceLock<Result<usize, String>> = OnceLock::new();
         L.get_or_init(|| match std::env::var("FLATSHARD_HOST_CACHE_BYTES") {
-            Ok(v) if !v.trim().is_empty() => {
-                v.trim().parse().map_err(|_| format!("environment: FLATSHARD_HOST_CACHE_BYTES='{v}' is not a byte count"))
-            }
+            Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|_| format!("environment: FLATSHARD_HOST_CACHE_BYTES='{v}' is not a byte count")),
             _ => Ok(DEFAULT_LIMIT),
         })
         .clone()
@@ -402,7 +400,9 @@ impl<'c> Ops<'c> {
     /// Wait for the queued device work: through the NCCL communicator when it
     /// owns our stream (deadline, asynchronous errors), else a stream sync.
     fn sync(&mut self) -> Result<()> {
-        let Some(dev) = self.pending.take() else { return Ok(()) };
+        let Some(dev) = self.pending.take() else {
+            return Ok(());
+        };
         let r = match self.comm {
             Some(c) if c.is_device() && c.stream() == self.stream => c.synchronize(),
             _ => cuda::stream_sync(dev, self.stream),

@@ -42,9 +42,7 @@ impl Sharding {
             1 => Ok(Sharding::ShardGradOp),
             2 => Ok(Sharding::NoShard),
             3 => Ok(Sharding::HybridShard),
-            _ => Err(Error::invalid_arg(format!(
-                "{what}: {v} is not a flatshard_sharding (valid: 0..=3, FLATSHARD_FULL_SHARD..FLATSHARD_HYBRID_SHARD)"
-            ))),
+            _ => Err(Error::invalid_arg(format!("{what}: {v} is not a flatshard_sharding (valid: 0..=3, FLATSHARD_FULL_SHARD..FLATSHARD_HYBRID_SHARD)"))),
         }
     }
 }
@@ -322,18 +320,14 @@ impl FlatParam {
         let mut ops = Ops::new(c);
         ops.all_gather_host(c, &send, &mut recv, DType::I64)?;
         ops.finish()?;
-        let all: Vec<Vec<u64>> = recv
-            .chunks_exact(8 * DESC_WORDS)
-            .map(|b| b.chunks_exact(8).map(|x| u64::from_le_bytes(x.try_into().expect("8"))).collect())
-            .collect();
+        let all: Vec<Vec<u64>> =
+            recv.chunks_exact(8 * DESC_WORDS).map(|b| b.chunks_exact(8).map(|x| u64::from_le_bytes(x.try_into().expect("8"))).collect()).collect();
         let me = c.rank();
         if let Some(bad) = all.iter().position(|d| d[0] == 0) {
             if all[me][0] == 0 {
                 return Ok(()); // our own error is reported by the caller
             }
-            return Err(Error::mismatch(format!(
-                "rank {me}: flat_param_new failed on rank {bad} of {which} (invalid arguments there; see its error)"
-            )));
+            return Err(Error::mismatch(format!("rank {me}: flat_param_new failed on rank {bad} of {which} (invalid arguments there; see its error)")));
         }
         let what = |d: &Vec<u64>| {
             let dt = DType::from_raw(d[2] as i64, "dtype").map(|d| d.name()).unwrap_or("?");
@@ -620,9 +614,10 @@ impl FlatParam {
         let i = self.check_index(i, "view")?;
         let rank = self.rank();
         let padded = self.layout.padded_numel();
-        let st = self.state.as_mut().ok_or_else(|| {
-            Error::invalid_state(format!("view: rank {rank}: the flat param is sharded; call flatshard_flat_param_unshard first"))
-        })?;
+        let st = self
+            .state
+            .as_mut()
+            .ok_or_else(|| Error::invalid_state(format!("view: rank {rank}: the flat param is sharded; call flatshard_flat_param_unshard first")))?;
         let es = st.dtype.size();
         let off = self.layout.offsets[i] as usize * es;
         let data = match &st.full {
@@ -820,7 +815,9 @@ impl FlatParam {
             // No view was taken here: this rank contributes zeros.
             st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
         }
-        let FullGrad::Owned(g) = &st.grad else { return Err(Error::internal("reduce_grads: training grad not owned")) };
+        let FullGrad::Owned(g) = &st.grad else {
+            return Err(Error::internal("reduce_grads: training grad not owned"));
+        };
         let (g, gd) = (g.region(), st.dtype);
         let rd = self.opts.reduce_dtype.or(self.opts.param_dtype).unwrap_or(self.dtype);
         let mut ops = Ops::new(comm);
