@@ -42,9 +42,10 @@
 //! averaged, one may be divided by n); their addresses and dtypes never change.
 
 use crate::comm::Comm;
+use crate::convert::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
-use crate::reduce::{bf16_bits_to_f32, f32_to_bf16_bits, reduce_n_raw};
+use crate::reduce::reduce_n_raw;
 use crate::tensor::TensorRef;
 use std::sync::mpsc;
 
@@ -387,8 +388,8 @@ unsafe fn divide_into(dst: *mut u8, src: *const u8, n: usize, dt: DType, world: 
             for i in 0..n {
                 // SAFETY: i < n: element i of the n-element input (u16) and output (f32); unaligned access.
                 unsafe {
-                    let x = half::f16::from_bits(inp.add(i).read_unaligned()).to_f32();
-                    out.add(i).write_unaligned(half::f16::from_f32(x / w).to_f32());
+                    let x = f16_bits_to_f32(inp.add(i).read_unaligned());
+                    out.add(i).write_unaligned(f16_bits_to_f32(f32_to_f16_bits(x / w)));
                 }
             }
         }
@@ -419,7 +420,7 @@ unsafe fn store_from(dst: *mut u8, src: *const u8, n: usize, dt: DType) {
         DType::F16 => {
             for i in 0..n {
                 // SAFETY: i < n: element i of the n-element input (f32) and output (u16); unaligned access.
-                unsafe { out.add(i).write_unaligned(half::f16::from_f32(inp.add(i).read_unaligned()).to_bits()) };
+                unsafe { out.add(i).write_unaligned(f32_to_f16_bits(inp.add(i).read_unaligned())) };
             }
         }
         DType::BF16 => {
