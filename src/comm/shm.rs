@@ -403,11 +403,7 @@ fn reached(v: u32, target: u32) -> bool {
     (v.wrapping_sub(target) as i32) >= 0
 }
 
-/// Element range [start, len) in bytes of part c when `n` elements are split in `w`.
-fn part(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
-    let (base, rem) = (n / w, n % w);
-    (es * (c * base + c.min(rem)), es * (base + usize::from(c < rem)))
-}
+use super::backend::chunk_range as part;
 
 /// all_reduce reduces our slice in pieces of this many bytes, each copied to
 /// the caller's buffer while it is still in cache.
