@@ -20,6 +20,8 @@ pub mod rendezvous;
 pub mod shm;
 pub mod store;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod wire;
 
 pub use backend::{Backend, DeviceCollectives, SelfBackend};
