@@ -67,20 +67,26 @@ impl Comm {
     /// Device pointers on this communicator's device, valid for `count` elements.
     pub unsafe fn dev_all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         op.check(dt)?;
-        self.run(|b| Self::dev(b)?.all_reduce(send, recv, count, dt, op))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.all_reduce(send, recv, count, dt, op) })
     }
 
     /// # Safety
     /// As `dev_all_reduce`; `recv` holds size × count elements.
     pub unsafe fn dev_all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()> {
-        self.run(|b| Self::dev(b)?.all_gather(send, recv, count, dt))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.all_gather(send, recv, count, dt) })
     }
 
     /// # Safety
     /// As `dev_all_reduce`; `send` holds size × count elements.
     pub unsafe fn dev_reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         op.check(dt)?;
-        self.run(|b| Self::dev(b)?.reduce_scatter(send, recv, count, dt, op))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.reduce_scatter(send, recv, count, dt, op) })
     }
 
     /// # Safety
@@ -89,7 +95,9 @@ impl Comm {
         if root < 0 || root as usize >= self.size() {
             return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", self.size())));
         }
-        self.run(|b| Self::dev(b)?.broadcast(buf, count, dt, root as usize))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.broadcast(buf, count, dt, root as usize) })
     }
 
     /// Issue the device collectives of `f` as one fused NCCL group.
