@@ -19,12 +19,15 @@ pub struct Comm {
     config: Arc<Config>,
     gid: String,
     splits: AtomicU64,
+    /// One order for every operation, and the progress thread (API §7).
+    pub(super) progress: super::progress::Engine,
 }
 
 impl Comm {
     /// The one constructor: a transport and what it belongs to.
     pub(super) fn assemble(backend: Box<dyn Backend>, abort: Arc<AtomicBool>, ctx: Option<Arc<JobCtx>>, config: Arc<Config>, gid: &str) -> Comm {
-        Comm { backend, abort, poisoned: Mutex::new(None), ctx, config, gid: gid.into(), splits: AtomicU64::new(0) }
+        let progress = super::progress::Engine::new(backend.rank());
+        Comm { backend, abort, poisoned: Mutex::new(None), ctx, config, gid: gid.into(), splits: AtomicU64::new(0), progress }
     }
 
     /// Wrap a backend that needs no rendezvous (user callbacks, NCCL wrap).
@@ -141,6 +144,8 @@ impl Comm {
 
     /// Run one collective with the poison rules of API.md §3.
     pub(crate) fn run<T>(&self, f: impl FnOnce(&dyn Backend) -> Result<T>) -> Result<T> {
+        // Behind the operations issued before this one (API §7 order).
+        let _turn = self.progress.turn();
         if let Some(why) = self.poisoned.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Err(Error::aborted(format!("rank {}: communicator unusable after an earlier failure ({why})", self.rank())));
         }

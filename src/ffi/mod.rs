@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod flat_param;
 pub mod handle;
 pub mod types;
+pub mod work;
 
 use crate::error::{Error, ErrorKind, Result};
 use std::cell::RefCell;
