@@ -582,7 +582,9 @@ flatshard_status flatshard_comm_abort(flatshard_comm *c);
  * handle is invalid afterwards. Flat params and averagers built on it hold
  * their own references and keep working; the communicator closes when the
  * last of them is freed (then peers blocked on this rank get PEER_LOST).
- * Rank 0's store lives until its last communicator is closed. Not
+ * Rank 0's store lives until its last communicator is closed. Queued
+ * asynchronous work (API §7) gets at most the communicator's timeout to
+ * finish, then is aborted (its work handles report ABORTED). Not
  * thread-safe with other calls on the same handle.
  */
 void flatshard_comm_free(flatshard_comm *c);

@@ -13,8 +13,8 @@ use super::{boundary, boundary_value, need, types::*};
 use crate::comm::progress::Work;
 use crate::comm::Comm;
 use crate::dtype::{DtypeArg, ReduceOp, ReduceOpArg};
-use crate::mem::{self, Region};
 use crate::error::{Error, ErrorKind, Result};
+use crate::mem::{self, Region};
 use std::ffi::c_void;
 use std::sync::Arc;
 
