@@ -85,8 +85,10 @@ def worker(rank, world, port, a, q):
     x = torch.randn(1, k)
 
     def step(fsdp, model, d):
-        for m in model:
-            m.d = d
+        # FSDP wraps each Layer in place: set the sleep on the Layers themselves
+        for m in fsdp.modules():
+            if isinstance(m, Layer):
+                m.d = d
         fsdp(x).sum().backward()
         fsdp.zero_grad(set_to_none=True)
 

@@ -441,6 +441,11 @@ impl Comm {
     /// NCCL: wait for a recorded event with the deadline (asynchronous
     /// errors reported, the communicator aborted on timeout).
     pub(crate) fn wait_event(&self, ev: &crate::cuda::event::Event) -> Result<()> {
+        // Work that finished before a later failure poisoned the
+        // communicator still reports success.
+        if ev.query()? {
+            return Ok(());
+        }
         self.run(|b| {
             let d = b.device().ok_or_else(|| Error::internal("device work on a host communicator"))?;
             d.wait_event(ev)
