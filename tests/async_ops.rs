@@ -368,7 +368,7 @@ fn flat_param_async_rules() {
         let mine = if r == 0 { a } else { b };
         ok(flatshard_flat_param_unshard_async(mine, std::ptr::null(), &mut w), "mismatched unshard_async");
         assert_eq!(wait(w), FLATSHARD_ERR_MISMATCH, "different flat params must be MISMATCH");
-        assert!(last_error().contains("different operations"), "{}", last_error());
+        assert!(last_error().contains("flat param (creation order)"), "{}", last_error());
         assert_eq!(wait(w), FLATSHARD_ERR_MISMATCH, "waiting twice returns the same status");
         flatshard_work_free(w);
         // ...the flat param is sharded again with its shard intact

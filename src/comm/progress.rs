@@ -301,6 +301,12 @@ impl WorkInner {
     }
 }
 
+/// Errors an asynchronous call reports itself (API §7) rather than through
+/// its work: its arguments and the caller's state.
+pub fn is_call_error(e: &Error) -> bool {
+    matches!(e.kind, crate::error::ErrorKind::InvalidArgument | crate::error::ErrorKind::InvalidState | crate::error::ErrorKind::Unsupported)
+}
+
 /// One issued operation's status (the object behind `flatshard_work`).
 #[derive(Clone)]
 pub struct Work {
@@ -406,6 +412,27 @@ impl Comm {
     pub(crate) fn submit(&self, job: JobFn) -> Result<Work> {
         self.check_usable()?;
         self.progress.submit(job)
+    }
+
+    /// Issue one collective whose arguments were checked: it runs in the
+    /// communicator's order, on the progress thread for host communicators;
+    /// on NCCL ones at once (stream-ordered), followed by a CUDA event the
+    /// work waits for.
+    pub fn issue(self: &Arc<Self>, run: impl FnOnce(&Comm) -> Result<()> + Send + 'static) -> Result<Work> {
+        self.check_usable()?;
+        if self.is_device() {
+            return match run(self) {
+                Ok(()) => {
+                    let dev = self.device_index().ok_or_else(|| Error::internal("NCCL communicator without a device"))?;
+                    let ev = crate::cuda::event::Event::record(dev, self.stream())?;
+                    Ok(Work::device(self.clone(), ev))
+                }
+                Err(e) if is_call_error(&e) => Err(e),
+                Err(e) => Ok(Work::finished(Err(e))),
+            };
+        }
+        let comm = self.clone();
+        self.submit(Box::new(move || run(&comm)))
     }
 
     /// ABORTED if the communicator was aborted or poisoned.

@@ -8,11 +8,11 @@
 use super::comm::{comm_arc, comm_ref, dtype, flatshard_comm};
 use super::handle::{self, Kind};
 use super::{boundary, boundary_value, check_struct_size, need, types::*};
-use crate::comm::progress::Work;
 use crate::comm::Comm;
 use crate::error::{Error, Result};
+use crate::flat_param::shared::SharedFlatParam;
 use crate::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 
 /// Opaque flat parameter handle.
 pub struct flatshard_flat_param {
@@ -64,37 +64,11 @@ pub struct flatshard_unshard_options {
     pub with_grads: i32,
 }
 
+/// The C handle: a flat param with its communicators and in-flight work
+/// (`crate::flat_param::shared`); calls that need the flat param go through
+/// `settled()`, which waits for that work first (API §7).
 pub(crate) struct Handle {
-    /// Shared with the progress thread while an asynchronous operation on
-    /// this flat param is in flight; use `settled()`, which waits for it.
-    fp: Arc<Mutex<FlatParam>>,
-    pub(crate) comm: Arc<Comm>,
-    pub(crate) replicate: Option<Arc<Comm>>,
-    /// The last asynchronous operation issued on it, until a call waits for it.
-    inflight: Option<Work>,
-    /// Same on every rank that built it in the same order (MISMATCH check
-    /// of asynchronous operations).
-    id: u64,
-    /// numel, padded numel, shard numel (read without waiting).
-    sizes: [u64; 3],
-}
-
-impl Handle {
-    fn new(fp: FlatParam, comm: Arc<Comm>, replicate: Option<Arc<Comm>>) -> Handle {
-        let sizes = [fp.numel(), fp.padded_numel(), fp.shard_numel()];
-        let id = comm.next_object_id();
-        Handle { fp: Arc::new(Mutex::new(fp)), comm, replicate, inflight: None, id, sizes }
-    }
-
-    /// The flat param, after its in-flight work (if any) finished. Returns
-    /// that work's error if it failed and nobody was told yet (API §7); the
-    /// flat param then is as the failure left it.
-    pub(crate) fn settled(&mut self) -> Result<MutexGuard<'_, FlatParam>> {
-        if let Some(w) = self.inflight.take() {
-            w.settle()?;
-        }
-        Ok(self.fp.lock().unwrap_or_else(|p| p.into_inner()))
-    }
+    pub(crate) fp: SharedFlatParam,
 }
 
 impl Kind for Handle {
@@ -175,7 +149,7 @@ pub unsafe extern "C" fn flatshard_flat_param_new(
             Err(e) => return Err(FlatParam::fail_new(&comm, e)),
         };
         let fp = FlatParam::new(&comm, replicate.as_deref(), &inputs, &o)?;
-        *out = handle::into_raw::<Handle, flatshard_flat_param>(Handle::new(fp, comm, replicate));
+        *out = handle::into_raw::<Handle, flatshard_flat_param>(Handle { fp: SharedFlatParam::new(fp, comm, replicate) });
         Ok(())
     })
 }
@@ -220,19 +194,19 @@ unsafe fn parse_new_args<'a>(params: *const flatshard_tensor, n_params: u64, opt
 /// Σ param numels, no padding; 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_numel(fp: *const flatshard_flat_param) -> u64 {
-    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.sizes[0]).unwrap_or(0))
+    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.numel()).unwrap_or(0))
 }
 
 /// c·W: elements of the unsharded buffer (with padding); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_padded_numel(fp: *const flatshard_flat_param) -> u64 {
-    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.sizes[1]).unwrap_or(0))
+    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.padded_numel()).unwrap_or(0))
 }
 
 /// c: elements of this rank's shard (SPEC §2); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_shard_numel(fp: *const flatshard_flat_param) -> u64 {
-    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.sizes[2]).unwrap_or(0))
+    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.shard_numel()).unwrap_or(0))
 }
 
 /// This rank's shard: `out->data` (c elements, library-owned, valid until
@@ -243,7 +217,7 @@ pub unsafe extern "C" fn flatshard_flat_param_shard(fp: *mut flatshard_flat_para
     boundary("flatshard_flat_param_shard", || {
         let h = fp_mut(fp)?;
         need(out, "out")?;
-        *out = tensor_to_c(&h.settled()?.shard());
+        *out = tensor_to_c(&h.fp.settled()?.shard());
         Ok(())
     })
 }
@@ -264,7 +238,7 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_view(
         let h = fp_mut(fp)?;
         need(out, "out")?;
         need(offset_in_param, "offset_in_param")?;
-        let (t, off) = h.settled()?.shard_view(i)?;
+        let (t, off) = h.fp.settled()?.shard_view(i)?;
         *out = tensor_to_c(&t);
         *offset_in_param = off;
         Ok(())
@@ -305,8 +279,8 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
     boundary("flatshard_flat_param_unshard", || {
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
-        let comm = h.comm.clone();
-        let mut fp = h.settled()?;
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
         fp.unshard(&comm, o)
     })
 }
@@ -324,7 +298,7 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
     boundary("flatshard_flat_param_view", || {
         let h = fp_mut(fp)?;
         need(out, "out")?;
-        *out = tensor_to_c(&h.settled()?.view(i)?);
+        *out = tensor_to_c(&h.fp.settled()?.view(i)?);
         Ok(())
     })
 }
@@ -343,8 +317,8 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
 pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_reshard", || {
         let h = fp_mut(fp)?;
-        let comm = h.comm.clone();
-        let mut fp = h.settled()?;
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
         fp.reshard(&comm)
     })
 }
@@ -361,8 +335,8 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_reduce_grads", || {
         let h = fp_mut(fp)?;
-        let (comm, rep) = (h.comm.clone(), h.replicate.clone());
-        let mut fp = h.settled()?;
+        let (comm, rep) = (h.fp.comm().clone(), h.fp.replicate().cloned());
+        let mut fp = h.fp.settled()?;
         fp.reduce_grads(&comm, rep.as_deref())
     })
 }
@@ -373,8 +347,8 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_zero_grad", || {
         let h = fp_mut(fp)?;
-        let comm = h.comm.clone();
-        let mut fp = h.settled()?;
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
         fp.zero_grad(&comm)
     })
 }
@@ -386,9 +360,7 @@ pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param
     boundary_value((), || {
         // In-flight work first (API §7); its status stays with its work handle.
         if let Ok(h) = fp_mut(fp) {
-            if let Some(w) = h.inflight.take() {
-                let _ = w.wait_quiet();
-            }
+            h.fp.wait_quiet();
         }
         handle::free::<Handle, _>(fp)
     });
@@ -415,72 +387,14 @@ pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flat
                 return Err(Error::invalid_arg(format!("fps[{i}] repeats an earlier entry")));
             }
             let h = handle::get_mut::<Handle, _>(*p, &format!("fps[{i}]"))?;
-            if h.replicate.as_deref().is_some_and(|r| !std::ptr::eq(r, rc)) {
+            if h.fp.replicate().is_some_and(|r| !std::ptr::eq(&**r, rc)) {
                 return Err(Error::invalid_arg(format!("fps[{i}] was built with a different replicate_comm than the one passed here")));
             }
-            guards.push(h.settled()?);
+            guards.push(h.fp.settled()?);
         }
         let mut handles: Vec<&mut FlatParam> = guards.iter_mut().map(|g| &mut **g).collect();
         crate::averaging::average_flat_params(rc, &mut handles)
     })
-}
-
-/// What an asynchronous flat-param operation is, as the ranks compare it.
-fn op_code(kind: u64, o: &UnshardOptions) -> u64 {
-    kind | (o.writeback as u64) << 8 | (o.rank0_only as u64) << 9 | (o.offload_to_cpu as u64) << 10 | (o.with_grads as u64) << 11
-}
-
-fn describe_op(id: u64, code: u64) -> String {
-    let what = match code & 0xff {
-        1 => "unshard_async",
-        2 => "reduce_grads_async",
-        _ => "an unknown operation",
-    };
-    format!("{what} (options {:#x}) on flat param #{id}", code >> 8)
-}
-
-/// Before an asynchronous flat-param operation moves data, the ranks compare
-/// (flat param, operation, options): ranks that issued different sequences
-/// get MISMATCH instead of exchanging the wrong buffers.
-fn agree_op(comm: &Comm, id: u64, code: u64) -> Result<()> {
-    let mut mine = [0u8; 16];
-    mine[..8].copy_from_slice(&id.to_le_bytes());
-    mine[8..].copy_from_slice(&code.to_le_bytes());
-    let mut all = vec![0u8; 16 * comm.size()];
-    comm.all_gather(&mine, &mut all, crate::dtype::DType::I64)?;
-    for (r, theirs) in all.chunks_exact(16).enumerate() {
-        if theirs != mine {
-            let word = |i: usize| u64::from_le_bytes(theirs[i..i + 8].try_into().unwrap_or([0; 8]));
-            return Err(Error::mismatch(format!(
-                "rank {}: the ranks issued different operations: this rank {}, rank {r} {} (every rank must issue the same sequence)",
-                comm.rank(),
-                describe_op(id, code),
-                describe_op(word(0), word(8))
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The flat param's in-flight work, if it has not finished: the flat param
-/// then counts as unsharded. Finished work is waited for (its error, once).
-fn pending(h: &mut Handle) -> Result<bool> {
-    match &h.inflight {
-        Some(w) if !w.is_finished() => Ok(true),
-        Some(_) => h.settled().map(|_| false),
-        None => Ok(false),
-    }
-}
-
-/// Run an operation now instead of on the progress thread (NCCL
-/// communicators, whose device work is stream-ordered already, and
-/// HYBRID_SHARD, whose second communicator has its own order): the work is
-/// complete when the call returns, with the operation's peer errors in it.
-fn run_now(r: Result<()>) -> Result<Work> {
-    match r {
-        Err(e) if super::work::is_call_error(&e) => Err(e),
-        r => Ok(Work::finished(r)),
-    }
 }
 
 /// `flatshard_flat_param_unshard`, queued (API §7). Returns once the
@@ -506,30 +420,7 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
         need(out, "out")?;
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
-        if pending(h)? {
-            return Err(Error::invalid_state(format!(
-                "unshard_async: rank {}: the flat param counts as unsharded (an unshard_async or reduce_grads_async is in flight); reshard it first",
-                h.comm.rank()
-            )));
-        }
-        let comm = h.comm.clone();
-        let mut g = h.settled()?;
-        g.check_unshard(&comm)?;
-        comm.check_usable()?;
-        let w = if comm.is_device() {
-            let r = g.unshard(&comm, o);
-            drop(g);
-            run_now(r)?
-        } else {
-            drop(g);
-            let (fpm, c, id) = (h.fp.clone(), comm.clone(), h.id);
-            comm.submit(Box::new(move || {
-                agree_op(&c, id, op_code(1, &o))?;
-                fpm.lock().unwrap_or_else(|p| p.into_inner()).unshard(&c, o)
-            }))?
-        };
-        h.inflight = Some(w.clone());
-        super::work::publish_work(w, out);
+        super::work::publish_work(h.fp.unshard_async(o)?, out);
         Ok(())
     })
 }
@@ -553,24 +444,7 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads_async(
     boundary("flatshard_flat_param_reduce_grads_async", || {
         need(out, "out")?;
         let h = fp_mut(fp)?;
-        let (comm, rep) = (h.comm.clone(), h.replicate.clone());
-        let mut g = h.settled()?;
-        g.check_reduce_grads(&comm, rep.as_deref())?;
-        comm.check_usable()?;
-        let w = if comm.is_device() || rep.is_some() {
-            let r = g.reduce_grads(&comm, rep.as_deref());
-            drop(g);
-            run_now(r)?
-        } else {
-            drop(g);
-            let (fpm, c, id) = (h.fp.clone(), comm.clone(), h.id);
-            comm.submit(Box::new(move || {
-                agree_op(&c, id, op_code(2, &UnshardOptions::default()))?;
-                fpm.lock().unwrap_or_else(|p| p.into_inner()).reduce_grads(&c, None)
-            }))?
-        };
-        h.inflight = Some(w.clone());
-        super::work::publish_work(w, out);
+        super::work::publish_work(h.fp.reduce_grads_async()?, out);
         Ok(())
     })
 }

@@ -11,12 +11,10 @@ use super::comm::{comm_arc, dtype, flatshard_comm, region, times_size};
 use super::handle::{self, Kind};
 use super::{boundary, boundary_value, need, types::*};
 use crate::comm::progress::Work;
-use crate::comm::Comm;
 use crate::dtype::{DtypeArg, ReduceOp, ReduceOpArg};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::mem::{self, Region};
 use std::ffi::c_void;
-use std::sync::Arc;
 
 /// Opaque work handle: one queued operation.
 pub struct flatshard_work {
@@ -49,31 +47,6 @@ impl SendRegion {
     }
 }
 
-/// Errors a call reports itself rather than through its work.
-pub(crate) fn is_call_error(e: &Error) -> bool {
-    matches!(e.kind, ErrorKind::InvalidArgument | ErrorKind::InvalidState | ErrorKind::Unsupported)
-}
-
-/// Issue one collective whose arguments were checked: it runs in the
-/// communicator's order (on the progress thread for host communicators; at
-/// once, stream-ordered, on NCCL ones, followed by an event).
-pub(crate) fn issue(c: &Arc<Comm>, run: impl FnOnce(&Comm) -> Result<()> + Send + 'static) -> Result<Work> {
-    c.check_usable()?;
-    if c.is_device() {
-        return match run(c) {
-            Ok(()) => {
-                let dev = c.device_index().ok_or_else(|| Error::internal("NCCL communicator without a device"))?;
-                let ev = crate::cuda::event::Event::record(dev, c.stream())?;
-                Ok(Work::device(c.clone(), ev))
-            }
-            Err(e) if is_call_error(&e) => Err(e),
-            Err(e) => Ok(Work::finished(Err(e))),
-        };
-    }
-    let comm = c.clone();
-    c.submit(Box::new(move || run(&comm)))
-}
-
 fn reduce_op(o: ReduceOpArg) -> Result<ReduceOp> {
     ReduceOp::from_raw(o.0 as i64, "op")
 }
@@ -99,7 +72,7 @@ pub unsafe extern "C" fn flatshard_all_reduce_async(
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
         op.check(dt)?;
         let b = SendRegion(region(buf, count, dt, "buf")?);
-        let w = issue(&c, move |c| mem::collective(c, |ops| ops.all_reduce(c, b.get(), dt, op)))?;
+        let w = c.issue(move |c| mem::collective(c, |ops| ops.all_reduce(c, b.get(), dt, op)))?;
         publish_work(w, out);
         Ok(())
     })
@@ -122,7 +95,7 @@ pub unsafe extern "C" fn flatshard_all_gather_async(
         let dt = dtype(dt, "dt")?;
         let total = times_size(&c, count_per_rank)?;
         let (s, r) = (SendRegion(region(send, count_per_rank, dt, "send")?), SendRegion(region(recv, total, dt, "recv")?));
-        let w = issue(&c, move |c| mem::collective(c, |ops| ops.all_gather(c, s.get(), r.get(), dt)))?;
+        let w = c.issue(move |c| mem::collective(c, |ops| ops.all_gather(c, s.get(), r.get(), dt)))?;
         publish_work(w, out);
         Ok(())
     })
@@ -147,7 +120,7 @@ pub unsafe extern "C" fn flatshard_reduce_scatter_async(
         op.check(dt)?;
         let total = times_size(&c, count_per_rank)?;
         let (s, r) = (SendRegion(region(send, total, dt, "send")?), SendRegion(region(recv, count_per_rank, dt, "recv")?));
-        let w = issue(&c, move |c| mem::collective(c, |ops| ops.reduce_scatter(c, s.get(), r.get(), dt, op)))?;
+        let w = c.issue(move |c| mem::collective(c, |ops| ops.reduce_scatter(c, s.get(), r.get(), dt, op)))?;
         publish_work(w, out);
         Ok(())
     })
@@ -173,7 +146,7 @@ pub unsafe extern "C" fn flatshard_broadcast_async(
             return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", c.size())));
         }
         let b = SendRegion(region(buf, count, dt, "buf")?);
-        let w = issue(&c, move |c| mem::collective(c, |ops| ops.broadcast(c, b.get(), dt, root)))?;
+        let w = c.issue(move |c| mem::collective(c, |ops| ops.broadcast(c, b.get(), dt, root)))?;
         publish_work(w, out);
         Ok(())
     })

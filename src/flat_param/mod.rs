@@ -17,6 +17,7 @@
 //! seeing every chunk go by, which the ring/shm broadcast forwards anyway).
 
 pub mod layout;
+pub mod shared;
 
 use crate::agree;
 use crate::comm::Comm;
