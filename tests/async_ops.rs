@@ -381,6 +381,30 @@ fn flat_param_async_rules() {
         flatshard_work_free(w); // waits, does not report
         assert_eq!(flatshard_flat_param_view(other, 0, &mut t), FLATSHARD_ERR_MISMATCH);
         assert_eq!(flatshard_flat_param_view(other, 0, &mut t), FLATSHARD_ERR_INVALID_STATE);
+        // a failed reduce_grads_async leaves the shard gradient (and the full
+        // gradient) as they were: rank 0 reduces a, rank 1 reduces b
+        let (mut wa, mut wb) = (null_mut(), null_mut());
+        ok(flatshard_flat_param_unshard_async(a, std::ptr::null(), &mut wa), "unshard a");
+        ok(flatshard_flat_param_unshard_async(b, std::ptr::null(), &mut wb), "unshard b");
+        let mut ga: flatshard_tensor = std::mem::zeroed();
+        ok(flatshard_flat_param_view(mine, 0, &mut ga), "view");
+        std::slice::from_raw_parts_mut(ga.grad as *mut f32, 777).iter_mut().enumerate().for_each(|(i, g)| *g = i as f32);
+        ok(flatshard_flat_param_shard(mine, &mut sa), "shard");
+        // (b has no shard gradient yet: it must still have none afterwards)
+        let read_grad = |t: &flatshard_tensor| (!t.grad.is_null()).then(|| std::slice::from_raw_parts(t.grad as *const f32, t.numel as usize).to_vec());
+        let grad_before = read_grad(&sa);
+        ok(flatshard_flat_param_reduce_grads_async(mine, &mut w), "mismatched reduce_grads_async");
+        assert_eq!(wait(w), FLATSHARD_ERR_MISMATCH, "{}", last_error());
+        flatshard_work_free(w);
+        ok(flatshard_flat_param_shard(mine, &mut sa), "shard after failed reduce");
+        assert_eq!(read_grad(&sa), grad_before, "rank {r}: a failed reduce changed the shard grad");
+        ok(flatshard_flat_param_view(mine, 0, &mut ga), "view after failed reduce");
+        assert!(std::slice::from_raw_parts(ga.grad as *const f32, 777).iter().enumerate().all(|(i, g)| *g == i as f32), "full grad changed");
+        for (fp, wk) in [(a, wa), (b, wb)] {
+            ok(wait(wk), "unshard work");
+            flatshard_work_free(wk);
+            ok(flatshard_flat_param_reshard(fp), "reshard");
+        }
         // the communicator stays usable after MISMATCH
         let mut x = [1f32];
         ok(flatshard_all_reduce(c, x.as_mut_ptr() as *mut c_void, 1, F32, SUM), "usable after mismatch");
