@@ -73,7 +73,13 @@ pub(crate) unsafe fn parse_options(o: *const flatshard_comm_options) -> Result<C
     }
 }
 
-/// Zero-fill `*o` and set `o->struct_size`. NULL is ignored.
+/// Zero-fill `*o` and set `o->struct_size` (every option at its default).
+///
+/// Ownership: `*o` is the caller's; it is written during the call only.
+///
+/// Threads: any thread (the struct is the caller's).
+///
+/// Returns: nothing. NULL `o` is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_options_init(o: *mut flatshard_comm_options) {
     // SAFETY: `o` is NULL (ignored) or points to a writable options struct
@@ -114,9 +120,29 @@ pub(crate) fn publish(c: Comm, out: *mut *mut flatshard_comm) {
 
 /// Join a job of `world_size` ranks. Rank 0 serves the rendezvous store on
 /// `master_addr:master_port`; the others connect (retrying until the timeout,
-/// so start order does not matter). Collective over all ranks.
-/// On success `*out` owns a communicator; free it with flatshard_comm_free.
-/// INVALID_ARGUMENT (bad rank/size/port/options), TIMEOUT, AUTH, IO.
+/// so start order does not matter). Every FLATSHARD_* setting is read and
+/// checked before any traffic, and the job-wide ones are compared across ranks.
+/// A job of one rank opens no socket (`master_addr` may then be NULL).
+///
+/// Ownership: `master_addr` and `*opts` (and its strings) are read during the
+/// call only. On success `*out` owns a communicator: free it with
+/// flatshard_comm_free.
+///
+/// Threads: collective: every rank of the job calls it once, with its own rank.
+/// Any thread.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL out; NULL master_addr or master_port 0
+/// with world_size > 1; rank or world_size out of range; an address that does
+/// not resolve; bad options: struct_size, transport, bind_addr, a string that
+/// is not UTF-8; a malformed FLATSHARD_* setting on any rank, naming that rank;
+/// FLATSHARD_TRANSPORT_SHM with ranks on several hosts; FLATSHARD_SHM_CHUNK too
+/// small for world_size); MISMATCH (job-wide settings differ between ranks: the
+/// message names the variable and each rank's value; a peer speaks another
+/// protocol version); TIMEOUT (not every rank joined within timeout_ms); AUTH
+/// (a peer failed the job-token handshake); PEER_LOST (a peer closed or sent
+/// garbage during the rendezvous); IO (rank 0 cannot listen on
+/// master_addr:master_port, e.g. the port is taken; a socket or shared-memory
+/// call failed).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_init(
     master_addr: *const c_char,
@@ -139,7 +165,16 @@ pub unsafe extern "C" fn flatshard_comm_init(
 }
 
 /// Join using torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
-/// WORLD_SIZE). A missing or malformed variable is INVALID_ARGUMENT naming it.
+/// WORLD_SIZE; a world of one needs neither address nor port), otherwise as
+/// flatshard_comm_init.
+///
+/// Ownership: `*opts` is read during the call only. On success `*out` owns a
+/// communicator: free it with flatshard_comm_free.
+///
+/// Threads: collective: every rank of the job calls it once. Any thread.
+///
+/// Statuses: as flatshard_comm_init; INVALID_ARGUMENT also for a missing or
+/// malformed variable (the message names it).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_init_from_env(opts: *const flatshard_comm_options, out: *mut *mut flatshard_comm) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -153,9 +188,28 @@ pub unsafe extern "C" fn flatshard_comm_init_from_env(opts: *const flatshard_com
     })
 }
 
-/// Build a communicator on the caller's own collectives. `ops` is copied;
-/// `ops->ctx` must stay valid until flatshard_comm_free, which calls
-/// `ops->destroy(ctx)` if set. Every callback except destroy is required.
+/// Build a communicator on the caller's own collectives (LibTorch c10d, MPI,
+/// UCC...). Before each collective the ranks all-gather a small descriptor
+/// through `ops->all_gather`, so calls that differ are MISMATCH as on the
+/// built-in transports. A callback that returns non-zero fails the call with
+/// PEER_LOST and poisons the communicator; flatshard_comm_abort cannot
+/// interrupt a running callback.
+///
+/// Ownership: `*ops` is copied. `ops->ctx` stays the caller's and must remain
+/// valid until the communicator closes (when flatshard_comm_free and the frees
+/// of every flat param and averager built on it have all happened); closing
+/// calls `ops->destroy(ctx)` if set. Buffers given to a callback are valid
+/// during that callback only. On success `*out` owns the communicator: free it
+/// with flatshard_comm_free.
+///
+/// Threads: not collective (no communication). Any thread. The callbacks run on
+/// the thread that makes a call on the communicator, or on its progress thread
+/// for asynchronous work, never two at once (MPI_THREAD_SERIALIZED is enough).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL ops or out; unknown ops->struct_size; a
+/// NULL callback other than destroy; not 0 <= rank < size; a malformed
+/// FLATSHARD_* setting, in which case `ops->destroy(ctx)` has already been
+/// called).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_from_collectives(
     rank: i32,
@@ -180,7 +234,13 @@ pub unsafe extern "C" fn flatshard_comm_from_collectives(
     })
 }
 
-/// This rank's index in the communicator; -1 for NULL.
+/// This rank's index in the communicator.
+///
+/// Ownership: `c` is read during the call only.
+///
+/// Threads: `c` is const: any number of threads may call this at once.
+///
+/// Returns: the rank, 0 <= rank < size; -1 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_rank(c: *const flatshard_comm) -> i32 {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -189,7 +249,13 @@ pub unsafe extern "C" fn flatshard_comm_rank(c: *const flatshard_comm) -> i32 {
     boundary_value(-1, || unsafe { comm_ref(c, "c").map(|c| c.rank() as i32).unwrap_or(-1) })
 }
 
-/// Number of ranks; -1 for NULL.
+/// Number of ranks in the communicator.
+///
+/// Ownership: `c` is read during the call only.
+///
+/// Threads: `c` is const: any number of threads may call this at once.
+///
+/// Returns: the size, >= 1; -1 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_size(c: *const flatshard_comm) -> i32 {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -198,8 +264,25 @@ pub unsafe extern "C" fn flatshard_comm_size(c: *const flatshard_comm) -> i32 {
     boundary_value(-1, || unsafe { comm_ref(c, "c").map(|c| c.size() as i32).unwrap_or(-1) })
 }
 
-/// Contiguous blocks of `group_size` ranks, like torch.distributed.new_subgroups.
-/// Collective over `parent`. `*out` is owned by the caller (flatshard_comm_free).
+/// Split `parent` into contiguous blocks of `group_size` ranks, like
+/// torch.distributed.new_subgroups: rank r joins block r / group_size, in
+/// parent's rank order. Each block meets afresh (shared memory within a host,
+/// TCP across hosts); on an NCCL communicator this is ncclCommSplit.
+///
+/// Ownership: on success `*out` owns the new communicator
+/// (flatshard_comm_free). It does not need the `parent` handle: either may be
+/// freed first.
+///
+/// Threads: collective over `parent`: every rank of it calls with the same
+/// group_size. Not concurrently with other calls on `parent`
+/// (flatshard_comm_abort excepted).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed parent; NULL out; group_size
+/// not positive or not dividing parent's size; FLATSHARD_TRANSPORT_SHM for a
+/// block that spans hosts); UNSUPPORTED (parent built from user callbacks; NCCL
+/// older than 2.18); MISMATCH (ranks of parent made different calls); TIMEOUT,
+/// PEER_LOST, ABORTED (parent is or becomes poisoned), AUTH, IO (while the new
+/// group meets); NCCL (ncclCommSplit failed).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_new_subgroups(parent: *mut flatshard_comm, group_size: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -214,8 +297,24 @@ pub unsafe extern "C" fn flatshard_comm_new_subgroups(parent: *mut flatshard_com
 }
 
 /// MPI_Comm_split: ranks with the same `color` form a communicator ordered by
-/// (key, parent rank). color < 0 → `*out = NULL`. Collective over `parent`.
-/// On an NCCL communicator this is ncclCommSplit (same stream and device).
+/// (key, parent rank). Each group meets afresh (shared memory within a host,
+/// TCP across hosts); on an NCCL communicator this is ncclCommSplit (same
+/// stream and device).
+///
+/// Ownership: on success `*out` owns the new communicator
+/// (flatshard_comm_free), or is NULL for color < 0. It does not need the
+/// `parent` handle: either may be freed first.
+///
+/// Threads: collective over `parent`: every rank of it calls (color < 0
+/// included). Not concurrently with other calls on `parent`
+/// (flatshard_comm_abort excepted).
+///
+/// Statuses: OK (also for color < 0); INVALID_ARGUMENT (NULL or freed parent;
+/// NULL out; FLATSHARD_TRANSPORT_SHM for a group that spans hosts); UNSUPPORTED
+/// (parent built from user callbacks; NCCL older than 2.18); MISMATCH (ranks of
+/// parent made different calls); TIMEOUT, PEER_LOST, ABORTED (parent is or
+/// becomes poisoned), AUTH, IO (while the new group meets); NCCL (ncclCommSplit
+/// failed).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_split(parent: *mut flatshard_comm, color: i32, key: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -247,17 +346,29 @@ pub(crate) fn times_size(c: &Comm, count_per_rank: u64) -> Result<u64> {
     count_per_rank.checked_mul(c.size() as u64).ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))
 }
 
-/// In-place all-reduce of `count` elements of `buf` (host memory, or device
-/// memory: see API §6). AVG = SUM / size (floating dtypes only).
-/// Collective: every rank calls with the same count, dtype and op.
-/// Ownership: `buf` stays the caller's; it is read and written during the
-/// call only. Thread-safety: not with other calls on `c` (except
-/// flatshard_comm_abort).
-/// Statuses: OK; INVALID_ARGUMENT (NULL c, NULL buf with count > 0, bad dtype
-/// or op, AVG on an integer dtype, count × itemsize overflows); MISMATCH (the
-/// ranks called differently: nothing moved, c stays usable); TIMEOUT,
-/// PEER_LOST, ABORTED (c is poisoned); UNSUPPORTED / CUDA / NCCL for device
-/// memory without a usable driver; OUT_OF_MEMORY (staging).
+/// In-place all-reduce of `count` elements of `buf`, in host or device memory
+/// (API §6). AVG = SUM / size, floating dtypes only; f16/bf16 accumulate in
+/// f32. count 0 is legal (buf may then be NULL) and still synchronises. On a
+/// host communicator the result is in place when the call returns; on an NCCL
+/// one the call is ordered on the communicator's stream
+/// (flatshard_comm_synchronize waits), and memory NCCL cannot read directly is
+/// staged.
+///
+/// Ownership: `buf` (count elements) stays the caller's; it is read and written
+/// during the call only (on an NCCL communicator: until the stream has run the
+/// operation).
+///
+/// Threads: collective: every rank of `c` calls with the same count, dtype and
+/// op. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL buf with count > 0;
+/// bad dtype or op; AVG on an integer dtype; count × itemsize overflows; memory
+/// of another GPU than an NCCL communicator's); MISMATCH (host and callback
+/// communicators: the ranks called differently; nothing moved, c stays usable);
+/// TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned: later calls return ABORTED
+/// at once); OUT_OF_MEMORY (staging); UNSUPPORTED, CUDA, NCCL (device memory or
+/// an NCCL communicator: no usable driver, or the driver or NCCL failed).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -272,11 +383,23 @@ pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut 
     })
 }
 
-/// Gather `count_per_rank` elements from every rank into `recv` (size ×
-/// count_per_rank, rank-major). `send` may lie inside `recv` (in place).
-/// Collective, ownership and thread-safety as flatshard_all_reduce.
-/// Statuses: as flatshard_all_reduce (INVALID_ARGUMENT also for
-/// count_per_rank × size overflowing).
+/// Gather `count_per_rank` elements of `send` from every rank into `recv` (size
+/// × count_per_rank elements, rank-major). `send` may lie inside `recv` (in
+/// place). Memory, completion and count 0 as flatshard_all_reduce.
+///
+/// Ownership: `send` (count_per_rank elements) is read and `recv` (size ×
+/// count_per_rank) written during the call only; both stay the caller's.
+///
+/// Threads: collective: every rank of `c` calls with the same count_per_rank
+/// and dtype. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL send or recv with
+/// count_per_rank > 0; bad dtype; count_per_rank × size × itemsize overflows;
+/// memory of another GPU than an NCCL communicator's); MISMATCH (host and
+/// callback communicators: the ranks called differently; nothing moved, c stays
+/// usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY
+/// (staging); UNSUPPORTED, CUDA, NCCL (device memory or an NCCL communicator).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_gather(
     c: *mut flatshard_comm,
@@ -298,9 +421,24 @@ pub unsafe extern "C" fn flatshard_all_gather(
 }
 
 /// Reduce `size × count_per_rank` elements of `send` across ranks and leave
-/// block `rank` of the result in `recv` (`recv` may overlap `send`).
-/// Collective, ownership and thread-safety as flatshard_all_reduce.
-/// Statuses: as flatshard_all_gather.
+/// block `rank` of the result (count_per_rank elements) in `recv`, which may
+/// overlap `send`. AVG = SUM / size, floating dtypes only. Memory, completion
+/// and count 0 as flatshard_all_reduce.
+///
+/// Ownership: `send` (size × count_per_rank elements) is read and `recv`
+/// (count_per_rank) written during the call only; both stay the caller's.
+///
+/// Threads: collective: every rank of `c` calls with the same count_per_rank,
+/// dtype and op. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL send or recv with
+/// count_per_rank > 0; bad dtype or op; AVG on an integer dtype; count_per_rank
+/// × size × itemsize overflows; memory of another GPU than an NCCL
+/// communicator's); MISMATCH (host and callback communicators: the ranks called
+/// differently; nothing moved, c stays usable); TIMEOUT, PEER_LOST, ABORTED, IO
+/// (c is poisoned); OUT_OF_MEMORY (staging); UNSUPPORTED, CUDA, NCCL (device
+/// memory or an NCCL communicator).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_reduce_scatter(
     c: *mut flatshard_comm,
@@ -323,10 +461,22 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
     })
 }
 
-/// Copy `count` elements of `buf` from `root` to every rank.
-/// Collective, ownership and thread-safety as flatshard_all_reduce.
-/// Statuses: as flatshard_all_reduce; INVALID_ARGUMENT for root outside
-/// [0, size).
+/// Copy `count` elements of `buf` from rank `root` to every rank. Memory,
+/// completion and count 0 as flatshard_all_reduce.
+///
+/// Ownership: `buf` (count elements) stays the caller's; it is read (on root)
+/// or written (elsewhere) during the call only.
+///
+/// Threads: collective: every rank of `c` calls with the same count, dtype and
+/// root. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL buf with count > 0;
+/// bad dtype; root outside [0, size); count × itemsize overflows; memory of
+/// another GPU than an NCCL communicator's); MISMATCH (host and callback
+/// communicators: the ranks called differently; nothing moved, c stays usable);
+/// TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY (staging);
+/// UNSUPPORTED, CUDA, NCCL (device memory or an NCCL communicator).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -343,8 +493,16 @@ pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c
     })
 }
 
-/// Return once every rank has called it. Collective.
-/// Statuses: OK; INVALID_ARGUMENT (NULL c); TIMEOUT, PEER_LOST, ABORTED.
+/// Return once every rank of `c` has called it.
+///
+/// Ownership: `c` stays the caller's; nothing else is passed.
+///
+/// Threads: collective: every rank of `c` calls it. Not concurrently with other
+/// calls on `c` (flatshard_comm_abort excepted).
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed c); MISMATCH (host and
+/// callback communicators: another rank made a different call; c stays usable);
+/// TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); NCCL (NCCL communicator).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_barrier(c: *mut flatshard_comm) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -353,9 +511,21 @@ pub unsafe extern "C" fn flatshard_barrier(c: *mut flatshard_comm) -> flatshard_
     boundary("flatshard_barrier", || unsafe { comm_ref(c, "c")?.barrier() })
 }
 
-/// Unblock any collective in progress (from any thread) and poison the
-/// communicator: later calls return FLATSHARD_ERR_ABORTED; peers get errors.
-/// The handle must still be freed with flatshard_comm_free.
+/// Unblock any call in progress on `c` and poison it: later calls return
+/// ABORTED, queued asynchronous work fails with ABORTED within 1 s, and peers
+/// blocked on this rank get errors. A user callback already running is not
+/// interrupted. On an NCCL communicator this only flags it: the thread using it
+/// aborts it (in flatshard_comm_synchronize, or at free); a wrapped NCCL
+/// communicator itself is never aborted.
+///
+/// Ownership: `c` stays valid: free it with flatshard_comm_free as usual.
+///
+/// Threads: any thread, any time, also while another thread is inside a call on
+/// `c` (the one exception to API §1), but not concurrently with
+/// flatshard_comm_free of the same handle. Not collective.
+///
+/// Statuses: OK (also when already aborted or poisoned); INVALID_ARGUMENT (NULL
+/// or freed c).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -367,14 +537,21 @@ pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatsha
     })
 }
 
-/// Release the caller's reference to a communicator (NULL is a no-op). The
-/// handle is invalid afterwards. Flat params and averagers built on it hold
-/// their own references and keep working; the communicator closes when the
-/// last of them is freed (then peers blocked on this rank get PEER_LOST).
-/// Rank 0's store lives until its last communicator is closed. Queued
-/// asynchronous work (API §7) gets at most the communicator's timeout to
-/// finish, then is aborted (its work handles report ABORTED). Not
-/// thread-safe with other calls on the same handle.
+/// Release the caller's reference to a communicator. Flat params and averagers
+/// built on it hold their own references and keep working; the communicator
+/// closes when the last of them is freed (then peers blocked on this rank get
+/// PEER_LOST). Rank 0's store lives until its last communicator is closed.
+/// Queued asynchronous work (API §7) gets at most the communicator's timeout to
+/// finish, then is aborted (its work handles report ABORTED); work handles stay
+/// valid.
+///
+/// Ownership: `c` is invalid afterwards; pointers the library handed out for it
+/// are not affected (flat params, averagers, work handles keep their own).
+///
+/// Threads: not concurrently with any other call on `c`, flatshard_comm_abort
+/// included. Not collective.
+///
+/// Returns: nothing. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_free(c: *mut flatshard_comm) {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or

@@ -8,18 +8,33 @@ use crate::comm::Comm;
 
 use std::ffi::{c_char, c_void};
 
-/// Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
-/// (a CUstream / cudaStream_t; NULL = the legacy default stream). The
-/// ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
-/// authenticated by the job token. Collective over all ranks; NCCL needs one
-/// GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
-/// destroys the NCCL comm after this rank's queued work). NCCL is found as
+/// Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream` (a
+/// CUstream / cudaStream_t of that device; NULL = the legacy default stream).
+/// The ncclUniqueId travels through the TCP rendezvous on
+/// master_addr:master_port, authenticated by the job token; before
+/// ncclCommInitRank (which has no deadline) the ranks check that each can use
+/// its device. NCCL needs one GPU per rank. NCCL is found as
 /// FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
 /// process, else libnccl.so.2 / libnccl.so on the search path; NCCL 2.10 or
-/// newer (ncclAvg), 2.18 or newer for split. Host pointers given to its collectives are staged
-/// through device memory. Results of AVG/SUM can differ from a host
-/// communicator's in the last bits (NCCL's reduction order and AVG scaling).
-/// UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
+/// newer (ncclAvg), 2.18 or newer for split. Host pointers given to its
+/// collectives are staged through device memory. Results of AVG/SUM can differ
+/// from a host communicator's in the last bits (NCCL's reduction order and AVG
+/// scaling).
+///
+/// Ownership: `master_addr` and `*opts` are read during the call only;
+/// `cuda_stream` stays the caller's and must outlive the communicator. On
+/// success `*out` owns the communicator: flatshard_comm_free destroys the NCCL
+/// communicator after this rank's queued work.
+///
+/// Threads: collective: every rank of the job calls it once. Any thread.
+///
+/// Statuses: OK; INVALID_ARGUMENT (as flatshard_comm_init: NULL out, address,
+/// rank, size, port, options, settings); UNSUPPORTED (no CUDA driver, no usable
+/// NCCL, or built without the `cuda` feature; rank 0 could not create an
+/// ncclUniqueId); MISMATCH (another rank cannot use its CUDA device; job-wide
+/// settings differ); TIMEOUT, AUTH, PEER_LOST, IO (the rendezvous, as
+/// flatshard_comm_init); CUDA (cuda_device is not usable here); NCCL
+/// (ncclCommInitRank failed).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_init_nccl(
     master_addr: *const c_char,
@@ -52,13 +67,26 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
     })
 }
 
-/// Adopt an existing ncclComm_t (not owned: flatshard never destroys or
-/// aborts it — not at flatshard_comm_free, flatshard_comm_abort, or a
-/// timeout, which then only poison the wrapper; aborting the NCCL comm is its
-/// owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
-/// must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
-/// from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
-/// the one already loaded in the process (libnccl.so.2), else the search path.
+/// Adopt an existing ncclComm_t, not owned: flatshard never destroys or aborts
+/// it (not at flatshard_comm_free, flatshard_comm_abort, or a timeout, which
+/// then only poison the wrapper; aborting the NCCL communicator is its owner's
+/// call). Collectives are ordered on `cuda_stream` (NULL = the legacy default
+/// stream); waits use the default timeout (600000 ms). The communicator must
+/// come from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set,
+/// else the one already loaded in the process (libnccl.so.2), else the search
+/// path.
+///
+/// Ownership: `nccl_comm` and `cuda_stream` stay the caller's and must outlive
+/// the flatshard communicator (every flat param and averager built on it
+/// included). On success `*out` owns the wrapper (flatshard_comm_free).
+///
+/// Threads: not collective (no communication). Any thread.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL out or nccl_comm; cuda_device is not
+/// the communicator's device; a malformed FLATSHARD_* setting); UNSUPPORTED (no
+/// CUDA driver, no usable NCCL, or built without the `cuda` feature); CUDA
+/// (cuda_device is not usable here); NCCL (NCCL refused to describe the
+/// communicator).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
     nccl_comm: *mut c_void,
@@ -84,10 +112,21 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
     })
 }
 
-/// Wait for the work queued on the communicator's stream, up to the timeout;
-/// reports asynchronous NCCL errors (NCCL) and aborts an owned NCCL
-/// communicator on timeout (TIMEOUT). On a host communicator it returns OK at once (host
+/// Wait for the work queued on the communicator's stream, up to the timeout.
+/// Reports asynchronous NCCL errors and aborts an owned NCCL communicator on
+/// timeout. On a host or callback communicator it returns OK at once (their
 /// collectives complete before returning).
+///
+/// Ownership: `c` stays the caller's; nothing else is passed.
+///
+/// Threads: not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted; on an NCCL communicator the abort takes effect here, within 50
+/// µs). Not collective, but it waits for collectives that need every rank.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed c); TIMEOUT (the work did not
+/// finish within the timeout; c is poisoned and an owned NCCL communicator
+/// aborted); NCCL (an asynchronous NCCL error; c is poisoned); ABORTED (c was
+/// aborted or poisoned before); CUDA (the stream reported an error).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> flatshard_status {
     // SAFETY: `c` is NULL or a handle from this library (C contract).

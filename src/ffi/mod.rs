@@ -111,7 +111,15 @@ pub(crate) fn check_struct_size(name: &str, got: u32, known: usize) -> Result<()
     Ok(())
 }
 
-/// Name of a status as a static string, never NULL ("FLATSHARD_OK", ...).
+/// Name of a status ("FLATSHARD_OK", "FLATSHARD_ERR_TIMEOUT", ...).
+///
+/// Ownership: a static string owned by the library, valid for the life of the
+/// process; do not free it.
+///
+/// Threads: any thread, any time.
+///
+/// Returns: the status's name; "FLATSHARD_UNKNOWN_STATUS" for a value that is
+/// not a flatshard_status. Never NULL.
 #[no_mangle]
 pub extern "C" fn flatshard_status_name(status: StatusArg) -> *const c_char {
     // The enum's own names (Debug), NUL-terminated once per status.
@@ -124,14 +132,30 @@ pub extern "C" fn flatshard_status_name(status: StatusArg) -> *const c_char {
 }
 
 /// The message of the last failed flatshard call on this thread (what, which
-/// rank, which argument, which limit); "" if none. Owned by the library, valid
-/// until the next flatshard call on the same thread. Never NULL.
+/// rank, which argument, which limit).
+///
+/// Ownership: owned by the library (one per thread); valid until the next
+/// flatshard call on the same thread; do not free it. Copy it to keep it.
+///
+/// Threads: any thread; each thread sees its own calls' messages (for
+/// asynchronous work: the thread that called flatshard_work_wait / _test).
+///
+/// Returns: the message; "" if no flatshard call on this thread has failed
+/// yet. Never NULL.
 #[no_mangle]
 pub extern "C" fn flatshard_last_error() -> *const c_char {
     boundary_value(c"".as_ptr(), || LAST_ERROR.with(|l| l.borrow().as_ptr()))
 }
 
-/// The library version, "MAJOR.MINOR.PATCH" (static string).
+/// The library's run-time version (compare with FLATSHARD_VERSION_* of the
+/// header the program was compiled with).
+///
+/// Ownership: a static string owned by the library, valid for the life of the
+/// process; do not free it.
+///
+/// Threads: any thread, any time.
+///
+/// Returns: "MAJOR.MINOR.PATCH", never NULL.
 #[no_mangle]
 pub extern "C" fn flatshard_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
