@@ -94,7 +94,13 @@ fn flag(v: i32, name: &str) -> Result<bool> {
 }
 
 /// Zero-fill `*o` and set `o->struct_size` (defaults: FULL_SHARD, every flag
-/// off). NULL is ignored.
+/// off, no mixed precision, no replicate_comm).
+///
+/// Ownership: `*o` is the caller's; it is written during the call only.
+///
+/// Threads: any thread (the struct is the caller's).
+///
+/// Returns: nothing. NULL `o` is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_options_init(o: *mut flatshard_flat_param_options) {
     // SAFETY: `o` is NULL (ignored) or points to a writable options struct
@@ -116,7 +122,14 @@ pub unsafe extern "C" fn flatshard_flat_param_options_init(o: *mut flatshard_fla
     }
 }
 
-/// Zero-fill `*o` and set `o->struct_size` (every flag off). NULL is ignored.
+/// Zero-fill `*o` and set `o->struct_size` (every flag off: a training
+/// unshard).
+///
+/// Ownership: `*o` is the caller's; it is written during the call only.
+///
+/// Threads: any thread (the struct is the caller's).
+///
+/// Returns: nothing. NULL `o` is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshard_options) {
     // SAFETY: `o` is NULL (ignored) or points to a writable options struct
@@ -134,18 +147,36 @@ pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshar
     }
 }
 
-/// Build a flat parameter. Collective over `comm` (and `opts->replicate_comm`
-/// for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, all in
-/// host memory or all on one CUDA device) in order, shards them and copies this rank's shard out of the
-/// caller's tensors; afterwards the caller's buffers are not referenced (their
-/// `grad` pointers are ignored). The flat param holds its own references to
-/// `comm` and `replicate_comm`: their handles may be freed before it. On success `*out` owns the flat param; free it
-/// with flatshard_flat_param_free.
-/// INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
-/// dtype, bad options (message names the first offending index / field);
-/// UNSUPPORTED: CUDA tensors without a CUDA driver;
-/// MISMATCH (every rank): ranks passed different layouts or options, or
-/// another rank's arguments were invalid; TIMEOUT / PEER_LOST from the comm.
+/// Build a flat parameter: flatten `params[0..n_params)` (one float dtype, all
+/// in host memory or all on one CUDA device) in order, shard them over `comm`
+/// (SPEC §2) and copy this rank's shard out of the caller's tensors. Before any
+/// data moves the ranks compare layouts and options, so one rank's bad
+/// arguments fail every rank at once.
+///
+/// Ownership: `params`, the memory of each `params[i].data` and `*opts` are
+/// read during the call only and not referenced afterwards (`grad` pointers are
+/// ignored). The flat param holds its own references to `comm` and
+/// `opts->replicate_comm`: their handles may be freed before it. On success
+/// `*out` owns the flat param: free it with flatshard_flat_param_free.
+///
+/// Threads: collective over `comm` (and `opts->replicate_comm` for
+/// HYBRID_SHARD): every rank calls with the same layout and options, and every
+/// rank creates its flat params on a communicator in the same order. Not
+/// concurrently with other calls on those communicators.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL out; NULL or freed comm; NULL params
+/// with n_params > 0; n_params 0; a bad dtype or device enum; mixed dtypes or
+/// devices; an integer dtype; NULL data with numel > 0; data not on the CUDA
+/// device it names, or not on an NCCL communicator's device; bad options:
+/// struct_size, sharding, a flag not 0/1, a non-float param_dtype or
+/// reduce_dtype, HYBRID_SHARD without a replicate_comm or with replicate_comm
+/// == comm, a freed replicate_comm; the message names the first offending index
+/// or field); UNSUPPORTED (CUDA tensors without a CUDA driver); MISMATCH (every
+/// other rank: the ranks passed different layouts or options, or a rank refused
+/// its arguments, named in the message); TIMEOUT, PEER_LOST, ABORTED, IO (from
+/// comm or replicate_comm); OUT_OF_MEMORY (the shard); CUDA, NCCL (device
+/// tensors). A NULL out or comm is refused before the ranks compare: the others
+/// then wait until their timeout.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_new(
     comm: *mut flatshard_comm,
@@ -214,7 +245,13 @@ unsafe fn parse_new_args<'a>(params: *const flatshard_tensor, n_params: u64, opt
     }
 }
 
-/// Σ param numels, no padding; 0 for NULL.
+/// Σ param numels, without padding. Does not wait for in-flight work.
+///
+/// Ownership: `fp` is read during the call only.
+///
+/// Threads: `fp` is const: any number of threads may call this at once.
+///
+/// Returns: the number of elements; 0 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_numel(fp: *const flatshard_flat_param) -> u64 {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -223,7 +260,14 @@ pub unsafe extern "C" fn flatshard_flat_param_numel(fp: *const flatshard_flat_pa
     boundary_value(0, || unsafe { handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.numel()).unwrap_or(0) })
 }
 
-/// c·W: elements of the unsharded buffer (with padding); 0 for NULL.
+/// c·W: elements of the unsharded buffer, padding included. Does not wait for
+/// in-flight work.
+///
+/// Ownership: `fp` is read during the call only.
+///
+/// Threads: `fp` is const: any number of threads may call this at once.
+///
+/// Returns: the number of elements; 0 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_padded_numel(fp: *const flatshard_flat_param) -> u64 {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -232,7 +276,14 @@ pub unsafe extern "C" fn flatshard_flat_param_padded_numel(fp: *const flatshard_
     boundary_value(0, || unsafe { handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.padded_numel()).unwrap_or(0) })
 }
 
-/// c: elements of this rank's shard (SPEC §2); 0 for NULL.
+/// c: elements of this rank's shard (SPEC §2). Does not wait for in-flight
+/// work.
+///
+/// Ownership: `fp` is read during the call only.
+///
+/// Threads: `fp` is const: any number of threads may call this at once.
+///
+/// Returns: the number of elements; 0 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_shard_numel(fp: *const flatshard_flat_param) -> u64 {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -241,9 +292,21 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_numel(fp: *const flatshard_f
     boundary_value(0, || unsafe { handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.shard_numel()).unwrap_or(0) })
 }
 
-/// This rank's shard: `out->data` (c elements, library-owned, valid until
-/// flatshard_flat_param_free) and `out->grad` (NULL until a gradient exists;
-/// valid until free). What an optimizer steps on. INVALID_ARGUMENT for NULL.
+/// This rank's shard, what an optimizer steps on: `out->data` (shard_numel
+/// elements) and `out->grad` (NULL until a gradient exists). Waits for the flat
+/// param's in-flight asynchronous work first. Local.
+///
+/// Ownership: both pointers are library-owned and stay valid until
+/// flatshard_flat_param_free (grad from when it exists); the caller may read
+/// and write the elements between flat-param calls. `*out` is the caller's,
+/// written on success.
+///
+/// Threads: not concurrently with other calls on `fp`. Not collective; works on
+/// a poisoned communicator.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out); the error of
+/// the flat param's failed asynchronous work, from the first call that waits
+/// for it (see flatshard_flat_param_unshard_async).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_shard(fp: *mut flatshard_flat_param, out: *mut flatshard_tensor) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -259,9 +322,19 @@ pub unsafe extern "C" fn flatshard_flat_param_shard(fp: *mut flatshard_flat_para
 
 /// Param i's slice inside this rank's shard (`out->numel` 0 and NULL pointers
 /// if the param does not reach this shard) and, in `*offset_in_param`, where
-/// the slice starts inside param i (torch use_orig_params sharded views).
-/// Pointers are library-owned, valid until free (grad: until free, NULL until
-/// a gradient exists). INVALID_ARGUMENT: NULL, i >= n_params.
+/// the slice starts inside param i (torch use_orig_params sharded views). Waits
+/// for the flat param's in-flight asynchronous work first. Local.
+///
+/// Ownership: the pointers are library-owned and stay valid until
+/// flatshard_flat_param_free (grad: NULL until a gradient exists). `*out` and
+/// `*offset_in_param` are the caller's, written on success.
+///
+/// Threads: not concurrently with other calls on `fp`. Not collective; works on
+/// a poisoned communicator.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out or
+/// offset_in_param; i >= the number of params); the error of the flat param's
+/// failed asynchronous work, from the first call that waits for it.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_shard_view(
     fp: *mut flatshard_flat_param,
@@ -305,20 +378,31 @@ unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOpt
 }
 
 /// Materialise the full parameters (PyTorch summon_full_params / the training
-/// all-gather). Collective over the flat param's comm (every rank must call it
-/// with the same options). Training (writeback = 0 and rank0_only = 0) gathers
-/// in param_dtype; otherwise in the params' own dtype. With rank0_only only
-/// rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
-/// each shard group); the other ranks hold one shard-sized scratch buffer
-/// while the chunks are broadcast. CUDA flat params gather into device memory,
-/// or with offload_to_cpu into pinned host memory (views then have device
-/// CPU; with rank0_only device memory stays at one shard-sized chunk);
-/// offload_to_cpu changes nothing for host params. The full buffer is
-/// library-owned and lives until flatshard_flat_param_reshard. A CUDA flat
-/// param on an NCCL comm runs on the comm's stream, on a host comm through
-/// pinned staging; either way the call returns when the data is in place.
-/// INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
-/// INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
+/// all-gather). Training (writeback = 0 and rank0_only = 0) gathers in
+/// param_dtype; otherwise in the params' own dtype. With rank0_only only rank 0
+/// of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of each shard
+/// group); the other ranks hold one shard-sized scratch buffer while the chunks
+/// are broadcast. CUDA flat params gather into device memory, or with
+/// offload_to_cpu into pinned host memory (views then have device CPU; with
+/// rank0_only device memory stays at one shard-sized chunk); offload_to_cpu
+/// changes nothing for host params. A CUDA flat param on an NCCL comm runs on
+/// the comm's stream, on a host comm through pinned staging; either way the
+/// call returns when the data is in place. Waits for in-flight asynchronous
+/// work first.
+///
+/// Ownership: `*opts` is read during the call only. The full buffer is
+/// library-owned and lives until flatshard_flat_param_reshard (or _free).
+///
+/// Threads: collective over the flat param's comm: every rank calls with the
+/// same options. Not concurrently with other calls on `fp` or its comm.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; bad options: struct_size,
+/// a flag not 0/1); INVALID_STATE (already unsharded: call
+/// flatshard_flat_param_reshard first); MISMATCH (the ranks' collectives
+/// differ, e.g. different options; fp stays sharded); TIMEOUT, PEER_LOST,
+/// ABORTED, IO (the comm is poisoned; fp stays sharded); OUT_OF_MEMORY (the
+/// full buffer); CUDA, NCCL (device flat params); the error of the flat param's
+/// failed asynchronous work, from the first call that waits for it.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_param, opts: *const flatshard_unshard_options) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -333,14 +417,26 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
     })
 }
 
-/// Param i inside the unsharded buffer: data (and grad) pointers, zero-copy,
-/// in the unshard dtype (param_dtype for a training unshard). Library-owned,
-/// valid until flatshard_flat_param_reshard. Training (with_grads = 0): the
-/// first view after an unshard creates a zero-filled full gradient buffer.
-/// with_grads = 1: grad is NULL if no rank had a gradient.
-/// INVALID_STATE: sharded (call flatshard_flat_param_unshard first), or a rank
-/// ≠ 0 under rank0_only (use flatshard_flat_param_shard_view there);
-/// INVALID_ARGUMENT: NULL, i >= n_params.
+/// Param i inside the unsharded buffer: data (and grad) pointers, zero-copy, in
+/// the unshard dtype (param_dtype for a training unshard). Training (with_grads
+/// = 0): the first view after an unshard creates a zero-filled full gradient
+/// buffer. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
+/// in-flight asynchronous work first. Local.
+///
+/// Ownership: the pointers are library-owned and valid until
+/// flatshard_flat_param_reshard (or _free); the caller reads and writes them in
+/// between (backward writes the gradients there). `*out` is the caller's,
+/// written on success.
+///
+/// Threads: not concurrently with other calls on `fp`. Not collective; works on
+/// a poisoned communicator once the unshard completed.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out; i >= the number
+/// of params); INVALID_STATE (sharded: call flatshard_flat_param_unshard first;
+/// a rank ≠ 0 under rank0_only: use flatshard_flat_param_shard_view there);
+/// OUT_OF_MEMORY, CUDA (the full gradient buffer); the error of the flat
+/// param's failed asynchronous work (e.g. its unshard_async), from the first
+/// call that waits for it.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param, i: u64, out: *mut flatshard_tensor) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -356,14 +452,27 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
 
 /// Free the full parameters; pointers from flatshard_flat_param_view become
 /// invalid. With writeback, each rank first copies its own unpadded range of
-/// the full buffer (and of the gradients with with_grads) into its shard;
-/// under rank0_only + writeback rank 0 scatters the ranges back, so this is
-/// then collective. Host full buffers of 4 MiB or more that every rank
-/// gathered go to a small per-process cache (at most
-/// FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the next unshard
-/// of the same size: released with MADV_FREE, so the kernel may reclaim them
-/// at any time, but until then they count in the RSS. INVALID_STATE: already
-/// sharded (call flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
+/// the full buffer (and of the gradients with with_grads) into its shard; under
+/// rank0_only + writeback rank 0 scatters the ranges back instead. Host full
+/// buffers of 4 MiB or more that every rank gathered go to a small per-process
+/// cache (at most FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the
+/// next unshard of the same size: released with MADV_FREE, so the kernel may
+/// reclaim them at any time, but until then they count in the RSS. Waits for
+/// in-flight asynchronous work first.
+///
+/// Ownership: the full buffers go back to the library (or its cache); the shard
+/// stays library-owned until flatshard_flat_param_free.
+///
+/// Threads: not concurrently with other calls on `fp`. Local, except under
+/// rank0_only + writeback, where every rank of the comm must call it
+/// (collective). Without writeback it works on a poisoned communicator.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (already
+/// sharded: call flatshard_flat_param_unshard first); MISMATCH, TIMEOUT,
+/// PEER_LOST, ABORTED, IO (rank0_only + writeback: the scatter from rank 0);
+/// OUT_OF_MEMORY (writeback: the shard gradient, scratch); CUDA, NCCL (device
+/// flat params); the error of the flat param's failed asynchronous work, from
+/// the first call that waits for it.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_param) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -377,14 +486,28 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
     })
 }
 
-/// Training: after backward wrote full gradients into the views' grad
-/// pointers, average them over the sharding ranks (reduce-scatter; all-reduce
-/// for NO_SHARD; then all-reduce over replicate_comm for HYBRID_SHARD), in
+/// Training: after backward wrote full gradients into the views' grad pointers,
+/// average them over the sharding ranks (reduce-scatter; all-reduce for
+/// NO_SHARD; then all-reduce over replicate_comm for HYBRID_SHARD), in
 /// reduce_dtype, and ADD this rank's range into the shard gradient (created
-/// zero-filled). The full gradient is zeroed afterwards. Collective. A rank
-/// that took no view contributes zeros.
-/// INVALID_STATE: sharded (unshard and write gradients first), or unsharded
-/// with with_grads / rank0_only (a summon, not training); INVALID_ARGUMENT: NULL.
+/// zero-filled). The full gradient is zeroed afterwards. A rank that took no
+/// view contributes zeros. Waits for in-flight asynchronous work first.
+///
+/// Ownership: the gradients are library-owned buffers (the views' grad pointers
+/// and the shard's grad); nothing else is passed.
+///
+/// Threads: collective over the flat param's comm (and replicate_comm for
+/// HYBRID_SHARD). Not concurrently with other calls on `fp` or those
+/// communicators.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (sharded:
+/// unshard and write gradients first; or unsharded with with_grads /
+/// rank0_only, a summon rather than training); MISMATCH (the ranks called
+/// differently); TIMEOUT, PEER_LOST, ABORTED, IO (the communicator is
+/// poisoned); OUT_OF_MEMORY (reduction buffers); CUDA, NCCL (device flat
+/// params); the error of the flat param's failed asynchronous work, from the
+/// first call that waits for it. On any error the shard gradient and the full
+/// gradient are as they were before the call.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_flat_param) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -399,7 +522,19 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 }
 
 /// Zero this rank's shard gradient (PyTorch zero_grad) after the optimizer
-/// step; no-op if there is none yet. Local. INVALID_ARGUMENT: NULL.
+/// step; no-op if there is none yet. Waits for in-flight asynchronous work
+/// first. Local: a CUDA flat param's memset is ordered on the comm's stream and
+/// complete on return.
+///
+/// Ownership: the shard gradient stays library-owned (its pointer does not
+/// change).
+///
+/// Threads: not concurrently with other calls on `fp`. Not collective.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); CUDA (device flat params;
+/// on an NCCL communicator also its wait's TIMEOUT, NCCL or ABORTED); the error
+/// of the flat param's failed asynchronous work, from the first call that waits
+/// for it.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -413,8 +548,19 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
     })
 }
 
-/// Free a flat parameter and every buffer it owns (also while unsharded:
-/// view pointers become invalid). Local, not collective. NULL is a no-op.
+/// Free a flat parameter and every buffer it owns (also while unsharded). Waits
+/// for in-flight asynchronous work first (its status stays with its work
+/// handle).
+///
+/// Ownership: `fp` and every pointer from flatshard_flat_param_shard,
+/// _shard_view and _view are invalid afterwards. The flat param's references to
+/// comm and replicate_comm are released: a communicator whose handle was
+/// already freed closes here. Work handles of the flat param stay valid.
+///
+/// Threads: not concurrently with any other call on `fp`. Local, not
+/// collective.
+///
+/// Returns: nothing. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param) {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -429,12 +575,28 @@ pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param
     });
 }
 
-/// Average the shards of `fps[0..n]` in place over `replicate_comm` (the
-/// ranks holding the same shard, e.g. HYBRID_SHARD's replicate group) without
+/// Average the shards of `fps[0..n]` in place over `replicate_comm` (the ranks
+/// holding the same shard, e.g. HYBRID_SHARD's replicate group) without
 /// unsharding: local SGD on a sharded model (PyTorch has no equivalent).
-/// Collective over `replicate_comm`; every flat param must be sharded (else
-/// INVALID_STATE) and, if it was built with a replicate_comm, built with this
-/// one (else INVALID_ARGUMENT). Ranks must pass the same layouts (MISMATCH).
+/// Padding stays 0. Waits for each flat param's in-flight asynchronous work
+/// first; complete on return (also on an NCCL communicator).
+///
+/// Ownership: the `fps` array is read during the call only; the shards are
+/// library-owned and averaged in place (their pointers do not change).
+///
+/// Threads: collective over `replicate_comm`: every rank of it passes flat
+/// params of the same layouts in the same order. Not concurrently with other
+/// calls on `replicate_comm` or on any fps[i].
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed replicate_comm; NULL fps with
+/// n > 0; n 0; a NULL, freed or repeated fps[i]; fps[i] built with another
+/// replicate_comm); INVALID_STATE (an unsharded flat param); MISMATCH (another
+/// rank passed different layouts, or refused its arguments); TIMEOUT,
+/// PEER_LOST, ABORTED, IO (replicate_comm is poisoned); OUT_OF_MEMORY (the
+/// bucket); UNSUPPORTED, CUDA, NCCL (device flat params); the error of a flat
+/// param's failed asynchronous work. INVALID_ARGUMENT and INVALID_STATE are
+/// found before the ranks compare: the other ranks then wait until their
+/// timeout.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flatshard_comm, fps: *const *mut flatshard_flat_param, n: u64) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -463,19 +625,31 @@ pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flat
     })
 }
 
-/// `flatshard_flat_param_unshard`, queued (API §7). Returns once the
-/// operation is queued; from then on the flat param counts as unsharded and
-/// flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _zero_grad
-/// and _free first wait for the work (and the first of them returns its
+/// flatshard_flat_param_unshard, queued (API §7); returns once the operation is
+/// queued. From then on the flat param counts as unsharded, and
+/// flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _shard_view,
+/// _zero_grad and _free first wait for the work (the first of them returns its
 /// error if it failed; the flat param is then sharded, its shard intact).
-/// The ranks compare (flat param, operation, options) before data moves:
-/// different sequences are MISMATCH on the work. `*out` (written only on
-/// success) owns a work handle (flatshard_work_free); it stays valid after
-/// the flat param is freed. Returns at once: INVALID_ARGUMENT (NULL, bad
-/// options), INVALID_STATE (already unsharded, or unshard/reduce_grads work
-/// in flight), ABORTED (communicator poisoned). Peer errors come from
-/// flatshard_work_wait. On an NCCL communicator the unshard runs during the
-/// call (stream-ordered, complete on return). Not thread-safe on one fp.
+/// Before data moves the ranks compare (flat param, operation, options). On an
+/// NCCL communicator the unshard runs during the call (stream-ordered, complete
+/// on return).
+///
+/// Ownership: `*opts` is read during the call only. On success `*out` owns a
+/// work handle: free it with flatshard_work_free; it stays valid after the flat
+/// param or its communicator is freed. The full buffer is library-owned, as
+/// after flatshard_flat_param_unshard.
+///
+/// Threads: collective over the flat param's comm: every rank issues the same
+/// sequence of operations. Not concurrently with other calls on `fp`; the work
+/// runs on the communicator's progress thread.
+///
+/// Statuses: from the call: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out;
+/// bad options); INVALID_STATE (already unsharded, or unshard/reduce_grads work
+/// in flight); ABORTED (the communicator is poisoned); IO (the progress thread
+/// could not start); the error of the flat param's earlier failed asynchronous
+/// work. From flatshard_work_wait: MISMATCH (the ranks issued different
+/// operations, flat params or options), TIMEOUT, PEER_LOST, ABORTED, IO,
+/// OUT_OF_MEMORY, CUDA, NCCL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
     fp: *mut flatshard_flat_param,
@@ -494,17 +668,30 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
     })
 }
 
-/// `flatshard_flat_param_reduce_grads`, queued (API §7): first waits for
-/// the flat param's earlier in-flight work (returning its error), then
-/// queues the reduction. Until the work finished the full gradients belong
-/// to the library; flatshard_flat_param_reshard, _shard, _view and _free
-/// wait for it. A failed reduction leaves the shard gradient (and the full
-/// gradient) as they were. `*out` as in flatshard_flat_param_unshard_async.
-/// Returns at once: INVALID_ARGUMENT (NULL), INVALID_STATE (sharded, or
-/// unsharded as a summon), ABORTED (communicator poisoned); peer errors come
-/// from flatshard_work_wait. On an NCCL communicator, and for HYBRID_SHARD,
-/// the reduction runs during the call (complete on return). Not thread-safe
-/// on one fp.
+/// flatshard_flat_param_reduce_grads, queued (API §7): first waits for the flat
+/// param's earlier in-flight work (returning its error), then queues the
+/// reduction. Until the work finished the full gradients belong to the library;
+/// flatshard_flat_param_reshard, _shard, _view and _free wait for it. A failed
+/// reduction leaves the shard gradient (and the full gradient) as they were. On
+/// an NCCL communicator, and for HYBRID_SHARD, the reduction runs during the
+/// call (complete on return).
+///
+/// Ownership: on success `*out` owns a work handle: free it with
+/// flatshard_work_free; it stays valid after the flat param or its communicator
+/// is freed.
+///
+/// Threads: collective over the flat param's comm (and replicate_comm for
+/// HYBRID_SHARD): every rank issues the same sequence of operations. Not
+/// concurrently with other calls on `fp`; the work runs on the communicator's
+/// progress thread.
+///
+/// Statuses: from the call: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out);
+/// INVALID_STATE (sharded, or unsharded as a summon); ABORTED (the communicator
+/// is poisoned); IO (the progress thread could not start); the error of the
+/// flat param's earlier failed asynchronous work. From flatshard_work_wait:
+/// MISMATCH, TIMEOUT, PEER_LOST, ABORTED, IO, OUT_OF_MEMORY, CUDA, NCCL (for
+/// HYBRID_SHARD and NCCL: the errors of the reduction that ran during the
+/// call).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads_async(
     fp: *mut flatshard_flat_param,

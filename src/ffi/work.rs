@@ -51,12 +51,29 @@ fn reduce_op(o: ReduceOpArg) -> Result<ReduceOp> {
     ReduceOp::from_raw(o.0 as i64, "op")
 }
 
-/// `flatshard_all_reduce`, queued. `*out` (written only on success) owns a
-/// work handle: free it with flatshard_work_free. `buf` belongs to the
-/// library until the work finished. Returns at once: INVALID_ARGUMENT (NULL
-/// c/out/buf, bad dtype/op/count), ABORTED (communicator aborted or
-/// poisoned). Peer errors (MISMATCH, TIMEOUT, PEER_LOST, ABORTED) come from
-/// flatshard_work_wait. Same thread-safety as the blocking call.
+/// flatshard_all_reduce, queued (API §7): returns once the operation is queued.
+/// It runs in the communicator's order, behind everything issued before it
+/// (blocking calls included): on a host or callback communicator on its
+/// progress thread; on an NCCL communicator it is enqueued on the stream during
+/// the call.
+///
+/// Ownership: `buf` belongs to the library until the work has finished: do not
+/// read or write it before flatshard_work_wait (or _test) reports completion.
+/// On success `*out` owns a work handle: free it with flatshard_work_free; it
+/// stays valid after `c` is freed.
+///
+/// Threads: collective: every rank issues the same sequence of operations on
+/// `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+/// (NULL or freed c; NULL out; NULL buf with count > 0; bad dtype or op; AVG on
+/// an integer dtype; count × itemsize overflows); ABORTED (c aborted or
+/// poisoned); IO (the progress thread could not start); UNSUPPORTED, CUDA (NCCL
+/// communicator: the operation or its event could not be enqueued). From
+/// flatshard_work_wait: MISMATCH (the ranks issued different operations;
+/// nothing moved, c stays usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is
+/// poisoned); OUT_OF_MEMORY, UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_reduce_async(
     c: *mut flatshard_comm,
@@ -81,8 +98,25 @@ pub unsafe extern "C" fn flatshard_all_reduce_async(
     })
 }
 
-/// `flatshard_all_gather`, queued; as flatshard_all_reduce_async for
-/// ownership, buffers and statuses.
+/// flatshard_all_gather, queued; order and progress as
+/// flatshard_all_reduce_async.
+///
+/// Ownership: `send` and `recv` belong to the library until the work has
+/// finished: do not write `send`, nor read or write `recv`, before
+/// flatshard_work_wait (or _test) reports completion. On success `*out` owns a
+/// work handle (flatshard_work_free); it stays valid after `c` is freed.
+///
+/// Threads: collective: every rank issues the same sequence of operations on
+/// `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+/// (NULL or freed c; NULL out; NULL send or recv with count_per_rank > 0; bad
+/// dtype; count_per_rank × size × itemsize overflows); ABORTED (c aborted or
+/// poisoned); IO (the progress thread could not start); UNSUPPORTED, CUDA (NCCL
+/// communicator). From flatshard_work_wait: MISMATCH (nothing moved, c stays
+/// usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY,
+/// UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_gather_async(
     c: *mut flatshard_comm,
@@ -107,8 +141,25 @@ pub unsafe extern "C" fn flatshard_all_gather_async(
     })
 }
 
-/// `flatshard_reduce_scatter`, queued; as flatshard_all_reduce_async for
-/// ownership, buffers and statuses.
+/// flatshard_reduce_scatter, queued; order and progress as
+/// flatshard_all_reduce_async.
+///
+/// Ownership: `send` and `recv` belong to the library until the work has
+/// finished: do not write `send`, nor read or write `recv`, before
+/// flatshard_work_wait (or _test) reports completion. On success `*out` owns a
+/// work handle (flatshard_work_free); it stays valid after `c` is freed.
+///
+/// Threads: collective: every rank issues the same sequence of operations on
+/// `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+/// (NULL or freed c; NULL out; NULL send or recv with count_per_rank > 0; bad
+/// dtype or op; AVG on an integer dtype; count_per_rank × size × itemsize
+/// overflows); ABORTED (c aborted or poisoned); IO (the progress thread could
+/// not start); UNSUPPORTED, CUDA (NCCL communicator). From flatshard_work_wait:
+/// MISMATCH (nothing moved, c stays usable); TIMEOUT, PEER_LOST, ABORTED, IO (c
+/// is poisoned); OUT_OF_MEMORY, UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_reduce_scatter_async(
     c: *mut flatshard_comm,
@@ -135,9 +186,25 @@ pub unsafe extern "C" fn flatshard_reduce_scatter_async(
     })
 }
 
-/// `flatshard_broadcast`, queued; as flatshard_all_reduce_async for
-/// ownership, buffers and statuses (a root outside [0, size) is
-/// INVALID_ARGUMENT from the call).
+/// flatshard_broadcast, queued; order and progress as
+/// flatshard_all_reduce_async.
+///
+/// Ownership: `buf` belongs to the library until the work has finished: until
+/// flatshard_work_wait (or _test) reports completion, do not write it on root,
+/// nor read or write it elsewhere. On success `*out` owns a work handle
+/// (flatshard_work_free); it stays valid after `c` is freed.
+///
+/// Threads: collective: every rank issues the same sequence of operations on
+/// `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+/// excepted).
+///
+/// Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+/// (NULL or freed c; NULL out; NULL buf with count > 0; bad dtype; root outside
+/// [0, size); count × itemsize overflows); ABORTED (c aborted or poisoned); IO
+/// (the progress thread could not start); UNSUPPORTED, CUDA (NCCL
+/// communicator). From flatshard_work_wait: MISMATCH (nothing moved, c stays
+/// usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY,
+/// UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_broadcast_async(
     c: *mut flatshard_comm,
@@ -169,14 +236,25 @@ unsafe fn work_ref<'a>(w: *const flatshard_work) -> Result<&'a Work> {
     unsafe { handle::get::<Work, _>(w, "w") }
 }
 
-/// Block until the work finished; returns its status (the same on every
-/// call), with flatshard_last_error() set on this thread if it failed:
-/// MISMATCH (ranks issued different operations; the communicator stays
-/// usable), TIMEOUT / PEER_LOST / ABORTED (the communicator is poisoned),
-/// NCCL / CUDA (device work), or the error of a flat-param operation.
-/// INVALID_ARGUMENT: NULL or freed handle. A work handle may be used from one
-/// thread at a time; it stays valid after its communicator or flat param was
-/// freed.
+/// Block until the work finished and return its status, the same on every call,
+/// with flatshard_last_error() set on this thread if it failed. NCCL work:
+/// waits for its event on the stream within the deadline (asynchronous NCCL
+/// errors reported, the communicator aborted on timeout).
+///
+/// Ownership: `w` stays the caller's (flatshard_work_free). Once this returns
+/// the operation's buffers are the caller's again.
+///
+/// Threads: a work handle is used from one thread at a time (not necessarily
+/// the one that issued it). Not collective, though the operation needs every
+/// rank.
+///
+/// Statuses: INVALID_ARGUMENT (NULL or freed w); otherwise the operation's
+/// status: OK; MISMATCH (the ranks issued different operations; the
+/// communicator stays usable); TIMEOUT, PEER_LOST, ABORTED (the communicator is
+/// poisoned, or was aborted, or freed with the work still queued past its
+/// timeout), IO; OUT_OF_MEMORY, UNSUPPORTED, CUDA, NCCL (device memory, NCCL);
+/// or any error of a flat-param operation (flatshard_flat_param_unshard,
+/// _reduce_grads).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_wait(w: *mut flatshard_work) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -185,9 +263,18 @@ pub unsafe extern "C" fn flatshard_work_wait(w: *mut flatshard_work) -> flatshar
     boundary("flatshard_work_wait", || unsafe { work_ref(w)?.wait() })
 }
 
-/// Never blocks: OK with `*done = 0` while the work is in flight; once it
-/// finished, `*done = 1` and the work's status (as flatshard_work_wait).
-/// INVALID_ARGUMENT: NULL `w` or `done` (then `*done` is not written).
+/// Never blocks: reports whether the work finished and, once it has, its
+/// status.
+///
+/// Ownership: `w` stays the caller's; `*done` is the caller's, written unless
+/// the call returns INVALID_ARGUMENT (or CUDA from the event query).
+///
+/// Threads: a work handle is used from one thread at a time. Not collective.
+///
+/// Statuses: OK with `*done = 0` while the work is in flight; once it finished,
+/// `*done = 1` and the work's status (as flatshard_work_wait); INVALID_ARGUMENT
+/// (NULL or freed w, NULL done: `*done` not written); CUDA (NCCL work: querying
+/// its event failed; `*done` not written).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_test(w: *mut flatshard_work, done: *mut i32) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -210,9 +297,20 @@ pub unsafe extern "C" fn flatshard_work_test(w: *mut flatshard_work, done: *mut 
 }
 
 /// CUDA: make `cuda_stream` (a CUstream of the communicator's device; NULL =
-/// the legacy default stream) wait for the work; the host does not wait.
-/// For host work (and work that already failed) this is flatshard_work_wait.
-/// Statuses as flatshard_work_wait, plus CUDA if the driver refuses.
+/// the legacy default stream) wait for the work; the host does not wait. For
+/// host work, and for NCCL work on a poisoned communicator, this is
+/// flatshard_work_wait.
+///
+/// Ownership: `w` and `cuda_stream` stay the caller's. For NCCL work the
+/// buffers belong to the library until `cuda_stream` has passed the wait.
+///
+/// Threads: a work handle is used from one thread at a time. Not collective.
+///
+/// Statuses: host work: as flatshard_work_wait. NCCL work: OK once the wait is
+/// enqueued (errors of the work itself then come from flatshard_work_wait /
+/// flatshard_comm_synchronize); CUDA (the driver refused the wait); on a
+/// poisoned communicator as flatshard_work_wait. INVALID_ARGUMENT (NULL or
+/// freed w).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_wait_stream(w: *mut flatshard_work, cuda_stream: *mut c_void) -> flatshard_status {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
@@ -221,9 +319,14 @@ pub unsafe extern "C" fn flatshard_work_wait_stream(w: *mut flatshard_work, cuda
     boundary("flatshard_work_wait_stream", || unsafe { work_ref(w)?.wait_stream(cuda_stream) })
 }
 
-/// Free a work handle (NULL is a no-op), waiting first if it is still in
-/// flight (its status is then dropped). Must be called exactly once per
-/// handle, from the thread using it.
+/// Free a work handle, waiting first if it is still in flight (its status is
+/// then dropped).
+///
+/// Ownership: `w` is invalid afterwards; free each handle exactly once.
+///
+/// Threads: not concurrently with any other call on `w`.
+///
+/// Returns: nothing. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_free(w: *mut flatshard_work) {
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
