@@ -291,58 +291,86 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * Name of a status as a static string, never NULL ("FLATSHARD_OK", ...).
+ * Name of a status ("FLATSHARD_OK", "FLATSHARD_ERR_TIMEOUT", ...).
+ *
+ * Ownership: a static string owned by the library, valid for the life of the
+ * process; do not free it.
+ *
+ * Threads: any thread, any time.
+ *
+ * Returns: the status's name; "FLATSHARD_UNKNOWN_STATUS" for a value that is
+ * not a flatshard_status. Never NULL.
  */
 const char *flatshard_status_name(flatshard_status status);
 
 /**
  * The message of the last failed flatshard call on this thread (what, which
- * rank, which argument, which limit); "" if none. Owned by the library, valid
- * until the next flatshard call on the same thread. Never NULL.
+ * rank, which argument, which limit).
+ *
+ * Ownership: owned by the library (one per thread); valid until the next
+ * flatshard call on the same thread; do not free it. Copy it to keep it.
+ *
+ * Threads: any thread; each thread sees its own calls' messages (for
+ * asynchronous work: the thread that called flatshard_work_wait / _test).
+ *
+ * Returns: the message; "" if no flatshard call on this thread has failed
+ * yet. Never NULL.
  */
 const char *flatshard_last_error(void);
 
 /**
- * The library version, "MAJOR.MINOR.PATCH" (static string).
+ * The library's run-time version (compare with FLATSHARD_VERSION_* of the
+ * header the program was compiled with).
+ *
+ * Ownership: a static string owned by the library, valid for the life of the
+ * process; do not free it.
+ *
+ * Threads: any thread, any time.
+ *
+ * Returns: "MAJOR.MINOR.PATCH", never NULL.
  */
 const char *flatshard_version(void);
 
 /**
- * Average `n` tensors in place over `comm`: every element becomes the mean over
- * the ranks (PyTorch's `x / size` then SUM all-reduce); each tensor keeps its
- * address and dtype. Mixed f32/f64/f16/bf16 in one call; f16/bf16 are divided
- * in their own dtype and summed in f32. Collective: every rank of `comm` passes
- * the same tensors (count, numel, dtype) in the same order, and the same
- * `FLATSHARD_BUCKET_BYTES`.
- *
- * `flags`: 0 or FLATSHARD_AVG_ONLY_WITH_GRAD (skip tensors whose grad is NULL).
- * Extra memory ≤ 2 × bucket (env FLATSHARD_BUCKET_BYTES, default 16 MiB),
- * whatever the model size.
- *
- * Ownership: the caller owns `params` and every tensor's memory; the library
- * reads and writes `data` during the call only (from this thread and one
- * helper thread) and keeps no pointer. Tensors must not overlap.
+ * Average `n` tensors in place over `comm`: every element becomes the mean
+ * over the ranks (PyTorch's `x / size` then SUM all-reduce); each tensor keeps
+ * its address and dtype. Mixed f32/f64/f16/bf16 in one call; f16/bf16 are
+ * divided in their own dtype and summed in f32. `flags`: 0 or
+ * FLATSHARD_AVG_ONLY_WITH_GRAD (skip tensors whose grad is NULL). Extra memory
+ * ≤ 2 × bucket (FLATSHARD_BUCKET_BYTES, default 16 MiB), whatever the model
+ * size.
  *
  * Before moving data the ranks compare what they are about to average (one
  * small all-gather), so a rank with different tensors, or one that refused its
  * arguments, makes every rank return at once and nothing is averaged.
  *
  * CUDA tensors (all of the call's tensors on the device): on an NCCL
- * communicator each is averaged in place on the device (ncclAvg, in fused
- * NCCL groups, ordered on the communicator's stream: flatshard_comm_synchronize
+ * communicator each is averaged in place on the device (ncclAvg, in fused NCCL
+ * groups, ordered on the communicator's stream: flatshard_comm_synchronize
  * waits); on a host communicator they are staged through one pinned host
  * bucket of at most FLATSHARD_BUCKET_BYTES. (Not yet verified on a GPU.)
  *
- * Statuses: OK; INVALID_ARGUMENT (NULL comm/params with n > 0, bad dtype or
- * device enum, integer dtype, NULL data with numel > 0, unknown flag bits,
- * n == 0, nothing left after the grad filter: "no parameter has a gradient",
- * bad FLATSHARD_BUCKET_BYTES); UNSUPPORTED (CUDA tensors without a CUDA
- * driver, or host and CUDA tensors mixed in one call); MISMATCH (another rank passed different tensors or bucket size, or
- * refused its arguments: the message names the ranks); OUT_OF_MEMORY (bucket);
- * TIMEOUT / PEER_LOST / ABORTED / IO from the communicator (the tensors'
- * contents are then unspecified: partly averaged). A NULL pointer or a bad
- * enum is refused before the comparison: the peers then wait until their
- * timeout.
+ * Ownership: the caller owns `params` and every tensor's memory; the library
+ * reads and writes `data` during the call only (from this thread and one
+ * helper thread; on an NCCL communicator until the stream has run the work)
+ * and keeps no pointer. Tensors must not overlap.
+ *
+ * Threads: collective: every rank of `comm` passes the same tensors (count,
+ * numel, dtype) in the same order. Not concurrently with other calls on `comm`
+ * (flatshard_comm_abort excepted); nothing else may touch the tensors' memory
+ * during the call.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed comm; NULL params with n > 0;
+ * a bad dtype or device enum; an integer dtype; NULL data with numel > 0;
+ * unknown flag bits; n == 0; nothing left after the grad filter: "no parameter
+ * has a gradient"; a CUDA tensor on another device than an NCCL
+ * communicator's); UNSUPPORTED (CUDA tensors without a CUDA driver, or host
+ * and CUDA tensors mixed in one call); MISMATCH (another rank passed different
+ * tensors or refused its arguments: the message names the ranks);
+ * OUT_OF_MEMORY (the bucket); TIMEOUT, PEER_LOST, ABORTED, IO from the
+ * communicator (the tensors' contents are then unspecified: partly averaged);
+ * CUDA, NCCL (CUDA tensors). A NULL pointer, freed comm or bad enum is refused
+ * before the comparison: the peers then wait until their timeout.
  */
 flatshard_status flatshard_average_parameters(flatshard_comm *comm,
                                               flatshard_tensor *params,
@@ -350,18 +378,22 @@ flatshard_status flatshard_average_parameters(flatshard_comm *comm,
                                               uint32_t flags);
 
 /**
- * A periodic averager (PyTorch `PeriodicModelAverager`): `flatshard_averager_step`
- * averages over all of `comm` iff `step >= warmup_steps && (step - warmup_steps)
- * % period == 0`. Not collective. Period 1 is legal but logs a warning
- * (FLATSHARD_DEBUG=WARN): an all-reduce of the gradients is cheaper.
+ * A periodic averager (PyTorch `PeriodicModelAverager`):
+ * flatshard_averager_step averages over all of `comm` iff `step >=
+ * warmup_steps && (step - warmup_steps) % period == 0`. Period 1 is legal but
+ * logs a warning (FLATSHARD_DEBUG=WARN): an all-reduce of the gradients is
+ * cheaper.
  *
  * Ownership: on success `*out` owns a new averager; free it with
  * flatshard_averager_free. The averager holds its own reference to `comm`:
  * `comm` may be freed before the averager, which keeps working (the
  * communicator closes when its last user is freed).
  *
- * Statuses: OK; INVALID_ARGUMENT (NULL comm or out, period 0: "period must be
- * a positive value").
+ * Threads: not collective (no communication). Any thread; it only takes a
+ * reference to `comm`.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed comm; NULL out; period 0:
+ * "period must be a positive value").
  */
 flatshard_status flatshard_periodic_averager_new(flatshard_comm *comm,
                                                  uint64_t period,
@@ -374,23 +406,24 @@ flatshard_status flatshard_periodic_averager_new(flatshard_comm *comm,
  * with `step >= warmup_steps`, the first period from the *last* given to the
  * first that divides the absolute step picks the group size; ranks average
  * within contiguous blocks `[g*k, g*k+g)` of that size. At most one level per
- * step.
- *
- * Collective over `comm`: creates the subgroups now (once per distinct group
- * size; the size equal to comm's reuses `comm`). Checks, in this order: n ≥ 1;
- * every period > 0; every group size > 0; the last group size equals the size
- * of comm; every group size divides it; no period twice. A largest period of 1
- * logs a warning.
+ * step. Checks, in this order: n ≥ 1; every period > 0; every group size > 0;
+ * the last group size equals the size of comm; every group size divides it; no
+ * period twice. A largest period of 1 logs a warning.
  *
  * Ownership: `periods` and `group_sizes` (n entries each) are copied. On
  * success `*out` owns a new averager (flatshard_averager_free), which owns its
  * subgroups and holds its own reference to `comm`, so `comm` may be freed
  * first (the communicator closes when its last user is freed).
  *
- * Statuses: OK; INVALID_ARGUMENT (NULL comm/out, NULL arrays with n > 0, a
- * failed check above — the message names the numbers); UNSUPPORTED (comm
- * built from user callbacks cannot create subgroups); TIMEOUT / PEER_LOST /
- * IO / AUTH while creating the subgroups.
+ * Threads: collective over `comm`: it creates the subgroups now (once per
+ * distinct group size; the size of comm reuses `comm`), so every rank calls
+ * with the same arguments. Not concurrently with other calls on `comm`.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed comm; NULL out; NULL arrays
+ * with n > 0; a failed check above, the message naming the numbers);
+ * UNSUPPORTED (comm built from user callbacks cannot create subgroups; NCCL
+ * older than 2.18); MISMATCH, TIMEOUT, PEER_LOST, ABORTED, IO, AUTH, NCCL
+ * (while creating the subgroups, as flatshard_comm_new_subgroups).
  */
 flatshard_status flatshard_hierarchical_averager_new(flatshard_comm *comm,
                                                      const uint64_t *periods,
@@ -401,20 +434,25 @@ flatshard_status flatshard_hierarchical_averager_new(flatshard_comm *comm,
 
 /**
  * One optimizer step: average `params` in place if the schedule says so (as
- * flatshard_average_parameters, over the group the schedule picks), then
- * `step += 1`. `*averaged_group_size` (may be NULL) receives the size of the
- * group that averaged, 0 if none. Collective over that group on steps that
- * average; every rank must step in lockstep.
+ * flatshard_average_parameters, over the group the schedule picks), then `step
+ * += 1`. `*averaged_group_size` (may be NULL) receives the size of the group
+ * that averaged, 0 if none. Arguments (pointers, dtypes, devices, flags) are
+ * checked on every step; "nothing to average" (n == 0, or no tensor with a
+ * grad under FLATSHARD_AVG_ONLY_WITH_GRAD) only on steps that average, as in
+ * PyTorch. On any error the step counter does not advance and
+ * `*averaged_group_size` is not written.
  *
- * Arguments (pointers, dtypes, devices, flags) are checked on every step;
- * "nothing to average" (n == 0, or no tensor with a grad under
- * FLATSHARD_AVG_ONLY_WITH_GRAD) only on steps that average, as in PyTorch.
- * On any error the step counter does not advance and `*averaged_group_size`
- * is not written.
+ * Ownership: as flatshard_average_parameters; `*averaged_group_size` is the
+ * caller's, written on success.
  *
- * Ownership: as flatshard_average_parameters; `a` is not thread-safe.
- * Statuses: as flatshard_average_parameters; INVALID_ARGUMENT for a NULL or
- * freed `a`; INVALID_STATE when the step counter is at UINT64_MAX.
+ * Threads: collective over the group that averages on this step: every rank
+ * steps in lockstep with the same tensors. Not concurrently with other calls
+ * on `a` or on its communicator.
+ *
+ * Statuses: as flatshard_average_parameters (on a step that does not average:
+ * only its argument checks, INVALID_ARGUMENT and UNSUPPORTED);
+ * INVALID_ARGUMENT also for a NULL or freed `a`; INVALID_STATE when the step
+ * counter is at UINT64_MAX.
  */
 flatshard_status flatshard_averager_step(flatshard_averager *a,
                                          flatshard_tensor *params,
@@ -424,36 +462,81 @@ flatshard_status flatshard_averager_step(flatshard_averager *a,
 
 /**
  * The step the next flatshard_averager_step will run (0 for a new averager);
- * save it with a checkpoint. 0 for NULL or a freed handle.
+ * save it with a checkpoint.
+ *
+ * Ownership: `a` is read during the call only.
+ *
+ * Threads: `a` is const: any number of threads may call this at once.
+ *
+ * Returns: the step; 0 for NULL or a freed handle.
  */
 uint64_t flatshard_averager_get_step(const flatshard_averager *a);
 
 /**
  * Resume a schedule: the next flatshard_averager_step runs step `step`
- * (PyTorch's PostLocalSGDOptimizer keeps `step` in its state dict). Every rank
- * must set the same step. Statuses: OK; INVALID_ARGUMENT for a NULL or freed `a`.
+ * (PyTorch's PostLocalSGDOptimizer keeps `step` in its state dict).
+ *
+ * Ownership: `a` stays the caller's; nothing else is passed.
+ *
+ * Threads: not concurrently with other calls on `a`. Not collective, but every
+ * rank must set the same step.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed `a`).
  */
 flatshard_status flatshard_averager_set_step(flatshard_averager *a, uint64_t step);
 
 /**
- * Free an averager and the subgroups it created (NULL is a no-op). The
- * communicator it was built on closes here if the caller already freed it
- * (the averager held the last reference). Freeing subgroups is local; peers
- * still using theirs get PEER_LOST, so free averagers on every rank together.
+ * Free an averager and the subgroups it created. The communicator it was built
+ * on closes here if the caller already freed it (the averager held the last
+ * reference).
+ *
+ * Ownership: `a` is invalid afterwards.
+ *
+ * Threads: not concurrently with any other call on `a`. Local: freeing
+ * subgroups is not collective, but peers still using theirs get PEER_LOST, so
+ * free averagers on every rank together.
+ *
+ * Returns: nothing. NULL is a no-op.
  */
 void flatshard_averager_free(flatshard_averager *a);
 
 /**
- * Zero-fill `*o` and set `o->struct_size`. NULL is ignored.
+ * Zero-fill `*o` and set `o->struct_size` (every option at its default).
+ *
+ * Ownership: `*o` is the caller's; it is written during the call only.
+ *
+ * Threads: any thread (the struct is the caller's).
+ *
+ * Returns: nothing. NULL `o` is ignored.
  */
 void flatshard_comm_options_init(flatshard_comm_options *o);
 
 /**
  * Join a job of `world_size` ranks. Rank 0 serves the rendezvous store on
  * `master_addr:master_port`; the others connect (retrying until the timeout,
- * so start order does not matter). Collective over all ranks.
- * On success `*out` owns a communicator; free it with flatshard_comm_free.
- * INVALID_ARGUMENT (bad rank/size/port/options), TIMEOUT, AUTH, IO.
+ * so start order does not matter). Every FLATSHARD_* setting is read and
+ * checked before any traffic, and the job-wide ones are compared across ranks.
+ * A job of one rank opens no socket (`master_addr` may then be NULL).
+ *
+ * Ownership: `master_addr` and `*opts` (and its strings) are read during the
+ * call only. On success `*out` owns a communicator: free it with
+ * flatshard_comm_free.
+ *
+ * Threads: collective: every rank of the job calls it once, with its own rank.
+ * Any thread.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL out; NULL master_addr or master_port 0
+ * with world_size > 1; rank or world_size out of range; an address that does
+ * not resolve; bad options: struct_size, transport, bind_addr, a string that
+ * is not UTF-8; a malformed FLATSHARD_* setting on any rank, naming that rank;
+ * FLATSHARD_TRANSPORT_SHM with ranks on several hosts; FLATSHARD_SHM_CHUNK too
+ * small for world_size); MISMATCH (job-wide settings differ between ranks: the
+ * message names the variable and each rank's value; a peer speaks another
+ * protocol version); TIMEOUT (not every rank joined within timeout_ms); AUTH
+ * (a peer failed the job-token handshake); PEER_LOST (a peer closed or sent
+ * garbage during the rendezvous); IO (rank 0 cannot listen on
+ * master_addr:master_port, e.g. the port is taken; a socket or shared-memory
+ * call failed).
  */
 flatshard_status flatshard_comm_init(const char *master_addr,
                                      uint16_t master_port,
@@ -464,15 +547,43 @@ flatshard_status flatshard_comm_init(const char *master_addr,
 
 /**
  * Join using torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
- * WORLD_SIZE). A missing or malformed variable is INVALID_ARGUMENT naming it.
+ * WORLD_SIZE; a world of one needs neither address nor port), otherwise as
+ * flatshard_comm_init.
+ *
+ * Ownership: `*opts` is read during the call only. On success `*out` owns a
+ * communicator: free it with flatshard_comm_free.
+ *
+ * Threads: collective: every rank of the job calls it once. Any thread.
+ *
+ * Statuses: as flatshard_comm_init; INVALID_ARGUMENT also for a missing or
+ * malformed variable (the message names it).
  */
 flatshard_status flatshard_comm_init_from_env(const flatshard_comm_options *opts,
                                               flatshard_comm **out);
 
 /**
- * Build a communicator on the caller's own collectives. `ops` is copied;
- * `ops->ctx` must stay valid until flatshard_comm_free, which calls
- * `ops->destroy(ctx)` if set. Every callback except destroy is required.
+ * Build a communicator on the caller's own collectives (LibTorch c10d, MPI,
+ * UCC...). Before each collective the ranks all-gather a small descriptor
+ * through `ops->all_gather`, so calls that differ are MISMATCH as on the
+ * built-in transports. A callback that returns non-zero fails the call with
+ * PEER_LOST and poisons the communicator; flatshard_comm_abort cannot
+ * interrupt a running callback.
+ *
+ * Ownership: `*ops` is copied. `ops->ctx` stays the caller's and must remain
+ * valid until the communicator closes (when flatshard_comm_free and the frees
+ * of every flat param and averager built on it have all happened); closing
+ * calls `ops->destroy(ctx)` if set. Buffers given to a callback are valid
+ * during that callback only. On success `*out` owns the communicator: free it
+ * with flatshard_comm_free.
+ *
+ * Threads: not collective (no communication). Any thread. The callbacks run on
+ * the thread that makes a call on the communicator, or on its progress thread
+ * for asynchronous work, never two at once (MPI_THREAD_SERIALIZED is enough).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL ops or out; unknown ops->struct_size; a
+ * NULL callback other than destroy; not 0 <= rank < size; a malformed
+ * FLATSHARD_* setting, in which case `ops->destroy(ctx)` has already been
+ * called).
  */
 flatshard_status flatshard_comm_from_collectives(int32_t rank,
                                                  int32_t size,
@@ -480,18 +591,47 @@ flatshard_status flatshard_comm_from_collectives(int32_t rank,
                                                  flatshard_comm **out);
 
 /**
- * This rank's index in the communicator; -1 for NULL.
+ * This rank's index in the communicator.
+ *
+ * Ownership: `c` is read during the call only.
+ *
+ * Threads: `c` is const: any number of threads may call this at once.
+ *
+ * Returns: the rank, 0 <= rank < size; -1 for NULL or a freed handle.
  */
 int32_t flatshard_comm_rank(const flatshard_comm *c);
 
 /**
- * Number of ranks; -1 for NULL.
+ * Number of ranks in the communicator.
+ *
+ * Ownership: `c` is read during the call only.
+ *
+ * Threads: `c` is const: any number of threads may call this at once.
+ *
+ * Returns: the size, >= 1; -1 for NULL or a freed handle.
  */
 int32_t flatshard_comm_size(const flatshard_comm *c);
 
 /**
- * Contiguous blocks of `group_size` ranks, like torch.distributed.new_subgroups.
- * Collective over `parent`. `*out` is owned by the caller (flatshard_comm_free).
+ * Split `parent` into contiguous blocks of `group_size` ranks, like
+ * torch.distributed.new_subgroups: rank r joins block r / group_size, in
+ * parent's rank order. Each block meets afresh (shared memory within a host,
+ * TCP across hosts); on an NCCL communicator this is ncclCommSplit.
+ *
+ * Ownership: on success `*out` owns the new communicator
+ * (flatshard_comm_free). It does not need the `parent` handle: either may be
+ * freed first.
+ *
+ * Threads: collective over `parent`: every rank of it calls with the same
+ * group_size. Not concurrently with other calls on `parent`
+ * (flatshard_comm_abort excepted).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed parent; NULL out; group_size
+ * not positive or not dividing parent's size; FLATSHARD_TRANSPORT_SHM for a
+ * block that spans hosts); UNSUPPORTED (parent built from user callbacks; NCCL
+ * older than 2.18); MISMATCH (ranks of parent made different calls); TIMEOUT,
+ * PEER_LOST, ABORTED (parent is or becomes poisoned), AUTH, IO (while the new
+ * group meets); NCCL (ncclCommSplit failed).
  */
 flatshard_status flatshard_comm_new_subgroups(flatshard_comm *parent,
                                               int32_t group_size,
@@ -499,8 +639,24 @@ flatshard_status flatshard_comm_new_subgroups(flatshard_comm *parent,
 
 /**
  * MPI_Comm_split: ranks with the same `color` form a communicator ordered by
- * (key, parent rank). color < 0 → `*out = NULL`. Collective over `parent`.
- * On an NCCL communicator this is ncclCommSplit (same stream and device).
+ * (key, parent rank). Each group meets afresh (shared memory within a host,
+ * TCP across hosts); on an NCCL communicator this is ncclCommSplit (same
+ * stream and device).
+ *
+ * Ownership: on success `*out` owns the new communicator
+ * (flatshard_comm_free), or is NULL for color < 0. It does not need the
+ * `parent` handle: either may be freed first.
+ *
+ * Threads: collective over `parent`: every rank of it calls (color < 0
+ * included). Not concurrently with other calls on `parent`
+ * (flatshard_comm_abort excepted).
+ *
+ * Statuses: OK (also for color < 0); INVALID_ARGUMENT (NULL or freed parent;
+ * NULL out; FLATSHARD_TRANSPORT_SHM for a group that spans hosts); UNSUPPORTED
+ * (parent built from user callbacks; NCCL older than 2.18); MISMATCH (ranks of
+ * parent made different calls); TIMEOUT, PEER_LOST, ABORTED (parent is or
+ * becomes poisoned), AUTH, IO (while the new group meets); NCCL (ncclCommSplit
+ * failed).
  */
 flatshard_status flatshard_comm_split(flatshard_comm *parent,
                                       int32_t color,
@@ -508,17 +664,29 @@ flatshard_status flatshard_comm_split(flatshard_comm *parent,
                                       flatshard_comm **out);
 
 /**
- * In-place all-reduce of `count` elements of `buf` (host memory, or device
- * memory: see API §6). AVG = SUM / size (floating dtypes only).
- * Collective: every rank calls with the same count, dtype and op.
- * Ownership: `buf` stays the caller's; it is read and written during the
- * call only. Thread-safety: not with other calls on `c` (except
- * flatshard_comm_abort).
- * Statuses: OK; INVALID_ARGUMENT (NULL c, NULL buf with count > 0, bad dtype
- * or op, AVG on an integer dtype, count × itemsize overflows); MISMATCH (the
- * ranks called differently: nothing moved, c stays usable); TIMEOUT,
- * PEER_LOST, ABORTED (c is poisoned); UNSUPPORTED / CUDA / NCCL for device
- * memory without a usable driver; OUT_OF_MEMORY (staging).
+ * In-place all-reduce of `count` elements of `buf`, in host or device memory
+ * (API §6). AVG = SUM / size, floating dtypes only; f16/bf16 accumulate in
+ * f32. count 0 is legal (buf may then be NULL) and still synchronises. On a
+ * host communicator the result is in place when the call returns; on an NCCL
+ * one the call is ordered on the communicator's stream
+ * (flatshard_comm_synchronize waits), and memory NCCL cannot read directly is
+ * staged.
+ *
+ * Ownership: `buf` (count elements) stays the caller's; it is read and written
+ * during the call only (on an NCCL communicator: until the stream has run the
+ * operation).
+ *
+ * Threads: collective: every rank of `c` calls with the same count, dtype and
+ * op. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL buf with count > 0;
+ * bad dtype or op; AVG on an integer dtype; count × itemsize overflows; memory
+ * of another GPU than an NCCL communicator's); MISMATCH (host and callback
+ * communicators: the ranks called differently; nothing moved, c stays usable);
+ * TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned: later calls return ABORTED
+ * at once); OUT_OF_MEMORY (staging); UNSUPPORTED, CUDA, NCCL (device memory or
+ * an NCCL communicator: no usable driver, or the driver or NCCL failed).
  */
 flatshard_status flatshard_all_reduce(flatshard_comm *c,
                                       void *buf,
@@ -527,11 +695,23 @@ flatshard_status flatshard_all_reduce(flatshard_comm *c,
                                       flatshard_reduce_op op);
 
 /**
- * Gather `count_per_rank` elements from every rank into `recv` (size ×
- * count_per_rank, rank-major). `send` may lie inside `recv` (in place).
- * Collective, ownership and thread-safety as flatshard_all_reduce.
- * Statuses: as flatshard_all_reduce (INVALID_ARGUMENT also for
- * count_per_rank × size overflowing).
+ * Gather `count_per_rank` elements of `send` from every rank into `recv` (size
+ * × count_per_rank elements, rank-major). `send` may lie inside `recv` (in
+ * place). Memory, completion and count 0 as flatshard_all_reduce.
+ *
+ * Ownership: `send` (count_per_rank elements) is read and `recv` (size ×
+ * count_per_rank) written during the call only; both stay the caller's.
+ *
+ * Threads: collective: every rank of `c` calls with the same count_per_rank
+ * and dtype. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL send or recv with
+ * count_per_rank > 0; bad dtype; count_per_rank × size × itemsize overflows;
+ * memory of another GPU than an NCCL communicator's); MISMATCH (host and
+ * callback communicators: the ranks called differently; nothing moved, c stays
+ * usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY
+ * (staging); UNSUPPORTED, CUDA, NCCL (device memory or an NCCL communicator).
  */
 flatshard_status flatshard_all_gather(flatshard_comm *c,
                                       const void *send,
@@ -541,9 +721,24 @@ flatshard_status flatshard_all_gather(flatshard_comm *c,
 
 /**
  * Reduce `size × count_per_rank` elements of `send` across ranks and leave
- * block `rank` of the result in `recv` (`recv` may overlap `send`).
- * Collective, ownership and thread-safety as flatshard_all_reduce.
- * Statuses: as flatshard_all_gather.
+ * block `rank` of the result (count_per_rank elements) in `recv`, which may
+ * overlap `send`. AVG = SUM / size, floating dtypes only. Memory, completion
+ * and count 0 as flatshard_all_reduce.
+ *
+ * Ownership: `send` (size × count_per_rank elements) is read and `recv`
+ * (count_per_rank) written during the call only; both stay the caller's.
+ *
+ * Threads: collective: every rank of `c` calls with the same count_per_rank,
+ * dtype and op. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL send or recv with
+ * count_per_rank > 0; bad dtype or op; AVG on an integer dtype; count_per_rank
+ * × size × itemsize overflows; memory of another GPU than an NCCL
+ * communicator's); MISMATCH (host and callback communicators: the ranks called
+ * differently; nothing moved, c stays usable); TIMEOUT, PEER_LOST, ABORTED, IO
+ * (c is poisoned); OUT_OF_MEMORY (staging); UNSUPPORTED, CUDA, NCCL (device
+ * memory or an NCCL communicator).
  */
 flatshard_status flatshard_reduce_scatter(flatshard_comm *c,
                                           const void *send,
@@ -553,10 +748,22 @@ flatshard_status flatshard_reduce_scatter(flatshard_comm *c,
                                           flatshard_reduce_op op);
 
 /**
- * Copy `count` elements of `buf` from `root` to every rank.
- * Collective, ownership and thread-safety as flatshard_all_reduce.
- * Statuses: as flatshard_all_reduce; INVALID_ARGUMENT for root outside
- * [0, size).
+ * Copy `count` elements of `buf` from rank `root` to every rank. Memory,
+ * completion and count 0 as flatshard_all_reduce.
+ *
+ * Ownership: `buf` (count elements) stays the caller's; it is read (on root)
+ * or written (elsewhere) during the call only.
+ *
+ * Threads: collective: every rank of `c` calls with the same count, dtype and
+ * root. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed c; NULL buf with count > 0;
+ * bad dtype; root outside [0, size); count × itemsize overflows; memory of
+ * another GPU than an NCCL communicator's); MISMATCH (host and callback
+ * communicators: the ranks called differently; nothing moved, c stays usable);
+ * TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY (staging);
+ * UNSUPPORTED, CUDA, NCCL (device memory or an NCCL communicator).
  */
 flatshard_status flatshard_broadcast(flatshard_comm *c,
                                      void *buf,
@@ -565,43 +772,85 @@ flatshard_status flatshard_broadcast(flatshard_comm *c,
                                      int32_t root);
 
 /**
- * Return once every rank has called it. Collective.
- * Statuses: OK; INVALID_ARGUMENT (NULL c); TIMEOUT, PEER_LOST, ABORTED.
+ * Return once every rank of `c` has called it.
+ *
+ * Ownership: `c` stays the caller's; nothing else is passed.
+ *
+ * Threads: collective: every rank of `c` calls it. Not concurrently with other
+ * calls on `c` (flatshard_comm_abort excepted).
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed c); MISMATCH (host and
+ * callback communicators: another rank made a different call; c stays usable);
+ * TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); NCCL (NCCL communicator).
  */
 flatshard_status flatshard_barrier(flatshard_comm *c);
 
 /**
- * Unblock any collective in progress (from any thread) and poison the
- * communicator: later calls return FLATSHARD_ERR_ABORTED; peers get errors.
- * The handle must still be freed with flatshard_comm_free.
+ * Unblock any call in progress on `c` and poison it: later calls return
+ * ABORTED, queued asynchronous work fails with ABORTED within 1 s, and peers
+ * blocked on this rank get errors. A user callback already running is not
+ * interrupted. On an NCCL communicator this only flags it: the thread using it
+ * aborts it (in flatshard_comm_synchronize, or at free); a wrapped NCCL
+ * communicator itself is never aborted.
+ *
+ * Ownership: `c` stays valid: free it with flatshard_comm_free as usual.
+ *
+ * Threads: any thread, any time, also while another thread is inside a call on
+ * `c` (the one exception to API §1), but not concurrently with
+ * flatshard_comm_free of the same handle. Not collective.
+ *
+ * Statuses: OK (also when already aborted or poisoned); INVALID_ARGUMENT (NULL
+ * or freed c).
  */
 flatshard_status flatshard_comm_abort(flatshard_comm *c);
 
 /**
- * Release the caller's reference to a communicator (NULL is a no-op). The
- * handle is invalid afterwards. Flat params and averagers built on it hold
- * their own references and keep working; the communicator closes when the
- * last of them is freed (then peers blocked on this rank get PEER_LOST).
- * Rank 0's store lives until its last communicator is closed. Queued
- * asynchronous work (API §7) gets at most the communicator's timeout to
- * finish, then is aborted (its work handles report ABORTED). Not
- * thread-safe with other calls on the same handle.
+ * Release the caller's reference to a communicator. Flat params and averagers
+ * built on it hold their own references and keep working; the communicator
+ * closes when the last of them is freed (then peers blocked on this rank get
+ * PEER_LOST). Rank 0's store lives until its last communicator is closed.
+ * Queued asynchronous work (API §7) gets at most the communicator's timeout to
+ * finish, then is aborted (its work handles report ABORTED); work handles stay
+ * valid.
+ *
+ * Ownership: `c` is invalid afterwards; pointers the library handed out for it
+ * are not affected (flat params, averagers, work handles keep their own).
+ *
+ * Threads: not concurrently with any other call on `c`, flatshard_comm_abort
+ * included. Not collective.
+ *
+ * Returns: nothing. NULL is a no-op.
  */
 void flatshard_comm_free(flatshard_comm *c);
 
 /**
- * Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
- * (a CUstream / cudaStream_t; NULL = the legacy default stream). The
- * ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
- * authenticated by the job token. Collective over all ranks; NCCL needs one
- * GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
- * destroys the NCCL comm after this rank's queued work). NCCL is found as
+ * Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream` (a
+ * CUstream / cudaStream_t of that device; NULL = the legacy default stream).
+ * The ncclUniqueId travels through the TCP rendezvous on
+ * master_addr:master_port, authenticated by the job token; before
+ * ncclCommInitRank (which has no deadline) the ranks check that each can use
+ * its device. NCCL needs one GPU per rank. NCCL is found as
  * FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
  * process, else libnccl.so.2 / libnccl.so on the search path; NCCL 2.10 or
- * newer (ncclAvg), 2.18 or newer for split. Host pointers given to its collectives are staged
- * through device memory. Results of AVG/SUM can differ from a host
- * communicator's in the last bits (NCCL's reduction order and AVG scaling).
- * UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
+ * newer (ncclAvg), 2.18 or newer for split. Host pointers given to its
+ * collectives are staged through device memory. Results of AVG/SUM can differ
+ * from a host communicator's in the last bits (NCCL's reduction order and AVG
+ * scaling).
+ *
+ * Ownership: `master_addr` and `*opts` are read during the call only;
+ * `cuda_stream` stays the caller's and must outlive the communicator. On
+ * success `*out` owns the communicator: flatshard_comm_free destroys the NCCL
+ * communicator after this rank's queued work.
+ *
+ * Threads: collective: every rank of the job calls it once. Any thread.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (as flatshard_comm_init: NULL out, address,
+ * rank, size, port, options, settings); UNSUPPORTED (no CUDA driver, no usable
+ * NCCL, or built without the `cuda` feature; rank 0 could not create an
+ * ncclUniqueId); MISMATCH (another rank cannot use its CUDA device; job-wide
+ * settings differ); TIMEOUT, AUTH, PEER_LOST, IO (the rendezvous, as
+ * flatshard_comm_init); CUDA (cuda_device is not usable here); NCCL
+ * (ncclCommInitRank failed).
  */
 flatshard_status flatshard_comm_init_nccl(const char *master_addr,
                                           uint16_t master_port,
@@ -613,13 +862,26 @@ flatshard_status flatshard_comm_init_nccl(const char *master_addr,
                                           flatshard_comm **out);
 
 /**
- * Adopt an existing ncclComm_t (not owned: flatshard never destroys or
- * aborts it — not at flatshard_comm_free, flatshard_comm_abort, or a
- * timeout, which then only poison the wrapper; aborting the NCCL comm is its
- * owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
- * must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
- * from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
- * the one already loaded in the process (libnccl.so.2), else the search path.
+ * Adopt an existing ncclComm_t, not owned: flatshard never destroys or aborts
+ * it (not at flatshard_comm_free, flatshard_comm_abort, or a timeout, which
+ * then only poison the wrapper; aborting the NCCL communicator is its owner's
+ * call). Collectives are ordered on `cuda_stream` (NULL = the legacy default
+ * stream); waits use the default timeout (600000 ms). The communicator must
+ * come from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set,
+ * else the one already loaded in the process (libnccl.so.2), else the search
+ * path.
+ *
+ * Ownership: `nccl_comm` and `cuda_stream` stay the caller's and must outlive
+ * the flatshard communicator (every flat param and averager built on it
+ * included). On success `*out` owns the wrapper (flatshard_comm_free).
+ *
+ * Threads: not collective (no communication). Any thread.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL out or nccl_comm; cuda_device is not
+ * the communicator's device; a malformed FLATSHARD_* setting); UNSUPPORTED (no
+ * CUDA driver, no usable NCCL, or built without the `cuda` feature); CUDA
+ * (cuda_device is not usable here); NCCL (NCCL refused to describe the
+ * communicator).
  */
 flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
                                           int32_t cuda_device,
@@ -627,37 +889,79 @@ flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
                                           flatshard_comm **out);
 
 /**
- * Wait for the work queued on the communicator's stream, up to the timeout;
- * reports asynchronous NCCL errors (NCCL) and aborts an owned NCCL
- * communicator on timeout (TIMEOUT). On a host communicator it returns OK at once (host
+ * Wait for the work queued on the communicator's stream, up to the timeout.
+ * Reports asynchronous NCCL errors and aborts an owned NCCL communicator on
+ * timeout. On a host or callback communicator it returns OK at once (their
  * collectives complete before returning).
+ *
+ * Ownership: `c` stays the caller's; nothing else is passed.
+ *
+ * Threads: not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted; on an NCCL communicator the abort takes effect here, within 50
+ * µs). Not collective, but it waits for collectives that need every rank.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed c); TIMEOUT (the work did not
+ * finish within the timeout; c is poisoned and an owned NCCL communicator
+ * aborted); NCCL (an asynchronous NCCL error; c is poisoned); ABORTED (c was
+ * aborted or poisoned before); CUDA (the stream reported an error).
  */
 flatshard_status flatshard_comm_synchronize(flatshard_comm *c);
 
 /**
  * Zero-fill `*o` and set `o->struct_size` (defaults: FULL_SHARD, every flag
- * off). NULL is ignored.
+ * off, no mixed precision, no replicate_comm).
+ *
+ * Ownership: `*o` is the caller's; it is written during the call only.
+ *
+ * Threads: any thread (the struct is the caller's).
+ *
+ * Returns: nothing. NULL `o` is ignored.
  */
 void flatshard_flat_param_options_init(flatshard_flat_param_options *o);
 
 /**
- * Zero-fill `*o` and set `o->struct_size` (every flag off). NULL is ignored.
+ * Zero-fill `*o` and set `o->struct_size` (every flag off: a training
+ * unshard).
+ *
+ * Ownership: `*o` is the caller's; it is written during the call only.
+ *
+ * Threads: any thread (the struct is the caller's).
+ *
+ * Returns: nothing. NULL `o` is ignored.
  */
 void flatshard_unshard_options_init(flatshard_unshard_options *o);
 
 /**
- * Build a flat parameter. Collective over `comm` (and `opts->replicate_comm`
- * for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, all in
- * host memory or all on one CUDA device) in order, shards them and copies this rank's shard out of the
- * caller's tensors; afterwards the caller's buffers are not referenced (their
- * `grad` pointers are ignored). The flat param holds its own references to
- * `comm` and `replicate_comm`: their handles may be freed before it. On success `*out` owns the flat param; free it
- * with flatshard_flat_param_free.
- * INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
- * dtype, bad options (message names the first offending index / field);
- * UNSUPPORTED: CUDA tensors without a CUDA driver;
- * MISMATCH (every rank): ranks passed different layouts or options, or
- * another rank's arguments were invalid; TIMEOUT / PEER_LOST from the comm.
+ * Build a flat parameter: flatten `params[0..n_params)` (one float dtype, all
+ * in host memory or all on one CUDA device) in order, shard them over `comm`
+ * (SPEC §2) and copy this rank's shard out of the caller's tensors. Before any
+ * data moves the ranks compare layouts and options, so one rank's bad
+ * arguments fail every rank at once.
+ *
+ * Ownership: `params`, the memory of each `params[i].data` and `*opts` are
+ * read during the call only and not referenced afterwards (`grad` pointers are
+ * ignored). The flat param holds its own references to `comm` and
+ * `opts->replicate_comm`: their handles may be freed before it. On success
+ * `*out` owns the flat param: free it with flatshard_flat_param_free.
+ *
+ * Threads: collective over `comm` (and `opts->replicate_comm` for
+ * HYBRID_SHARD): every rank calls with the same layout and options, and every
+ * rank creates its flat params on a communicator in the same order. Not
+ * concurrently with other calls on those communicators.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL out; NULL or freed comm; NULL params
+ * with n_params > 0; n_params 0; a bad dtype or device enum; mixed dtypes or
+ * devices; an integer dtype; NULL data with numel > 0; data not on the CUDA
+ * device it names, or not on an NCCL communicator's device; bad options:
+ * struct_size, sharding, a flag not 0/1, a non-float param_dtype or
+ * reduce_dtype, HYBRID_SHARD without a replicate_comm or with replicate_comm
+ * == comm, a freed replicate_comm; the message names the first offending index
+ * or field); UNSUPPORTED (CUDA tensors without a CUDA driver); MISMATCH (every
+ * other rank: the ranks passed different layouts or options, or a rank refused
+ * its arguments, named in the message); TIMEOUT, PEER_LOST, ABORTED, IO (from
+ * comm or replicate_comm); OUT_OF_MEMORY (the shard); CUDA, NCCL (device
+ * tensors). A NULL out or comm is refused before the ranks compare: the others
+ * then wait until their timeout.
  */
 flatshard_status flatshard_flat_param_new(flatshard_comm *comm,
                                           const flatshard_tensor *params,
@@ -666,33 +970,75 @@ flatshard_status flatshard_flat_param_new(flatshard_comm *comm,
                                           flatshard_flat_param **out);
 
 /**
- * Σ param numels, no padding; 0 for NULL.
+ * Σ param numels, without padding. Does not wait for in-flight work.
+ *
+ * Ownership: `fp` is read during the call only.
+ *
+ * Threads: `fp` is const: any number of threads may call this at once.
+ *
+ * Returns: the number of elements; 0 for NULL or a freed handle.
  */
 uint64_t flatshard_flat_param_numel(const flatshard_flat_param *fp);
 
 /**
- * c·W: elements of the unsharded buffer (with padding); 0 for NULL.
+ * c·W: elements of the unsharded buffer, padding included. Does not wait for
+ * in-flight work.
+ *
+ * Ownership: `fp` is read during the call only.
+ *
+ * Threads: `fp` is const: any number of threads may call this at once.
+ *
+ * Returns: the number of elements; 0 for NULL or a freed handle.
  */
 uint64_t flatshard_flat_param_padded_numel(const flatshard_flat_param *fp);
 
 /**
- * c: elements of this rank's shard (SPEC §2); 0 for NULL.
+ * c: elements of this rank's shard (SPEC §2). Does not wait for in-flight
+ * work.
+ *
+ * Ownership: `fp` is read during the call only.
+ *
+ * Threads: `fp` is const: any number of threads may call this at once.
+ *
+ * Returns: the number of elements; 0 for NULL or a freed handle.
  */
 uint64_t flatshard_flat_param_shard_numel(const flatshard_flat_param *fp);
 
 /**
- * This rank's shard: `out->data` (c elements, library-owned, valid until
- * flatshard_flat_param_free) and `out->grad` (NULL until a gradient exists;
- * valid until free). What an optimizer steps on. INVALID_ARGUMENT for NULL.
+ * This rank's shard, what an optimizer steps on: `out->data` (shard_numel
+ * elements) and `out->grad` (NULL until a gradient exists). Waits for the flat
+ * param's in-flight asynchronous work first. Local.
+ *
+ * Ownership: both pointers are library-owned and stay valid until
+ * flatshard_flat_param_free (grad from when it exists); the caller may read
+ * and write the elements between flat-param calls. `*out` is the caller's,
+ * written on success.
+ *
+ * Threads: not concurrently with other calls on `fp`. Not collective; works on
+ * a poisoned communicator.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out); the error of
+ * the flat param's failed asynchronous work, from the first call that waits
+ * for it (see flatshard_flat_param_unshard_async).
  */
 flatshard_status flatshard_flat_param_shard(flatshard_flat_param *fp, flatshard_tensor *out);
 
 /**
  * Param i's slice inside this rank's shard (`out->numel` 0 and NULL pointers
  * if the param does not reach this shard) and, in `*offset_in_param`, where
- * the slice starts inside param i (torch use_orig_params sharded views).
- * Pointers are library-owned, valid until free (grad: until free, NULL until
- * a gradient exists). INVALID_ARGUMENT: NULL, i >= n_params.
+ * the slice starts inside param i (torch use_orig_params sharded views). Waits
+ * for the flat param's in-flight asynchronous work first. Local.
+ *
+ * Ownership: the pointers are library-owned and stay valid until
+ * flatshard_flat_param_free (grad: NULL until a gradient exists). `*out` and
+ * `*offset_in_param` are the caller's, written on success.
+ *
+ * Threads: not concurrently with other calls on `fp`. Not collective; works on
+ * a poisoned communicator.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out or
+ * offset_in_param; i >= the number of params); the error of the flat param's
+ * failed asynchronous work, from the first call that waits for it.
  */
 flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
                                                  uint64_t i,
@@ -701,33 +1047,56 @@ flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
 
 /**
  * Materialise the full parameters (PyTorch summon_full_params / the training
- * all-gather). Collective over the flat param's comm (every rank must call it
- * with the same options). Training (writeback = 0 and rank0_only = 0) gathers
- * in param_dtype; otherwise in the params' own dtype. With rank0_only only
- * rank 0 of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of
- * each shard group); the other ranks hold one shard-sized scratch buffer
- * while the chunks are broadcast. CUDA flat params gather into device memory,
- * or with offload_to_cpu into pinned host memory (views then have device
- * CPU; with rank0_only device memory stays at one shard-sized chunk);
- * offload_to_cpu changes nothing for host params. The full buffer is
- * library-owned and lives until flatshard_flat_param_reshard. A CUDA flat
- * param on an NCCL comm runs on the comm's stream, on a host comm through
- * pinned staging; either way the call returns when the data is in place.
- * INVALID_STATE: already unsharded (call flatshard_flat_param_reshard first);
- * INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
+ * all-gather). Training (writeback = 0 and rank0_only = 0) gathers in
+ * param_dtype; otherwise in the params' own dtype. With rank0_only only rank 0
+ * of comm allocates the full buffer (under HYBRID_SHARD: rank 0 of each shard
+ * group); the other ranks hold one shard-sized scratch buffer while the chunks
+ * are broadcast. CUDA flat params gather into device memory, or with
+ * offload_to_cpu into pinned host memory (views then have device CPU; with
+ * rank0_only device memory stays at one shard-sized chunk); offload_to_cpu
+ * changes nothing for host params. A CUDA flat param on an NCCL comm runs on
+ * the comm's stream, on a host comm through pinned staging; either way the
+ * call returns when the data is in place. Waits for in-flight asynchronous
+ * work first.
+ *
+ * Ownership: `*opts` is read during the call only. The full buffer is
+ * library-owned and lives until flatshard_flat_param_reshard (or _free).
+ *
+ * Threads: collective over the flat param's comm: every rank calls with the
+ * same options. Not concurrently with other calls on `fp` or its comm.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; bad options: struct_size,
+ * a flag not 0/1); INVALID_STATE (already unsharded: call
+ * flatshard_flat_param_reshard first); MISMATCH (the ranks' collectives
+ * differ, e.g. different options; fp stays sharded); TIMEOUT, PEER_LOST,
+ * ABORTED, IO (the comm is poisoned; fp stays sharded); OUT_OF_MEMORY (the
+ * full buffer); CUDA, NCCL (device flat params); the error of the flat param's
+ * failed asynchronous work, from the first call that waits for it.
  */
 flatshard_status flatshard_flat_param_unshard(flatshard_flat_param *fp,
                                               const flatshard_unshard_options *opts);
 
 /**
- * Param i inside the unsharded buffer: data (and grad) pointers, zero-copy,
- * in the unshard dtype (param_dtype for a training unshard). Library-owned,
- * valid until flatshard_flat_param_reshard. Training (with_grads = 0): the
- * first view after an unshard creates a zero-filled full gradient buffer.
- * with_grads = 1: grad is NULL if no rank had a gradient.
- * INVALID_STATE: sharded (call flatshard_flat_param_unshard first), or a rank
- * ≠ 0 under rank0_only (use flatshard_flat_param_shard_view there);
- * INVALID_ARGUMENT: NULL, i >= n_params.
+ * Param i inside the unsharded buffer: data (and grad) pointers, zero-copy, in
+ * the unshard dtype (param_dtype for a training unshard). Training (with_grads
+ * = 0): the first view after an unshard creates a zero-filled full gradient
+ * buffer. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
+ * in-flight asynchronous work first. Local.
+ *
+ * Ownership: the pointers are library-owned and valid until
+ * flatshard_flat_param_reshard (or _free); the caller reads and writes them in
+ * between (backward writes the gradients there). `*out` is the caller's,
+ * written on success.
+ *
+ * Threads: not concurrently with other calls on `fp`. Not collective; works on
+ * a poisoned communicator once the unshard completed.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out; i >= the number
+ * of params); INVALID_STATE (sharded: call flatshard_flat_param_unshard first;
+ * a rank ≠ 0 under rank0_only: use flatshard_flat_param_shard_view there);
+ * OUT_OF_MEMORY, CUDA (the full gradient buffer); the error of the flat
+ * param's failed asynchronous work (e.g. its unshard_async), from the first
+ * call that waits for it.
  */
 flatshard_status flatshard_flat_param_view(flatshard_flat_param *fp,
                                            uint64_t i,
@@ -736,95 +1105,203 @@ flatshard_status flatshard_flat_param_view(flatshard_flat_param *fp,
 /**
  * Free the full parameters; pointers from flatshard_flat_param_view become
  * invalid. With writeback, each rank first copies its own unpadded range of
- * the full buffer (and of the gradients with with_grads) into its shard;
- * under rank0_only + writeback rank 0 scatters the ranges back, so this is
- * then collective. Host full buffers of 4 MiB or more that every rank
- * gathered go to a small per-process cache (at most
- * FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the next unshard
- * of the same size: released with MADV_FREE, so the kernel may reclaim them
- * at any time, but until then they count in the RSS. INVALID_STATE: already
- * sharded (call flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
+ * the full buffer (and of the gradients with with_grads) into its shard; under
+ * rank0_only + writeback rank 0 scatters the ranges back instead. Host full
+ * buffers of 4 MiB or more that every rank gathered go to a small per-process
+ * cache (at most FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the
+ * next unshard of the same size: released with MADV_FREE, so the kernel may
+ * reclaim them at any time, but until then they count in the RSS. Waits for
+ * in-flight asynchronous work first.
+ *
+ * Ownership: the full buffers go back to the library (or its cache); the shard
+ * stays library-owned until flatshard_flat_param_free.
+ *
+ * Threads: not concurrently with other calls on `fp`. Local, except under
+ * rank0_only + writeback, where every rank of the comm must call it
+ * (collective). Without writeback it works on a poisoned communicator.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (already
+ * sharded: call flatshard_flat_param_unshard first); MISMATCH, TIMEOUT,
+ * PEER_LOST, ABORTED, IO (rank0_only + writeback: the scatter from rank 0);
+ * OUT_OF_MEMORY (writeback: the shard gradient, scratch); CUDA, NCCL (device
+ * flat params); the error of the flat param's failed asynchronous work, from
+ * the first call that waits for it.
  */
 flatshard_status flatshard_flat_param_reshard(flatshard_flat_param *fp);
 
 /**
- * Training: after backward wrote full gradients into the views' grad
- * pointers, average them over the sharding ranks (reduce-scatter; all-reduce
- * for NO_SHARD; then all-reduce over replicate_comm for HYBRID_SHARD), in
+ * Training: after backward wrote full gradients into the views' grad pointers,
+ * average them over the sharding ranks (reduce-scatter; all-reduce for
+ * NO_SHARD; then all-reduce over replicate_comm for HYBRID_SHARD), in
  * reduce_dtype, and ADD this rank's range into the shard gradient (created
- * zero-filled). The full gradient is zeroed afterwards. Collective. A rank
- * that took no view contributes zeros.
- * INVALID_STATE: sharded (unshard and write gradients first), or unsharded
- * with with_grads / rank0_only (a summon, not training); INVALID_ARGUMENT: NULL.
+ * zero-filled). The full gradient is zeroed afterwards. A rank that took no
+ * view contributes zeros. Waits for in-flight asynchronous work first.
+ *
+ * Ownership: the gradients are library-owned buffers (the views' grad pointers
+ * and the shard's grad); nothing else is passed.
+ *
+ * Threads: collective over the flat param's comm (and replicate_comm for
+ * HYBRID_SHARD). Not concurrently with other calls on `fp` or those
+ * communicators.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (sharded:
+ * unshard and write gradients first; or unsharded with with_grads /
+ * rank0_only, a summon rather than training); MISMATCH (the ranks called
+ * differently); TIMEOUT, PEER_LOST, ABORTED, IO (the communicator is
+ * poisoned); OUT_OF_MEMORY (reduction buffers); CUDA, NCCL (device flat
+ * params); the error of the flat param's failed asynchronous work, from the
+ * first call that waits for it. On any error the shard gradient and the full
+ * gradient are as they were before the call.
  */
 flatshard_status flatshard_flat_param_reduce_grads(flatshard_flat_param *fp);
 
 /**
  * Zero this rank's shard gradient (PyTorch zero_grad) after the optimizer
- * step; no-op if there is none yet. Local. INVALID_ARGUMENT: NULL.
+ * step; no-op if there is none yet. Waits for in-flight asynchronous work
+ * first. Local: a CUDA flat param's memset is ordered on the comm's stream and
+ * complete on return.
+ *
+ * Ownership: the shard gradient stays library-owned (its pointer does not
+ * change).
+ *
+ * Threads: not concurrently with other calls on `fp`. Not collective.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); CUDA (device flat params;
+ * on an NCCL communicator also its wait's TIMEOUT, NCCL or ABORTED); the error
+ * of the flat param's failed asynchronous work, from the first call that waits
+ * for it.
  */
 flatshard_status flatshard_flat_param_zero_grad(flatshard_flat_param *fp);
 
 /**
- * Free a flat parameter and every buffer it owns (also while unsharded:
- * view pointers become invalid). Local, not collective. NULL is a no-op.
+ * Free a flat parameter and every buffer it owns (also while unsharded). Waits
+ * for in-flight asynchronous work first (its status stays with its work
+ * handle).
+ *
+ * Ownership: `fp` and every pointer from flatshard_flat_param_shard,
+ * _shard_view and _view are invalid afterwards. The flat param's references to
+ * comm and replicate_comm are released: a communicator whose handle was
+ * already freed closes here. Work handles of the flat param stay valid.
+ *
+ * Threads: not concurrently with any other call on `fp`. Local, not
+ * collective.
+ *
+ * Returns: nothing. NULL is a no-op.
  */
 void flatshard_flat_param_free(flatshard_flat_param *fp);
 
 /**
- * Average the shards of `fps[0..n]` in place over `replicate_comm` (the
- * ranks holding the same shard, e.g. HYBRID_SHARD's replicate group) without
+ * Average the shards of `fps[0..n]` in place over `replicate_comm` (the ranks
+ * holding the same shard, e.g. HYBRID_SHARD's replicate group) without
  * unsharding: local SGD on a sharded model (PyTorch has no equivalent).
- * Collective over `replicate_comm`; every flat param must be sharded (else
- * INVALID_STATE) and, if it was built with a replicate_comm, built with this
- * one (else INVALID_ARGUMENT). Ranks must pass the same layouts (MISMATCH).
+ * Padding stays 0. Waits for each flat param's in-flight asynchronous work
+ * first; complete on return (also on an NCCL communicator).
+ *
+ * Ownership: the `fps` array is read during the call only; the shards are
+ * library-owned and averaged in place (their pointers do not change).
+ *
+ * Threads: collective over `replicate_comm`: every rank of it passes flat
+ * params of the same layouts in the same order. Not concurrently with other
+ * calls on `replicate_comm` or on any fps[i].
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed replicate_comm; NULL fps with
+ * n > 0; n 0; a NULL, freed or repeated fps[i]; fps[i] built with another
+ * replicate_comm); INVALID_STATE (an unsharded flat param); MISMATCH (another
+ * rank passed different layouts, or refused its arguments); TIMEOUT,
+ * PEER_LOST, ABORTED, IO (replicate_comm is poisoned); OUT_OF_MEMORY (the
+ * bucket); UNSUPPORTED, CUDA, NCCL (device flat params); the error of a flat
+ * param's failed asynchronous work. INVALID_ARGUMENT and INVALID_STATE are
+ * found before the ranks compare: the other ranks then wait until their
+ * timeout.
  */
 flatshard_status flatshard_average_flat_params(flatshard_comm *replicate_comm,
                                                flatshard_flat_param *const *fps,
                                                uint64_t n);
 
 /**
- * `flatshard_flat_param_unshard`, queued (API §7). Returns once the
- * operation is queued; from then on the flat param counts as unsharded and
- * flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _zero_grad
- * and _free first wait for the work (and the first of them returns its
+ * flatshard_flat_param_unshard, queued (API §7); returns once the operation is
+ * queued. From then on the flat param counts as unsharded, and
+ * flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _shard_view,
+ * _zero_grad and _free first wait for the work (the first of them returns its
  * error if it failed; the flat param is then sharded, its shard intact).
- * The ranks compare (flat param, operation, options) before data moves:
- * different sequences are MISMATCH on the work. `*out` (written only on
- * success) owns a work handle (flatshard_work_free); it stays valid after
- * the flat param is freed. Returns at once: INVALID_ARGUMENT (NULL, bad
- * options), INVALID_STATE (already unsharded, or unshard/reduce_grads work
- * in flight), ABORTED (communicator poisoned). Peer errors come from
- * flatshard_work_wait. On an NCCL communicator the unshard runs during the
- * call (stream-ordered, complete on return). Not thread-safe on one fp.
+ * Before data moves the ranks compare (flat param, operation, options). On an
+ * NCCL communicator the unshard runs during the call (stream-ordered, complete
+ * on return).
+ *
+ * Ownership: `*opts` is read during the call only. On success `*out` owns a
+ * work handle: free it with flatshard_work_free; it stays valid after the flat
+ * param or its communicator is freed. The full buffer is library-owned, as
+ * after flatshard_flat_param_unshard.
+ *
+ * Threads: collective over the flat param's comm: every rank issues the same
+ * sequence of operations. Not concurrently with other calls on `fp`; the work
+ * runs on the communicator's progress thread.
+ *
+ * Statuses: from the call: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out;
+ * bad options); INVALID_STATE (already unsharded, or unshard/reduce_grads work
+ * in flight); ABORTED (the communicator is poisoned); IO (the progress thread
+ * could not start); the error of the flat param's earlier failed asynchronous
+ * work. From flatshard_work_wait: MISMATCH (the ranks issued different
+ * operations, flat params or options), TIMEOUT, PEER_LOST, ABORTED, IO,
+ * OUT_OF_MEMORY, CUDA, NCCL.
  */
 flatshard_status flatshard_flat_param_unshard_async(flatshard_flat_param *fp,
                                                     const flatshard_unshard_options *opts,
                                                     flatshard_work **out);
 
 /**
- * `flatshard_flat_param_reduce_grads`, queued (API §7): first waits for
- * the flat param's earlier in-flight work (returning its error), then
- * queues the reduction. Until the work finished the full gradients belong
- * to the library; flatshard_flat_param_reshard, _shard, _view and _free
- * wait for it. A failed reduction leaves the shard gradient (and the full
- * gradient) as they were. `*out` as in flatshard_flat_param_unshard_async.
- * Returns at once: INVALID_ARGUMENT (NULL), INVALID_STATE (sharded, or
- * unsharded as a summon), ABORTED (communicator poisoned); peer errors come
- * from flatshard_work_wait. On an NCCL communicator, and for HYBRID_SHARD,
- * the reduction runs during the call (complete on return). Not thread-safe
- * on one fp.
+ * flatshard_flat_param_reduce_grads, queued (API §7): first waits for the flat
+ * param's earlier in-flight work (returning its error), then queues the
+ * reduction. Until the work finished the full gradients belong to the library;
+ * flatshard_flat_param_reshard, _shard, _view and _free wait for it. A failed
+ * reduction leaves the shard gradient (and the full gradient) as they were. On
+ * an NCCL communicator, and for HYBRID_SHARD, the reduction runs during the
+ * call (complete on return).
+ *
+ * Ownership: on success `*out` owns a work handle: free it with
+ * flatshard_work_free; it stays valid after the flat param or its communicator
+ * is freed.
+ *
+ * Threads: collective over the flat param's comm (and replicate_comm for
+ * HYBRID_SHARD): every rank issues the same sequence of operations. Not
+ * concurrently with other calls on `fp`; the work runs on the communicator's
+ * progress thread.
+ *
+ * Statuses: from the call: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out);
+ * INVALID_STATE (sharded, or unsharded as a summon); ABORTED (the communicator
+ * is poisoned); IO (the progress thread could not start); the error of the
+ * flat param's earlier failed asynchronous work. From flatshard_work_wait:
+ * MISMATCH, TIMEOUT, PEER_LOST, ABORTED, IO, OUT_OF_MEMORY, CUDA, NCCL (for
+ * HYBRID_SHARD and NCCL: the errors of the reduction that ran during the
+ * call).
  */
 flatshard_status flatshard_flat_param_reduce_grads_async(flatshard_flat_param *fp,
                                                          flatshard_work **out);
 
 /**
- * `flatshard_all_reduce`, queued. `*out` (written only on success) owns a
- * work handle: free it with flatshard_work_free. `buf` belongs to the
- * library until the work finished. Returns at once: INVALID_ARGUMENT (NULL
- * c/out/buf, bad dtype/op/count), ABORTED (communicator aborted or
- * poisoned). Peer errors (MISMATCH, TIMEOUT, PEER_LOST, ABORTED) come from
- * flatshard_work_wait. Same thread-safety as the blocking call.
+ * flatshard_all_reduce, queued (API §7): returns once the operation is queued.
+ * It runs in the communicator's order, behind everything issued before it
+ * (blocking calls included): on a host or callback communicator on its
+ * progress thread; on an NCCL communicator it is enqueued on the stream during
+ * the call.
+ *
+ * Ownership: `buf` belongs to the library until the work has finished: do not
+ * read or write it before flatshard_work_wait (or _test) reports completion.
+ * On success `*out` owns a work handle: free it with flatshard_work_free; it
+ * stays valid after `c` is freed.
+ *
+ * Threads: collective: every rank issues the same sequence of operations on
+ * `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+ * (NULL or freed c; NULL out; NULL buf with count > 0; bad dtype or op; AVG on
+ * an integer dtype; count × itemsize overflows); ABORTED (c aborted or
+ * poisoned); IO (the progress thread could not start); UNSUPPORTED, CUDA (NCCL
+ * communicator: the operation or its event could not be enqueued). From
+ * flatshard_work_wait: MISMATCH (the ranks issued different operations;
+ * nothing moved, c stays usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is
+ * poisoned); OUT_OF_MEMORY, UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
  */
 flatshard_status flatshard_all_reduce_async(flatshard_comm *c,
                                             void *buf,
@@ -834,8 +1311,25 @@ flatshard_status flatshard_all_reduce_async(flatshard_comm *c,
                                             flatshard_work **out);
 
 /**
- * `flatshard_all_gather`, queued; as flatshard_all_reduce_async for
- * ownership, buffers and statuses.
+ * flatshard_all_gather, queued; order and progress as
+ * flatshard_all_reduce_async.
+ *
+ * Ownership: `send` and `recv` belong to the library until the work has
+ * finished: do not write `send`, nor read or write `recv`, before
+ * flatshard_work_wait (or _test) reports completion. On success `*out` owns a
+ * work handle (flatshard_work_free); it stays valid after `c` is freed.
+ *
+ * Threads: collective: every rank issues the same sequence of operations on
+ * `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+ * (NULL or freed c; NULL out; NULL send or recv with count_per_rank > 0; bad
+ * dtype; count_per_rank × size × itemsize overflows); ABORTED (c aborted or
+ * poisoned); IO (the progress thread could not start); UNSUPPORTED, CUDA (NCCL
+ * communicator). From flatshard_work_wait: MISMATCH (nothing moved, c stays
+ * usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY,
+ * UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
  */
 flatshard_status flatshard_all_gather_async(flatshard_comm *c,
                                             const void *send,
@@ -845,8 +1339,25 @@ flatshard_status flatshard_all_gather_async(flatshard_comm *c,
                                             flatshard_work **out);
 
 /**
- * `flatshard_reduce_scatter`, queued; as flatshard_all_reduce_async for
- * ownership, buffers and statuses.
+ * flatshard_reduce_scatter, queued; order and progress as
+ * flatshard_all_reduce_async.
+ *
+ * Ownership: `send` and `recv` belong to the library until the work has
+ * finished: do not write `send`, nor read or write `recv`, before
+ * flatshard_work_wait (or _test) reports completion. On success `*out` owns a
+ * work handle (flatshard_work_free); it stays valid after `c` is freed.
+ *
+ * Threads: collective: every rank issues the same sequence of operations on
+ * `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+ * (NULL or freed c; NULL out; NULL send or recv with count_per_rank > 0; bad
+ * dtype or op; AVG on an integer dtype; count_per_rank × size × itemsize
+ * overflows); ABORTED (c aborted or poisoned); IO (the progress thread could
+ * not start); UNSUPPORTED, CUDA (NCCL communicator). From flatshard_work_wait:
+ * MISMATCH (nothing moved, c stays usable); TIMEOUT, PEER_LOST, ABORTED, IO (c
+ * is poisoned); OUT_OF_MEMORY, UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
  */
 flatshard_status flatshard_reduce_scatter_async(flatshard_comm *c,
                                                 const void *send,
@@ -857,9 +1368,25 @@ flatshard_status flatshard_reduce_scatter_async(flatshard_comm *c,
                                                 flatshard_work **out);
 
 /**
- * `flatshard_broadcast`, queued; as flatshard_all_reduce_async for
- * ownership, buffers and statuses (a root outside [0, size) is
- * INVALID_ARGUMENT from the call).
+ * flatshard_broadcast, queued; order and progress as
+ * flatshard_all_reduce_async.
+ *
+ * Ownership: `buf` belongs to the library until the work has finished: until
+ * flatshard_work_wait (or _test) reports completion, do not write it on root,
+ * nor read or write it elsewhere. On success `*out` owns a work handle
+ * (flatshard_work_free); it stays valid after `c` is freed.
+ *
+ * Threads: collective: every rank issues the same sequence of operations on
+ * `c`. Not concurrently with other calls on `c` (flatshard_comm_abort
+ * excepted).
+ *
+ * Statuses: from the call (then `*out` is not written): OK; INVALID_ARGUMENT
+ * (NULL or freed c; NULL out; NULL buf with count > 0; bad dtype; root outside
+ * [0, size); count × itemsize overflows); ABORTED (c aborted or poisoned); IO
+ * (the progress thread could not start); UNSUPPORTED, CUDA (NCCL
+ * communicator). From flatshard_work_wait: MISMATCH (nothing moved, c stays
+ * usable); TIMEOUT, PEER_LOST, ABORTED, IO (c is poisoned); OUT_OF_MEMORY,
+ * UNSUPPORTED, CUDA, NCCL (device memory, NCCL).
  */
 flatshard_status flatshard_broadcast_async(flatshard_comm *c,
                                            void *buf,
@@ -869,36 +1396,72 @@ flatshard_status flatshard_broadcast_async(flatshard_comm *c,
                                            flatshard_work **out);
 
 /**
- * Block until the work finished; returns its status (the same on every
- * call), with flatshard_last_error() set on this thread if it failed:
- * MISMATCH (ranks issued different operations; the communicator stays
- * usable), TIMEOUT / PEER_LOST / ABORTED (the communicator is poisoned),
- * NCCL / CUDA (device work), or the error of a flat-param operation.
- * INVALID_ARGUMENT: NULL or freed handle. A work handle may be used from one
- * thread at a time; it stays valid after its communicator or flat param was
- * freed.
+ * Block until the work finished and return its status, the same on every call,
+ * with flatshard_last_error() set on this thread if it failed. NCCL work:
+ * waits for its event on the stream within the deadline (asynchronous NCCL
+ * errors reported, the communicator aborted on timeout).
+ *
+ * Ownership: `w` stays the caller's (flatshard_work_free). Once this returns
+ * the operation's buffers are the caller's again.
+ *
+ * Threads: a work handle is used from one thread at a time (not necessarily
+ * the one that issued it). Not collective, though the operation needs every
+ * rank.
+ *
+ * Statuses: INVALID_ARGUMENT (NULL or freed w); otherwise the operation's
+ * status: OK; MISMATCH (the ranks issued different operations; the
+ * communicator stays usable); TIMEOUT, PEER_LOST, ABORTED (the communicator is
+ * poisoned, or was aborted, or freed with the work still queued past its
+ * timeout), IO; OUT_OF_MEMORY, UNSUPPORTED, CUDA, NCCL (device memory, NCCL);
+ * or any error of a flat-param operation (flatshard_flat_param_unshard,
+ * _reduce_grads).
  */
 flatshard_status flatshard_work_wait(flatshard_work *w);
 
 /**
- * Never blocks: OK with `*done = 0` while the work is in flight; once it
- * finished, `*done = 1` and the work's status (as flatshard_work_wait).
- * INVALID_ARGUMENT: NULL `w` or `done` (then `*done` is not written).
+ * Never blocks: reports whether the work finished and, once it has, its
+ * status.
+ *
+ * Ownership: `w` stays the caller's; `*done` is the caller's, written unless
+ * the call returns INVALID_ARGUMENT (or CUDA from the event query).
+ *
+ * Threads: a work handle is used from one thread at a time. Not collective.
+ *
+ * Statuses: OK with `*done = 0` while the work is in flight; once it finished,
+ * `*done = 1` and the work's status (as flatshard_work_wait); INVALID_ARGUMENT
+ * (NULL or freed w, NULL done: `*done` not written); CUDA (NCCL work: querying
+ * its event failed; `*done` not written).
  */
 flatshard_status flatshard_work_test(flatshard_work *w, int32_t *done);
 
 /**
  * CUDA: make `cuda_stream` (a CUstream of the communicator's device; NULL =
- * the legacy default stream) wait for the work; the host does not wait.
- * For host work (and work that already failed) this is flatshard_work_wait.
- * Statuses as flatshard_work_wait, plus CUDA if the driver refuses.
+ * the legacy default stream) wait for the work; the host does not wait. For
+ * host work, and for NCCL work on a poisoned communicator, this is
+ * flatshard_work_wait.
+ *
+ * Ownership: `w` and `cuda_stream` stay the caller's. For NCCL work the
+ * buffers belong to the library until `cuda_stream` has passed the wait.
+ *
+ * Threads: a work handle is used from one thread at a time. Not collective.
+ *
+ * Statuses: host work: as flatshard_work_wait. NCCL work: OK once the wait is
+ * enqueued (errors of the work itself then come from flatshard_work_wait /
+ * flatshard_comm_synchronize); CUDA (the driver refused the wait); on a
+ * poisoned communicator as flatshard_work_wait. INVALID_ARGUMENT (NULL or
+ * freed w).
  */
 flatshard_status flatshard_work_wait_stream(flatshard_work *w, void *cuda_stream);
 
 /**
- * Free a work handle (NULL is a no-op), waiting first if it is still in
- * flight (its status is then dropped). Must be called exactly once per
- * handle, from the thread using it.
+ * Free a work handle, waiting first if it is still in flight (its status is
+ * then dropped).
+ *
+ * Ownership: `w` is invalid afterwards; free each handle exactly once.
+ *
+ * Threads: not concurrently with any other call on `w`.
+ *
+ * Returns: nothing. NULL is a no-op.
  */
 void flatshard_work_free(flatshard_work *w);
 

@@ -115,3 +115,95 @@ fn header_declares_only_flatshard_names() {
     }
     assert!(bad.is_empty(), "include/flatshard.h declares names outside flatshard's prefix: {bad:?}");
 }
+
+/// The functions `include/flatshard.h` declares, each with the text of the
+/// doc comment right above its declaration (None if there is none).
+fn declared_functions(header: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut comment: Option<String> = None; // the last comment, if it ended on the previous line
+    let mut in_comment = false;
+    let mut current = String::new();
+    for line in header.lines() {
+        if in_comment {
+            current.push_str(line);
+            current.push('\n');
+            if line.contains("*/") {
+                in_comment = false;
+                comment = Some(std::mem::take(&mut current));
+            }
+            continue;
+        }
+        if line.trim_start().starts_with("/*") {
+            current = format!("{line}\n");
+            if line.contains("*/") {
+                comment = Some(std::mem::take(&mut current));
+            } else {
+                in_comment = true;
+            }
+            continue;
+        }
+        // A declaration starts in column 0 (struct fields and parameters are
+        // indented): `<type> [*]flatshard_name(`.
+        let is_decl = !line.starts_with([' ', '#', '}', '\t'])
+            && !line.starts_with("typedef")
+            && !line.starts_with("extern")
+            && line.split('(').next().is_some_and(|head| head.contains(' ') && head.rsplit([' ', '*']).next().is_some_and(|n| n.starts_with("flatshard_")));
+        if is_decl {
+            let head = line.split('(').next().unwrap_or("");
+            let name = head.rsplit([' ', '*']).next().unwrap_or("").to_string();
+            out.push((name, comment.take()));
+        } else {
+            comment = None;
+        }
+    }
+    out
+}
+
+/// The names of the `#[no_mangle] extern "C" fn`s in src/ffi.
+fn exported_functions() -> Vec<String> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo().join("src/ffi")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (i, _) in text.match_indices("extern \"C\" fn flatshard_") {
+                let rest = &text[i + "extern \"C\" fn ".len()..];
+                names.push(rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect());
+            }
+        }
+    }
+    names.sort();
+    names
+}
+
+/// Every function the header declares says, in its doc comment, who owns
+/// what (`Ownership:`), the thread-safety rule (`Threads:`), and every
+/// status it returns (`Statuses:`) or, for functions that return something
+/// else, what (`Returns:`), each label at the start of a comment line.
+#[test]
+fn every_function_documents_ownership_threads_and_statuses() {
+    let text = std::fs::read_to_string(repo().join("include/flatshard.h")).unwrap();
+    let decls = declared_functions(&text);
+    let mut declared: Vec<String> = decls.iter().map(|(n, _)| n.clone()).collect();
+    declared.sort();
+    // The parser sees exactly the exports, so the check below covers them all.
+    assert_eq!(declared, exported_functions(), "the functions found in include/flatshard.h differ from the exports in src/ffi");
+    let mut missing = Vec::new();
+    for (name, doc) in &decls {
+        let Some(doc) = doc else {
+            missing.push(format!("{name}: no doc comment"));
+            continue;
+        };
+        let starts = |label: &str| doc.lines().any(|l| l.trim_start().trim_start_matches(['/', '*']).trim_start().starts_with(label));
+        let lacks: Vec<&str> =
+            [("Ownership:", starts("Ownership:")), ("Threads:", starts("Threads:")), ("Statuses: or Returns:", starts("Statuses:") || starts("Returns:"))]
+                .iter()
+                .filter(|(_, has)| !has)
+                .map(|(l, _)| *l)
+                .collect();
+        if !lacks.is_empty() {
+            missing.push(format!("{name}: no {}", lacks.join(", ")));
+        }
+    }
+    assert!(missing.is_empty(), "exported functions whose doc comment lacks a label (see API.md §1):\n{}", missing.join("\n"));
+}
