@@ -175,7 +175,8 @@ mod tests {
     #[test]
     fn agent_store_scope_has_run_id_and_restart_count() {
         let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29400")];
-        let e = env(&[&base[..], &[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RUN_ID", "abc"), ("TORCHELASTIC_RESTART_COUNT", "1")]].concat()).unwrap();
+        let e = env(&[&base[..], &[("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RUN_ID", "abc"), ("TORCHELASTIC_RESTART_COUNT", "1")]].concat())
+            .unwrap();
         assert_eq!(e.agent_store, Some(AgentStore { prefix: "flatshard/abc/1/".into() }));
         let e = env(&[&base[..], &[("TORCHELASTIC_USE_AGENT_STORE", "False"), ("TORCHELASTIC_RUN_ID", "abc")]].concat()).unwrap();
         assert_eq!(e.agent_store, None);

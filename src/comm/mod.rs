@@ -301,6 +301,9 @@ impl Comm {
         } else {
             String::from_utf8_lossy(&store.get("job_id", &w)?).into_owned()
         };
+        if agent_store.is_some() {
+            torchstore::check_members(&store, &key, &job_id, rank, world, &w)?;
+        }
         let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip, tcp_sockbuf });
         let backend = create_group(&ctx, "w", rank, world, &abort)?;
         crate::log::info(rank, &format!("joined job {} ({} ranks, {} transport)", ctx.job_id, world, backend.transport_name()));

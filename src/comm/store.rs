@@ -217,7 +217,9 @@ impl StoreClient {
         if key.len() > MAX_KEY || val.len() > MAX_VALUE {
             return Err(Error::internal(format!("store key/value too long ({} / {})", key.len(), val.len())));
         }
-        let Conn::Own(conn) = &self.conn else { return Err(Error::internal("flatshard store request on torchrun's store")) };
+        let Conn::Own(conn) = &self.conn else {
+            return Err(Error::internal("flatshard store request on torchrun's store"));
+        };
         let mut s = conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut msg = Vec::with_capacity(11 + key.len() + val.len());
         msg.push(op);

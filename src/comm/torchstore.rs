@@ -10,6 +10,7 @@
 //! ```text
 //! connect:  VALIDATE(0) u8 | magic u32 = 0x3C85F7CE           (no reply)
 //! string:   len u64 | bytes                                    (keys and values)
+//!           keys start with "/", as PyTorch's client writes them
 //! SET(1):   key | value                                        (no reply)
 //! GET(3):   key                      → value (empty if the key is missing)
 //! ADD(4):   key | delta i64          → new value i64
@@ -59,10 +60,8 @@ impl TorchStore {
     /// Connect (retrying until the deadline: the agent may still be starting
     /// its store), validate, and check that the peer answers like a TCPStore.
     pub fn connect(host: &str, port: u16, prefix: &str, w: &Wait) -> Result<TorchStore> {
-        let addrs: Vec<SocketAddr> = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| Error::invalid_arg(format!("environment: MASTER_ADDR: cannot resolve '{host}': {e}")))?
-            .collect();
+        let addrs: Vec<SocketAddr> =
+            (host, port).to_socket_addrs().map_err(|e| Error::invalid_arg(format!("environment: MASTER_ADDR: cannot resolve '{host}': {e}")))?.collect();
         let first = *addrs.first().ok_or_else(|| Error::invalid_arg(format!("environment: MASTER_ADDR: '{host}' has no address")))?;
         let mut s = connect_any(&addrs, w)?;
         let addr = s.peer_addr().unwrap_or(first);
@@ -88,8 +87,10 @@ impl TorchStore {
         format!("torchrun's agent store at {}", self.addr)
     }
 
+    /// The key on the wire: PyTorch's client puts "/" before every key, so
+    /// ours do too (a Python `TCPStore.get("flatshard/...")` sees them).
     fn full_key(&self, key: &str) -> Result<String> {
-        let k = format!("{}{}", self.prefix, key);
+        let k = format!("/{}{}", self.prefix, key);
         if k.len() > MAX_KEY {
             return Err(Error::internal(format!("store key of {} bytes (limit {MAX_KEY}): '{k}'", k.len())));
         }
@@ -144,8 +145,9 @@ impl TorchStore {
     /// Wait until `key` exists (or the deadline / an abort) and return its value.
     pub fn get(&self, key: &str, w: &Wait) -> Result<Vec<u8>> {
         let mut backoff = Duration::from_millis(2);
-        while !self.check(key, w)? {
-            w.check().map_err(|e| e.context(format!("waiting for '{}{key}' in {}", self.prefix, self.peer())))?;
+        let waiting = |e: Error| e.context(format!("waiting for '{}{key}' in {}", self.prefix, self.peer()));
+        while !self.check(key, w).map_err(waiting)? {
+            w.check().map_err(waiting)?;
             std::thread::sleep(backoff.min(w.deadline.saturating_duration_since(Instant::now())));
             backoff = (backoff * 2).min(Duration::from_millis(100));
         }
@@ -198,4 +200,39 @@ fn connect_any(addrs: &[SocketAddr], w: &Wait) -> Result<TcpStream> {
         std::thread::sleep(backoff.min(w.deadline.saturating_duration_since(Instant::now())));
         backoff = (backoff * 2).min(Duration::from_millis(200));
     }
+}
+
+/// The agent's store lets anyone in, so the job token is checked here: each
+/// rank publishes HMAC(token, job id | rank) and checks every other rank's
+/// (constant-time). A rank with another token fails every rank with AUTH,
+/// as flatshard's own (authenticated) store would have refused it; the
+/// token itself never crosses the wire. The TCP data connections that
+/// follow pass the usual handshake as well.
+pub fn check_members(store: &super::store::StoreClient, key: &[u8], job_id: &str, rank: usize, world: usize, w: &Wait) -> Result<()> {
+    use hmac::{Hmac, Mac};
+    let proof = |r: usize| -> Vec<u8> {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut m = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+        m.update(b"flatshard-agent-store");
+        m.update(&(job_id.len() as u64).to_le_bytes());
+        m.update(job_id.as_bytes());
+        m.update(&(r as u64).to_le_bytes());
+        m.finalize().into_bytes().to_vec()
+    };
+    store.set(&format!("auth/{rank}"), &proof(rank), w)?;
+    let mut bad = Vec::new();
+    for r in (0..world).filter(|r| *r != rank) {
+        let got = store.get(&format!("auth/{r}"), w)?;
+        let want = proof(r);
+        if got.len() != want.len() || got.iter().zip(&want).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+            bad.push(r);
+        }
+    }
+    if !bad.is_empty() {
+        return Err(Error::auth(format!(
+            "rank {rank}: ranks {bad:?} of job {job_id} do not hold this rank's job token (set the same FLATSHARD_TOKEN / options.token on every rank, \
+             e.g. in the environment of every torchrun agent)"
+        )));
+    }
+    Ok(())
 }
