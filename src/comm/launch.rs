@@ -159,7 +159,7 @@ mod tests {
             (vec![("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "70000")], "MASTER_PORT=70000 is outside [1, 65535]"),
             (vec![], "no rank and size found"),
         ] {
-            let all: Vec<(&str, &str)> = m.iter().copied().filter(|(k, _)| !pairs.iter().any(|(p, _)| p == k)).chain(pairs).collect();
+            let all: Vec<(&str, &str)> = m.iter().copied().filter(|(k, _)| !pairs.iter().any(|(p, _)| p == k)).chain(pairs.iter().copied()).collect();
             let e = env(&all).unwrap_err();
             assert_eq!(e.kind, ErrorKind::InvalidArgument);
             assert!(e.msg.contains(want), "{} / want {want}", e.msg);
