@@ -40,37 +40,6 @@ fn collectives_demo() -> PathBuf {
 fn train_mlp() -> PathBuf {
     build_c("cc", &["-std=c11", "-pedantic", "-O2"], "examples-c/train_mlp.c")
 }
-fn launch_job() -> PathBuf {
-    build_c("cc", &["-std=c11", "-pedantic", "-O1"], "tests/c/launch_job.c")
-}
-
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// The per-rank hashes of launch_job's results, sorted by rank.
-fn hashes(out: &str, world: usize) -> Vec<String> {
-    let mut h = vec![String::new(); world];
-    for l in out.lines() {
-        if let Some(rest) = l.strip_prefix("launch_job: rank ") {
-            let r: usize = rest.split(' ').next().unwrap().parse().unwrap();
-            h[r] = rest.rsplit(' ').next().unwrap().to_string();
-        }
-    }
-    assert!(h.iter().all(|x| !x.is_empty()), "not every rank reported:\n{out}");
-    h
-}
-
-/// launch_job through flatshard-run (flatshard's own store): the reference.
-fn native_hashes(world: usize) -> Vec<String> {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flatshard-run"));
-    c.args(["-n", &world.to_string(), "--", s(&launch_job())]);
-    let r = run_limited(c, LIMIT);
-    assert!(r.ok(), "flatshard-run launch_job:\n{}", r.out);
-    let plain: String = r.out.lines().map(|l| l.split_once("] ").map_or(l, |x| x.1)).collect::<Vec<_>>().join("\n");
-    hashes(&plain, world)
-}
-
 fn expect_demo(out: &str, world: usize) {
     assert!(out.contains(&format!("flatshard 0.1.0: {world} ranks")) || out.contains(&format!(": {world} ranks")), "{out}");
 }

@@ -2,7 +2,7 @@
 //! torchrun / flatshard-run / torch.distributed (RANK, WORLD_SIZE), Slurm's
 //! srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID), Open MPI's mpirun
 //! (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK) or a PMI launcher such as MPICH's
-//! Hydra (PMI_RANK, PMI_SIZE), and whether torchrun's agent hosts the
+//! Hydra (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), and whether torchrun's agent hosts the
 //! rendezvous store (TORCHELASTIC_USE_AGENT_STORE=True).
 
 use crate::error::{Error, Result};
@@ -12,7 +12,7 @@ const SOURCES: [(&str, &str, &str, Option<&str>); 4] = [
     ("torchrun", "RANK", "WORLD_SIZE", Some("LOCAL_RANK")),
     ("Slurm", "SLURM_PROCID", "SLURM_NTASKS", Some("SLURM_LOCALID")),
     ("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", Some("OMPI_COMM_WORLD_LOCAL_RANK")),
-    ("PMI", "PMI_RANK", "PMI_SIZE", None),
+    ("PMI", "PMI_RANK", "PMI_SIZE", Some("MPI_LOCALRANKID")),
 ];
 
 /// torchrun's agent store: flatshard's keys live under this job's scope.

@@ -134,3 +134,45 @@ pub fn run_limited(mut cmd: Command, limit: Duration) -> Ran {
 pub fn count(out: &str, needle: &str) -> usize {
     out.lines().filter(|l| l.contains(needle)).count()
 }
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// tests/c/launch_job.c built with cc (joins with flatshard_comm_init_from_env).
+pub fn launch_job() -> PathBuf {
+    build_c("cc", &["-std=c11", "-pedantic", "-O1"], "tests/c/launch_job.c")
+}
+
+/// The per-rank hashes of launch_job's results (lines
+/// "launch_job: rank R of W ok, ..., hash H", anywhere in a line), by rank.
+pub fn hashes(out: &str, world: usize) -> Vec<String> {
+    let mut h = vec![String::new(); world];
+    for l in out.lines() {
+        if let Some(i) = l.find("launch_job: rank ") {
+            let rest = &l[i + "launch_job: rank ".len()..];
+            let r: usize = rest.split(' ').next().unwrap().parse().unwrap();
+            assert!(r < world, "rank {r} of a {world}-rank job:\n{out}");
+            h[r] = rest.rsplit(' ').next().unwrap().to_string();
+        }
+    }
+    assert!(h.iter().all(|x| !x.is_empty()), "not every rank reported:\n{out}");
+    h
+}
+
+/// launch_job through flatshard-run (flatshard's own store and transports):
+/// the reference every launcher's results must equal.
+pub fn native_hashes(world: usize) -> Vec<String> {
+    static CACHE: OnceLock<Mutex<Vec<(usize, Vec<String>)>>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, h)) = cache.iter().find(|(w, _)| *w == world) {
+        return h.clone();
+    }
+    let mut c = Command::new(env!("CARGO_BIN_EXE_flatshard-run"));
+    c.args(["-n", &world.to_string(), "--", s(&launch_job())]);
+    let r = run_limited(c, Duration::from_secs(240));
+    assert!(r.ok(), "flatshard-run launch_job:\n{}", r.out);
+    let h = hashes(&r.out, world);
+    cache.push((world, h.clone()));
+    h
+}
