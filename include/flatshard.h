@@ -246,8 +246,9 @@ typedef struct {
   int32_t has_reduce_dtype;
   flatshard_dtype reduce_dtype;
   /**
-   * HYBRID_SHARD: the ranks holding the same shard. Borrowed: must outlive
-   * the flat param. Ignored for the other strategies.
+   * HYBRID_SHARD: the ranks holding the same shard. The flat param keeps
+   * its own reference (the handle may be freed first). Ignored for the
+   * other strategies.
    */
   flatshard_comm *replicate_comm;
 } flatshard_flat_param_options;
@@ -350,8 +351,9 @@ flatshard_status flatshard_average_parameters(flatshard_comm *comm,
  * (FLATSHARD_DEBUG=WARN): an all-reduce of the gradients is cheaper.
  *
  * Ownership: on success `*out` owns a new averager; free it with
- * flatshard_averager_free. The averager keeps `comm` (borrowed, not owned):
- * `comm` must outlive the averager and not be freed before it.
+ * flatshard_averager_free. The averager holds its own reference to `comm`:
+ * `comm` may be freed before the averager, which keeps working (the
+ * communicator closes when its last user is freed).
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL comm or out, period 0: "period must be
  * a positive value").
@@ -377,7 +379,8 @@ flatshard_status flatshard_periodic_averager_new(flatshard_comm *comm,
  *
  * Ownership: `periods` and `group_sizes` (n entries each) are copied. On
  * success `*out` owns a new averager (flatshard_averager_free), which owns its
- * subgroups and borrows `comm`: `comm` must outlive the averager.
+ * subgroups and holds its own reference to `comm`, so `comm` may be freed
+ * first (the communicator closes when its last user is freed).
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL comm/out, NULL arrays with n > 0, a
  * failed check above — the message names the numbers); UNSUPPORTED (comm
@@ -429,55 +432,11 @@ flatshard_status flatshard_averager_set_step(flatshard_averager *a, uint64_t ste
 
 /**
  * Free an averager and the subgroups it created (NULL is a no-op). The
- * communicator it was built on is not freed. Freeing subgroups is local; peers
+ * communicator it was built on closes here if the caller already freed it
+ * (the averager held the last reference). Freeing subgroups is local; peers
  * still using theirs get PEER_LOST, so free averagers on every rank together.
  */
 void flatshard_averager_free(flatshard_averager *a);
-
-/**
- * Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
- * (a CUstream / cudaStream_t; NULL = the legacy default stream). The
- * ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
- * authenticated by the job token. Collective over all ranks; NCCL needs one
- * GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
- * destroys the NCCL comm after this rank's queued work). NCCL is found as
- * FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
- * process, else libnccl.so.2 / libnccl.so on the search path; NCCL 2.10 or
- * newer (ncclAvg), 2.18 or newer for split. Host pointers given to its collectives are staged
- * through device memory. Results of AVG/SUM can differ from a host
- * communicator's in the last bits (NCCL's reduction order and AVG scaling).
- * UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
- */
-flatshard_status flatshard_comm_init_nccl(const char *master_addr,
-                                          uint16_t master_port,
-                                          int32_t rank,
-                                          int32_t world_size,
-                                          int32_t cuda_device,
-                                          void *cuda_stream,
-                                          const flatshard_comm_options *opts,
-                                          flatshard_comm **out);
-
-/**
- * Adopt an existing ncclComm_t (not owned: flatshard never destroys or
- * aborts it — not at flatshard_comm_free, flatshard_comm_abort, or a
- * timeout, which then only poison the wrapper; aborting the NCCL comm is its
- * owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
- * must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
- * from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
- * the one already loaded in the process (libnccl.so.2), else the search path.
- */
-flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
-                                          int32_t cuda_device,
-                                          void *cuda_stream,
-                                          flatshard_comm **out);
-
-/**
- * Wait for the work queued on the communicator's stream, up to the timeout;
- * reports asynchronous NCCL errors (NCCL) and aborts an owned NCCL
- * communicator on timeout (TIMEOUT). On a host communicator it returns OK at once (host
- * collectives complete before returning).
- */
-flatshard_status flatshard_comm_synchronize(flatshard_comm *c);
 
 /**
  * Zero-fill `*o` and set `o->struct_size`. NULL is ignored.
@@ -499,8 +458,23 @@ flatshard_status flatshard_comm_init(const char *master_addr,
                                      flatshard_comm **out);
 
 /**
- * Join using torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
- * WORLD_SIZE). A missing or malformed variable is INVALID_ARGUMENT naming it.
+ * Join using the launcher's environment: MASTER_ADDR, MASTER_PORT and RANK,
+ * WORLD_SIZE (torchrun, flatshard-run; LOCAL_RANK when present) or, without
+ * RANK/WORLD_SIZE, Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, Open
+ * MPI's OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK or PMI_RANK/PMI_SIZE (MASTER_ADDR
+ * and MASTER_PORT still required; not for a world of one). Under torchrun
+ * (TORCHELASTIC_USE_AGENT_STORE=True) MASTER_ADDR:MASTER_PORT is the agent's
+ * PyTorch TCPStore: flatshard joins it as a client and publishes its
+ * rendezvous there under keys scoped by TORCHELASTIC_RUN_ID and
+ * TORCHELASTIC_RESTART_COUNT (every rdzv backend, --standalone, multi-node);
+ * the ranks then prove the job token (FLATSHARD_TOKEN / options.token) to
+ * each other through it. Collective over all ranks.
+ * On success `*out` owns a communicator; free it with flatshard_comm_free.
+ * Thread-safety: as flatshard_comm_init.
+ * INVALID_ARGUMENT (a missing, partial or malformed variable, naming it and
+ * its limit; bad options), TIMEOUT (a rank or the agent's store did not
+ * answer in time), AUTH (a rank holds another job token), PEER_LOST (the
+ * agent's store sent a malformed or oversized reply), IO.
  */
 flatshard_status flatshard_comm_init_from_env(const flatshard_comm_options *opts,
                                               flatshard_comm **out);
@@ -595,10 +569,59 @@ flatshard_status flatshard_barrier(flatshard_comm *c);
 flatshard_status flatshard_comm_abort(flatshard_comm *c);
 
 /**
- * Free a communicator (NULL is a no-op). Peers blocked on this rank get
- * PEER_LOST. Rank 0's store lives until its last communicator is freed.
+ * Release the caller's reference to a communicator (NULL is a no-op). The
+ * handle is invalid afterwards. Flat params and averagers built on it hold
+ * their own references and keep working; the communicator closes when the
+ * last of them is freed (then peers blocked on this rank get PEER_LOST).
+ * Rank 0's store lives until its last communicator is closed. Not
+ * thread-safe with other calls on the same handle.
  */
 void flatshard_comm_free(flatshard_comm *c);
+
+/**
+ * Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
+ * (a CUstream / cudaStream_t; NULL = the legacy default stream). The
+ * ncclUniqueId travels through the TCP rendezvous on master_addr:master_port,
+ * authenticated by the job token. Collective over all ranks; NCCL needs one
+ * GPU per rank. `*out` is owned by the caller (flatshard_comm_free, which
+ * destroys the NCCL comm after this rank's queued work). NCCL is found as
+ * FLATSHARD_NCCL_LIBRARY if set, else the libnccl.so.2 already loaded in the
+ * process, else libnccl.so.2 / libnccl.so on the search path; NCCL 2.10 or
+ * newer (ncclAvg), 2.18 or newer for split. Host pointers given to its collectives are staged
+ * through device memory. Results of AVG/SUM can differ from a host
+ * communicator's in the last bits (NCCL's reduction order and AVG scaling).
+ * UNSUPPORTED without a CUDA driver or NCCL; NCCL / CUDA on their errors.
+ */
+flatshard_status flatshard_comm_init_nccl(const char *master_addr,
+                                          uint16_t master_port,
+                                          int32_t rank,
+                                          int32_t world_size,
+                                          int32_t cuda_device,
+                                          void *cuda_stream,
+                                          const flatshard_comm_options *opts,
+                                          flatshard_comm **out);
+
+/**
+ * Adopt an existing ncclComm_t (not owned: flatshard never destroys or
+ * aborts it — not at flatshard_comm_free, flatshard_comm_abort, or a
+ * timeout, which then only poison the wrapper; aborting the NCCL comm is its
+ * owner's call). Collectives are ordered on `cuda_stream`. `cuda_device`
+ * must be the comm's device (INVALID_ARGUMENT otherwise). The comm must come
+ * from the NCCL library flatshard uses: FLATSHARD_NCCL_LIBRARY if set, else
+ * the one already loaded in the process (libnccl.so.2), else the search path.
+ */
+flatshard_status flatshard_comm_wrap_nccl(void *nccl_comm,
+                                          int32_t cuda_device,
+                                          void *cuda_stream,
+                                          flatshard_comm **out);
+
+/**
+ * Wait for the work queued on the communicator's stream, up to the timeout;
+ * reports asynchronous NCCL errors (NCCL) and aborts an owned NCCL
+ * communicator on timeout (TIMEOUT). On a host communicator it returns OK at once (host
+ * collectives complete before returning).
+ */
+flatshard_status flatshard_comm_synchronize(flatshard_comm *c);
 
 /**
  * Zero-fill `*o` and set `o->struct_size` (defaults: FULL_SHARD, every flag
@@ -616,8 +639,8 @@ void flatshard_unshard_options_init(flatshard_unshard_options *o);
  * for HYBRID_SHARD). Flattens `params[0..n_params)` (same float dtype, all in
  * host memory or all on one CUDA device) in order, shards them and copies this rank's shard out of the
  * caller's tensors; afterwards the caller's buffers are not referenced (their
- * `grad` pointers are ignored). `comm` and `replicate_comm` are borrowed and
- * must outlive the flat param. On success `*out` owns the flat param; free it
+ * `grad` pointers are ignored). The flat param holds its own references to
+ * `comm` and `replicate_comm`: their handles may be freed before it. On success `*out` owns the flat param; free it
  * with flatshard_flat_param_free.
  * INVALID_ARGUMENT: NULL pointer, empty list, mixed dtypes/devices, integer
  * dtype, bad options (message names the first offending index / field);

@@ -4,8 +4,9 @@
 # header check, the launcher), then the Python interop tests in
 # tests/python/test_*.py with the project's PyTorch venv (skipped with a
 # message if there are none). Ends with one summary line.
-# Installs what it needs on first use: the pinned cbindgen (scripts/cbindgen.sh)
-# and, only when Python tests exist, the venv (scripts/venv.sh).
+# Installs what it needs on first use: the pinned cbindgen (scripts/cbindgen.sh),
+# the venv (scripts/venv.sh: its torchrun runs the launcher tests) and, as
+# root, Open MPI and MPICH (scripts/mpi-deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG=$(mktemp)
@@ -28,6 +29,11 @@ command -v cmake
 if ! command -v valgrind >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
+
+step "launchers for tests/torchrun*.rs and tests/mpi.rs (the venv's torchrun; Open MPI and MPICH)"
+FLATSHARD_PYTHON=$(scripts/venv.sh)
+export FLATSHARD_PYTHON
+if [ "$(id -u)" -eq 0 ]; then scripts/mpi-deps.sh; fi
 
 step "cargo build"
 cargo build --all-targets

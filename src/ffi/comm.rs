@@ -116,8 +116,23 @@ pub unsafe extern "C" fn flatshard_comm_init(
     })
 }
 
-/// Join using torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
-/// WORLD_SIZE). A missing or malformed variable is INVALID_ARGUMENT naming it.
+/// Join using the launcher's environment: MASTER_ADDR, MASTER_PORT and RANK,
+/// WORLD_SIZE (torchrun, flatshard-run; LOCAL_RANK when present) or, without
+/// RANK/WORLD_SIZE, Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, Open
+/// MPI's OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK or PMI_RANK/PMI_SIZE (MASTER_ADDR
+/// and MASTER_PORT still required; not for a world of one). Under torchrun
+/// (TORCHELASTIC_USE_AGENT_STORE=True) MASTER_ADDR:MASTER_PORT is the agent's
+/// PyTorch TCPStore: flatshard joins it as a client and publishes its
+/// rendezvous there under keys scoped by TORCHELASTIC_RUN_ID and
+/// TORCHELASTIC_RESTART_COUNT (every rdzv backend, --standalone, multi-node);
+/// the ranks then prove the job token (FLATSHARD_TOKEN / options.token) to
+/// each other through it. Collective over all ranks.
+/// On success `*out` owns a communicator; free it with flatshard_comm_free.
+/// Thread-safety: as flatshard_comm_init.
+/// INVALID_ARGUMENT (a missing, partial or malformed variable, naming it and
+/// its limit; bad options), TIMEOUT (a rank or the agent's store did not
+/// answer in time), AUTH (a rank holds another job token), PEER_LOST (the
+/// agent's store sent a malformed or oversized reply), IO.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_init_from_env(opts: *const flatshard_comm_options, out: *mut *mut flatshard_comm) -> flatshard_status {
     boundary("flatshard_comm_init_from_env", || {
