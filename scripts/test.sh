@@ -6,7 +6,7 @@
 # message if there are none). Ends with one summary line.
 # Installs what it needs on first use: the pinned cbindgen (scripts/cbindgen.sh),
 # the venv (scripts/venv.sh: its torchrun runs the launcher tests) and, as
-# root, Open MPI and MPICH (scripts/mpi-deps.sh).
+# root, Open MPI, MPICH and Slurm (scripts/launcher-deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG=$(mktemp)
@@ -30,10 +30,10 @@ if ! command -v valgrind >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
 
-step "launchers for tests/torchrun*.rs and tests/mpi.rs (the venv's torchrun; Open MPI and MPICH)"
+step "launchers for the launch tests (the venv's torchrun; Open MPI, MPICH, Slurm)"
 FLATSHARD_PYTHON=$(scripts/venv.sh)
 export FLATSHARD_PYTHON
-if [ "$(id -u)" -eq 0 ]; then scripts/mpi-deps.sh; fi
+if [ "$(id -u)" -eq 0 ]; then scripts/launcher-deps.sh; fi
 
 step "cargo build"
 cargo build --all-targets

@@ -1,5 +1,5 @@
 //! flatshard under real MPI launchers, Open MPI and MPICH (Debian packages,
-//! installed by scripts/mpi-deps.sh when missing), 4 ranks each:
+//! installed by scripts/launcher-deps.sh when missing), 4 ranks each:
 //! - include/flatshard_mpi.h compiled by each implementation's own mpicc:
 //!   flatshard_comm_init_mpi (MPI bootstraps, flatshard's transports move the
 //!   data) and flatshard_comm_from_mpi (MPI's collectives move it);
@@ -23,8 +23,8 @@ const WORLD: usize = 4;
 fn ensure_mpi() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let o = Command::new("bash").arg(repo().join("scripts/mpi-deps.sh")).output().expect("run scripts/mpi-deps.sh");
-        assert!(o.status.success(), "scripts/mpi-deps.sh failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("bash").arg(repo().join("scripts/launcher-deps.sh")).output().expect("run scripts/launcher-deps.sh");
+        assert!(o.status.success(), "scripts/launcher-deps.sh failed:\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     });
 }
 

@@ -91,7 +91,8 @@ fn pmi_variables() {
 #[test]
 fn bad_launcher_variables_fail_fast() {
     let port = free_port();
-    let cases: Vec<(&str, Box<dyn Fn(usize) -> Vec<(String, String)>>)> = vec![
+    type Vars = Box<dyn Fn(usize) -> Vec<(String, String)>>;
+    let cases: Vec<(&str, Vars)> = vec![
         (
             "SLURM_PROCID=2 is outside [0, 1]",
             Box::new(move |r| {

@@ -163,7 +163,8 @@ pub fn hashes(out: &str, world: usize) -> Vec<String> {
 /// launch_job through flatshard-run (flatshard's own store and transports):
 /// the reference every launcher's results must equal.
 pub fn native_hashes(world: usize) -> Vec<String> {
-    static CACHE: OnceLock<Mutex<Vec<(usize, Vec<String>)>>> = OnceLock::new();
+    type ByWorld = Vec<(usize, Vec<String>)>;
+    static CACHE: OnceLock<Mutex<ByWorld>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(|| Mutex::new(Vec::new())).lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, h)) = cache.iter().find(|(w, _)| *w == world) {
         return h.clone();
