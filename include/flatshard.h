@@ -518,7 +518,17 @@ flatshard_status flatshard_comm_split(flatshard_comm *parent,
                                       flatshard_comm **out);
 
 /**
- * In-place all-reduce of `count` elements. AVG = SUM / size (float dtypes).
+ * In-place all-reduce of `count` elements of `buf` (host memory, or device
+ * memory: see API §6). AVG = SUM / size (floating dtypes only).
+ * Collective: every rank calls with the same count, dtype and op.
+ * Ownership: `buf` stays the caller's; it is read and written during the
+ * call only. Thread-safety: not with other calls on `c` (except
+ * flatshard_comm_abort).
+ * Statuses: OK; INVALID_ARGUMENT (NULL c, NULL buf with count > 0, bad dtype
+ * or op, AVG on an integer dtype, count × itemsize overflows); MISMATCH (the
+ * ranks called differently: nothing moved, c stays usable); TIMEOUT,
+ * PEER_LOST, ABORTED (c is poisoned); UNSUPPORTED / CUDA / NCCL for device
+ * memory without a usable driver; OUT_OF_MEMORY (staging).
  */
 flatshard_status flatshard_all_reduce(flatshard_comm *c,
                                       void *buf,
@@ -529,6 +539,9 @@ flatshard_status flatshard_all_reduce(flatshard_comm *c,
 /**
  * Gather `count_per_rank` elements from every rank into `recv` (size ×
  * count_per_rank, rank-major). `send` may lie inside `recv` (in place).
+ * Collective, ownership and thread-safety as flatshard_all_reduce.
+ * Statuses: as flatshard_all_reduce (INVALID_ARGUMENT also for
+ * count_per_rank × size overflowing).
  */
 flatshard_status flatshard_all_gather(flatshard_comm *c,
                                       const void *send,
@@ -537,8 +550,10 @@ flatshard_status flatshard_all_gather(flatshard_comm *c,
                                       flatshard_dtype dt);
 
 /**
- * Reduce `size × count_per_rank` elements across ranks and leave block
- * `rank` of the result in `recv`.
+ * Reduce `size × count_per_rank` elements of `send` across ranks and leave
+ * block `rank` of the result in `recv` (`recv` may overlap `send`).
+ * Collective, ownership and thread-safety as flatshard_all_reduce.
+ * Statuses: as flatshard_all_gather.
  */
 flatshard_status flatshard_reduce_scatter(flatshard_comm *c,
                                           const void *send,
@@ -548,7 +563,10 @@ flatshard_status flatshard_reduce_scatter(flatshard_comm *c,
                                           flatshard_reduce_op op);
 
 /**
- * Copy `count` elements from `root` to every rank.
+ * Copy `count` elements of `buf` from `root` to every rank.
+ * Collective, ownership and thread-safety as flatshard_all_reduce.
+ * Statuses: as flatshard_all_reduce; INVALID_ARGUMENT for root outside
+ * [0, size).
  */
 flatshard_status flatshard_broadcast(flatshard_comm *c,
                                      void *buf,
@@ -557,7 +575,8 @@ flatshard_status flatshard_broadcast(flatshard_comm *c,
                                      int32_t root);
 
 /**
- * Return once every rank has called it.
+ * Return once every rank has called it. Collective.
+ * Statuses: OK; INVALID_ARGUMENT (NULL c); TIMEOUT, PEER_LOST, ABORTED.
  */
 flatshard_status flatshard_barrier(flatshard_comm *c);
 

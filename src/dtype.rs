@@ -95,3 +95,14 @@ impl ReduceOp {
         Ok(())
     }
 }
+
+/// `flatshard_dtype` as received from C: read as an integer and validated
+/// (`DType::from_raw`), never trusted as a Rust enum.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DtypeArg(pub i32);
+
+/// `flatshard_reduce_op` as received from C.
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReduceOpArg(pub i32);

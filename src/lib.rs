@@ -5,12 +5,15 @@
 
 pub mod averaging;
 pub mod comm;
+/// cbindgen:ignore
+pub mod config;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod flat_param;
 pub mod log;
+pub mod mem;
 pub mod memcopy;
 pub mod reduce;
 pub mod tensor;

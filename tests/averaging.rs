@@ -372,11 +372,6 @@ fn average_parameters_validation_errors() {
         let e = err(&[good[0], null], 0);
         assert!(e.kind == ErrorKind::InvalidArgument && e.msg.contains("params[1]") && e.msg.contains("NULL"), "{}", e.msg);
 
-        std::env::set_var("FLATSHARD_BUCKET_BYTES", "lots");
-        let e = err(&good, 0);
-        assert!(e.kind == ErrorKind::InvalidArgument && e.msg.contains("FLATSHARD_BUCKET_BYTES='lots'") && e.msg.contains(&rk), "{}", e.msg);
-        std::env::remove_var("FLATSHARD_BUCKET_BYTES");
-
         // zero-length tensors and NULL data are fine; nothing was touched above
         let empty = TensorRef { data: std::ptr::null_mut(), numel: 0, ..good[0] };
         unsafe { average_parameters(&c, &[empty, good[0], good[1]], 0) }.unwrap();

@@ -647,8 +647,8 @@ fn minor_faults() -> i64 {
 /// (no fresh pages to fault in), and a recycled buffer never leaks stale
 /// contents: every unshard shows exactly what the previous writeback stored.
 /// With FLATSHARD_HOST_CACHE_BYTES=0 the same unshard faults its pages in
-/// (which shows the fault count measures the cache), and a malformed value is
-/// an INVALID_ARGUMENT naming the variable.
+/// (which shows the fault count measures the cache). (A malformed value fails
+/// creation of the communicator: tests/settings.rs.)
 /// The body of the recycling tests, with FLATSHARD_HOST_CACHE_BYTES = `cache`.
 fn recycle_check(comm: Comm, cache: &str) {
     let r = comm.rank();
@@ -658,12 +658,6 @@ fn recycle_check(comm: Comm, cache: &str) {
     let bufs: Vec<Vec<u8>> = numels.iter().enumerate().map(|(i, &n)| f32_bytes(&(0..n).map(|j| val(i, j)).collect::<Vec<_>>())).collect();
     let mut fp = FlatParam::new(&comm, None, &inputs(&bufs), &FlatParamOptions::default()).unwrap();
     let wb = UnshardOptions { writeback: true, ..Default::default() };
-    if cache == "lots" {
-        let e = fp.unshard(&comm, wb).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
-        assert!(e.msg.contains("FLATSHARD_HOST_CACHE_BYTES") && e.msg.contains("lots"), "{}", e.msg);
-        return;
-    }
     let mut faults = Vec::new();
     for round in 0..6usize {
         comm.barrier().unwrap();
@@ -706,9 +700,4 @@ fn full_param_buffers_are_recycled_without_stale_data() {
 #[test]
 fn full_param_buffers_without_the_cache_fault_in_fresh_pages() {
     ranks("full_param_buffers_without_the_cache_fault_in_fresh_pages", 2, &[("FLATSHARD_HOST_CACHE_BYTES", "0".into())], |c| recycle_check(c, "0"));
-}
-
-#[test]
-fn malformed_host_cache_setting_is_invalid_argument() {
-    ranks("malformed_host_cache_setting_is_invalid_argument", 2, &[("FLATSHARD_HOST_CACHE_BYTES", "lots".into())], |c| recycle_check(c, "lots"));
 }

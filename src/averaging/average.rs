@@ -54,9 +54,10 @@ use std::sync::mpsc;
 pub const AVG_ONLY_WITH_GRAD: u32 = 1;
 /// Bucket size when `FLATSHARD_BUCKET_BYTES` is unset.
 /// cbindgen:ignore
-pub const DEFAULT_BUCKET_BYTES: usize = 16 << 20;
-/// Environment variable that sets the bucket size in bytes.
-pub const BUCKET_ENV: &str = "FLATSHARD_BUCKET_BYTES";
+pub const DEFAULT_BUCKET_BYTES: usize = crate::config::BUCKET_BYTES_DEFAULT;
+/// Environment variable that sets the bucket size in bytes (read by config.rs
+/// when the communicator is created).
+pub const BUCKET_ENV: &str = crate::config::BUCKET_BYTES;
 /// A piece of a tensor at least this large (or a full bucket, if smaller) is
 /// reduced in place rather than copied into the bucket.
 const DIRECT_MIN_BYTES: usize = 256 << 10;
@@ -84,22 +85,10 @@ impl Default for AvgOptions {
 }
 
 impl AvgOptions {
-    /// Defaults, with `FLATSHARD_BUCKET_BYTES` read now (read on every call, so a
-    /// trainer may change it between calls; all ranks must agree on it).
-    pub fn from_env() -> Result<AvgOptions> {
-        let mut o = AvgOptions::default();
-        if let Ok(v) = std::env::var(BUCKET_ENV) {
-            o.bucket_bytes = parse_bucket_bytes(&v)?;
-        }
-        Ok(o)
-    }
-}
-
-/// Parse a bucket size: a positive decimal number of bytes.
-pub fn parse_bucket_bytes(v: &str) -> Result<usize> {
-    match v.trim().parse::<usize>() {
-        Ok(b) if b > 0 && b <= isize::MAX as usize => Ok(b),
-        _ => Err(Error::invalid_arg(format!("environment: {BUCKET_ENV}='{v}' is not a positive number of bytes (default {DEFAULT_BUCKET_BYTES})"))),
+    /// Defaults, with the communicator's `FLATSHARD_BUCKET_BYTES` (read and
+    /// compared across ranks when the communicator was created).
+    pub fn for_comm(comm: &Comm) -> AvgOptions {
+        AvgOptions { bucket_bytes: comm.config().bucket_bytes, ..AvgOptions::default() }
     }
 }
 
@@ -174,8 +163,7 @@ fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
 /// of its dtype for the whole call, and no two tensors may overlap. Nothing else
 /// may access that memory during the call (a helper thread reads and writes it).
 pub unsafe fn average_parameters(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<()> {
-    let opts = AvgOptions::from_env().map_err(|e| e.context(format!("rank {}", comm.rank())));
-    average_checked(comm, params, flags, opts)
+    average_checked(comm, params, flags, Ok(AvgOptions::for_comm(comm)))
 }
 
 /// `average_parameters` with explicit options.
@@ -244,7 +232,7 @@ fn agree(comm: &Comm, fp: u64) -> Result<()> {
     let (rank, world) = (comm.rank(), comm.size());
     let mut all = vec![0u8; 8 * world];
     // Through the staging layer, so an NCCL communicator agrees too.
-    let mut ops = crate::flat_param::mem::Ops::new(comm);
+    let mut ops = crate::mem::Ops::new(comm);
     ops.all_gather_host(comm, &fp.to_le_bytes(), &mut all, DType::U8)?;
     ops.finish()?;
     let fps: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
@@ -621,15 +609,6 @@ mod tests {
         // 13 bytes: 3 f32 per bucket; a half tensor of 7 → 3 + 3 + 1 (packed, never direct)
         let got = plan(&[t(7, DType::BF16)], 13);
         assert_eq!(got.iter().map(|(_, d, p)| (*d, p[0].2)).collect::<Vec<_>>(), vec![(false, 3), (false, 3), (false, 1)]);
-    }
-
-    #[test]
-    fn bucket_env_parsing() {
-        assert_eq!(parse_bucket_bytes("4096").unwrap(), 4096);
-        for bad in ["0", "-1", "16MiB", ""] {
-            let e = parse_bucket_bytes(bad).unwrap_err();
-            assert!(e.msg.contains(BUCKET_ENV) && e.msg.contains(bad), "{}", e.msg);
-        }
     }
 
     #[test]

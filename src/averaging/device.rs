@@ -17,7 +17,7 @@ use super::average::AvgOptions;
 use crate::comm::Comm;
 use crate::dtype::ReduceOp;
 use crate::error::{Error, Result};
-use crate::flat_param::mem::{Buf, Ops, Place, Region};
+use crate::mem::{Buf, Ops, Place, Region};
 use crate::tensor::{Device, TensorRef};
 
 /// NCCL ops per fused group.

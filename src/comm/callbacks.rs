@@ -5,14 +5,35 @@
 
 use super::{Backend, OpDesc, OpKind};
 use crate::dtype::{DType, ReduceOp};
+use crate::dtype::{DtypeArg, ReduceOpArg};
 use crate::error::{Error, Result};
-use crate::ffi::types::{flatshard_collectives, DtypeArg, ReduceOpArg};
 use std::ffi::c_void;
+
+/// Bring your own collectives (LibTorch c10d, MPI, UCC...). Callbacks return 0
+/// on success; any other value fails the call with FLATSHARD_ERR_PEER_LOST and
+/// poisons the communicator.
+#[repr(C)]
+#[derive(Clone, Copy)]
+#[allow(non_camel_case_types)] // the C name
+pub struct flatshard_collectives {
+    pub struct_size: u32,
+    pub ctx: *mut c_void,
+    pub all_reduce: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> i32>,
+    pub all_gather: Option<unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg) -> i32>,
+    pub reduce_scatter:
+        Option<unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg, op: ReduceOpArg) -> i32>,
+    pub broadcast: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> i32>,
+    pub barrier: Option<unsafe extern "C" fn(ctx: *mut c_void) -> i32>,
+    /// May be NULL.
+    pub destroy: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+}
 
 pub struct CallbackBackend {
     rank: usize,
     size: usize,
     ops: flatshard_collectives,
+    /// Calls made on this communicator: travels in the agreement header.
+    seq: std::sync::atomic::AtomicU32,
 }
 
 // The caller promises its callbacks may be called from the thread that uses
@@ -36,7 +57,7 @@ impl CallbackBackend {
         if !missing.is_empty() {
             return Err(Error::invalid_arg(format!("ops: callbacks {missing:?} are NULL (only destroy may be NULL)")));
         }
-        Ok(CallbackBackend { rank, size, ops })
+        Ok(CallbackBackend { rank, size, ops, seq: std::sync::atomic::AtomicU32::new(0) })
     }
 
     fn check(&self, name: &str, rc: i32) -> Result<()> {
@@ -48,7 +69,8 @@ impl CallbackBackend {
 
     /// All-gather the descriptors through the user's all_gather and compare.
     fn agree(&self, desc: OpDesc) -> Result<()> {
-        let mine = desc.encode(0, 0);
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mine = desc.encode(seq, 0);
         let mut all = vec![0u8; 32 * self.size];
         let f = self.ops.all_gather.ok_or_else(|| Error::internal("all_gather callback missing"))?;
         let rc = unsafe { f(self.ops.ctx, mine.as_ptr() as *const c_void, all.as_mut_ptr() as *mut c_void, 32, DtypeArg(DType::U8 as i32)) };
@@ -56,7 +78,7 @@ impl CallbackBackend {
         let mut bad = Vec::new();
         for r in 0..self.size {
             let h: [u8; 32] = all[32 * r..32 * r + 32].try_into().expect("32");
-            match OpDesc::decode(&h) {
+            match OpDesc::decode_in_step(&h, seq) {
                 Ok((d, _)) if d == desc => {}
                 Ok((d, _)) => bad.push(format!("rank {r} called {}", d.describe())),
                 Err(e) => return Err(e.context(format!("rank {r}"))),

@@ -38,6 +38,7 @@
 use super::net::{Wait, ABORT_POLL};
 use super::store::StoreClient;
 use super::{Backend, OpDesc, OpKind};
+use crate::config::Config;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::memcopy::{self, copy};
@@ -59,12 +60,9 @@ const OFF_DESC: usize = 256; // NSLOTS 64-byte descriptor lines
 const OFF_CPU: usize = 512;
 /// Data slots per segment (see `all_reduce` for why three).
 const NSLOTS: usize = 3;
-/// Default slot size: big enough to amortise a round trip, small enough that
-/// a round's working set stays in cache.
-const DEFAULT_SLOT: usize = 1 << 20;
-const DEFAULT_SMALL: usize = 64 << 10;
-const MIN_SLOT: usize = 64 << 10;
-const MAX_SLOT: usize = 256 << 20;
+// Slot size (FLATSHARD_SHM_CHUNK, default in config.rs): big enough to
+// amortise a round trip, small enough that a round's working set stays in
+// cache.
 /// `dead` value of a rank that aborted or freed its communicator without
 /// blaming a particular peer.
 const DEAD_SELF: u32 = u32::MAX;
@@ -273,8 +271,18 @@ pub struct ShmBackend {
 }
 
 /// Build the shm backend for one group (every rank of the group calls this).
-pub fn connect(job: &str, gid: &str, rank: usize, size: usize, store: &StoreClient, timeout: Duration, abort: Arc<AtomicBool>) -> Result<Box<dyn Backend>> {
-    let r = connect_inner(job, gid, rank, size, store, timeout, abort);
+#[allow(clippy::too_many_arguments)] // one group's identity, its store, and the job's settings
+pub fn connect(
+    job: &str,
+    gid: &str,
+    rank: usize,
+    size: usize,
+    store: &StoreClient,
+    timeout: Duration,
+    config: &Config,
+    abort: Arc<AtomicBool>,
+) -> Result<Box<dyn Backend>> {
+    let r = connect_inner(job, gid, rank, size, store, timeout, config, abort);
     if r.is_err() {
         // A peer that died between creating its segment and unlinking it
         // would leave it behind: remove every name of the group (unlinking
@@ -294,14 +302,21 @@ fn segment_name(job: &str, gid: &str, rank: usize) -> String {
     format!("/flatshard-{}-{}-{rank}", clean(job), clean(gid))
 }
 
-fn connect_inner(job: &str, gid: &str, rank: usize, size: usize, store: &StoreClient, timeout: Duration, abort: Arc<AtomicBool>) -> Result<Box<dyn Backend>> {
+#[allow(clippy::too_many_arguments)] // as `connect`
+fn connect_inner(
+    job: &str,
+    gid: &str,
+    rank: usize,
+    size: usize,
+    store: &StoreClient,
+    timeout: Duration,
+    config: &Config,
+    abort: Arc<AtomicBool>,
+) -> Result<Box<dyn Backend>> {
     let what = format!("rank {rank}: shared-memory setup of group {gid}");
     let w = Wait::new(timeout, &abort, &what);
-    let slot_bytes = super::env_bytes("FLATSHARD_SHM_CHUNK", DEFAULT_SLOT)?;
-    if !(MIN_SLOT..=MAX_SLOT).contains(&slot_bytes) {
-        return Err(Error::invalid_arg(format!("FLATSHARD_SHM_CHUNK: must be in [{MIN_SLOT}, {MAX_SLOT}] bytes, got {slot_bytes}")));
-    }
-    let slot_bytes = slot_bytes & !63;
+    // Range-checked by config, and equal on every rank (compared at rendezvous).
+    let slot_bytes = config.shm_chunk & !63;
     if size * 64 > slot_bytes {
         // reduce_scatter gives every rank a piece of the slot
         return Err(Error::invalid_arg(format!(
@@ -309,7 +324,7 @@ fn connect_inner(job: &str, gid: &str, rank: usize, size: usize, store: &StoreCl
             size * 64
         )));
     }
-    let small_bytes = super::env_bytes("FLATSHARD_SHM_SMALL", DEFAULT_SMALL)?.min(slot_bytes);
+    let small_bytes = config.shm_small.min(slot_bytes);
     let seg_len = HDR_BYTES + NSLOTS * slot_bytes;
     let name_of = |r: usize| segment_name(job, gid, r);
     let own_name = name_of(rank);
@@ -365,7 +380,7 @@ fn connect_inner(job: &str, gid: &str, rank: usize, size: usize, store: &StoreCl
     let segs: Vec<Seg> = segs.into_iter().map(|s| s.ok_or_else(|| Error::internal("shm: segment missing"))).collect::<Result<_>>()?;
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let oversubscribed = size > ncpu;
-    let spin_us = super::env_bytes("FLATSHARD_SHM_SPIN_US", if oversubscribed { 2 } else { 50 })?;
+    let spin_us = config.shm_spin_us.unwrap_or(if oversubscribed { 2 } else { 50 });
     Ok(Box::new(ShmBackend {
         rank,
         size,
@@ -375,7 +390,7 @@ fn connect_inner(job: &str, gid: &str, rank: usize, size: usize, store: &StoreCl
         timeout,
         slot_bytes,
         small_bytes,
-        stream_min: super::env_bytes("FLATSHARD_SHM_STREAM_MIN", STREAM_MIN)?,
+        stream_min: config.shm_stream_min,
         spin: Duration::from_micros(spin_us as u64),
         yields: if oversubscribed { 8 } else { 2 },
         blame: AtomicU32::new(DEAD_SELF),
@@ -398,10 +413,10 @@ fn part(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
 /// the caller's buffer while it is still in cache.
 const OWN_PIECE: usize = 32 << 10;
 
-/// Results bigger than this are written with non-temporal stores: they do not
-/// fit in the last-level cache anyway, and streaming them skips the
-/// read-for-ownership of every destination line.
-const STREAM_MIN: usize = 48 << 20;
+// Results of FLATSHARD_SHM_STREAM_MIN bytes or more (default in config.rs)
+// are written with non-temporal stores: they do not fit in the last-level
+// cache anyway, and streaming them skips the read-for-ownership of every
+// destination line.
 
 /// Copy out of a slot into the caller's buffer, streaming if `stream`.
 ///
@@ -544,11 +559,7 @@ impl ShmBackend {
             let mut h = [0u8; 32];
             // SAFETY: peer's descriptor line, published before its flag.
             unsafe { copy(self.segs[p].desc(slot), h.as_mut_ptr(), 32) };
-            let (theirs, _) = OpDesc::decode(&h).map_err(|e| self.lost(p, format!("{}: rank {p}: {}", w.what, e.msg)))?;
-            let their_gen = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-            if their_gen != gen {
-                return Err(self.lost(p, format!("{}: rank {p} is out of step (round {their_gen}, this rank {gen})", w.what)));
-            }
+            let (theirs, _) = OpDesc::decode_in_step(&h, gen).map_err(|e| self.lost(p, format!("{}: rank {p} {}", w.what, e.msg)))?;
             if theirs != *d {
                 bad.push(format!("rank {p} called {}", theirs.describe()));
             }

@@ -43,12 +43,11 @@ const REDUCE_GRAIN: usize = 256 << 10;
 /// value at net.core.wmem_max / rmem_max (212992 on a stock kernel, about
 /// the 256 KiB that was best in a bare C loopback test).
 pub(crate) const LOCAL_SOCKBUF: usize = 512 << 10;
-/// Smallest FLATSHARD_TCP_SOCKBUF accepted (other than 0): with a few KiB
-/// every window update waits for a delayed ACK and a transfer crawls.
-pub(crate) const MIN_SOCKBUF: usize = 16 << 10;
-/// Largest FLATSHARD_TCP_SOCKBUF accepted (the kernel caps it further at
-/// net.core.wmem_max / rmem_max).
-pub(crate) const MAX_SOCKBUF: usize = 1 << 30;
+// FLATSHARD_TCP_SOCKBUF is range-checked by config.rs: at least 16 KiB
+// (with a few KiB every window update waits for a delayed ACK and a transfer
+// crawls), at most 1 GiB (the kernel caps it further at net.core.wmem_max /
+// rmem_max).
+use crate::config::TCP_SOCKBUF_MAX as MAX_SOCKBUF;
 const HDR: usize = 32;
 
 /// A peer's data listener, and the socket buffer size for the connection
@@ -206,7 +205,7 @@ impl TcpBackend {
                                 p.h_pos += k;
                                 progress = true;
                                 if p.h_pos == HDR {
-                                    let (theirs, len) = OpDesc::decode(&p.hdr_in).map_err(|e| e.context(format!("rank {peer}")))?;
+                                    let (theirs, len) = OpDesc::decode_in_step(&p.hdr_in, seq).map_err(|e| e.context(format!("{what}: rank {peer}")))?;
                                     p.body_len = len as usize;
                                     if theirs != *desc {
                                         mismatch.push(format!("rank {peer} called {}", theirs.describe()));
@@ -777,7 +776,7 @@ mod tests {
     /// the ring's event loop must still move every byte (3 MiB, in place).
     #[test]
     fn ring_all_reduce_with_tiny_socket_buffers() {
-        let bs = pair(Some(MIN_SOCKBUF));
+        let bs = pair(Some(crate::config::TCP_SOCKBUF_MIN));
         let n = 3 << 18;
         let hs: Vec<_> = bs
             .into_iter()

@@ -5,6 +5,7 @@ use super::{boundary, boundary_value, check_struct_size, need, opt_str, types::*
 use crate::comm::{callbacks::CallbackBackend, Comm, CommOptions, Transport};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::mem::{self, Region};
 use std::ffi::{c_char, c_void};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -162,7 +163,7 @@ pub unsafe extern "C" fn flatshard_comm_from_collectives(
             return Err(Error::invalid_arg(format!("rank {rank} / size {size}: need 0 <= rank < size")));
         }
         let b = CallbackBackend::new(rank as usize, size as usize, *ops)?;
-        publish(Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false))), out);
+        publish(Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false)))?, out);
         Ok(())
     })
 }
@@ -207,62 +208,48 @@ pub unsafe extern "C" fn flatshard_comm_split(parent: *mut flatshard_comm, color
     })
 }
 
-unsafe fn slice_mut<'a>(p: *mut c_void, count: u64, dt: DType, arg: &str) -> Result<&'a mut [u8]> {
+/// A caller's buffer of `count` elements: NULL is refused unless it is empty.
+/// Only its address is kept; no Rust reference is made over caller memory
+/// here (the memory layer makes slices after its overlap checks).
+fn region(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<Region> {
     let bytes = dt.bytes(count, arg)?;
-    if bytes == 0 {
-        return Ok(&mut []);
+    if bytes > 0 {
+        need(p, arg)?;
     }
-    need(p, arg)?;
-    Ok(std::slice::from_raw_parts_mut(p as *mut u8, bytes))
+    Ok(super::cuda::region(p, bytes))
 }
 
-unsafe fn slice<'a>(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<&'a [u8]> {
-    let bytes = dt.bytes(count, arg)?;
-    if bytes == 0 {
-        return Ok(&[]);
-    }
-    need(p, arg)?;
-    Ok(std::slice::from_raw_parts(p as *const u8, bytes))
+fn times_size(c: &Comm, count_per_rank: u64) -> Result<u64> {
+    count_per_rank.checked_mul(c.size() as u64).ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))
 }
 
-fn device(b: &dyn crate::comm::Backend) -> Result<&dyn crate::comm::DeviceCollectives> {
-    b.device().ok_or_else(|| Error::internal("device collective on a host backend"))
-}
-
-fn overlaps(a: &[u8], b: &[u8]) -> bool {
-    let (a0, a1) = (a.as_ptr() as usize, a.as_ptr() as usize + a.len());
-    let (b0, b1) = (b.as_ptr() as usize, b.as_ptr() as usize + b.len());
-    !a.is_empty() && !b.is_empty() && a0 < b1 && b0 < a1
-}
-
-/// In-place all-reduce of `count` elements. AVG = SUM / size (float dtypes).
+/// In-place all-reduce of `count` elements of `buf` (host memory, or device
+/// memory: see API §6). AVG = SUM / size (floating dtypes only).
+/// Collective: every rank calls with the same count, dtype and op.
+/// Ownership: `buf` stays the caller's; it is read and written during the
+/// call only. Thread-safety: not with other calls on `c` (except
+/// flatshard_comm_abort).
+/// Statuses: OK; INVALID_ARGUMENT (NULL c, NULL buf with count > 0, bad dtype
+/// or op, AVG on an integer dtype, count × itemsize overflows); MISMATCH (the
+/// ranks called differently: nothing moved, c stays usable); TIMEOUT,
+/// PEER_LOST, ABORTED (c is poisoned); UNSUPPORTED / CUDA / NCCL for device
+/// memory without a usable driver; OUT_OF_MEMORY (staging).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> flatshard_status {
     boundary("flatshard_all_reduce", || {
         let c = comm_ref(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
         op.check(dt)?;
-        let bytes = dt.bytes(count, "count")?;
-        if c.is_device() {
-            if bytes > 0 {
-                need(buf, "buf")?;
-            }
-            if !super::cuda::on_comm_device(c, &[buf]) {
-                // Host memory (or another GPU's) on an NCCL comm: staged through this GPU.
-                return super::cuda::staged(c, |ops| ops.all_reduce(c, super::cuda::region(buf, bytes), dt, op));
-            }
-            return c.run(|b| device(b)?.all_reduce(buf as *const u8, buf as *mut u8, count as usize, dt, op));
-        }
-        if crate::cuda::is_device_ptr(buf as *const u8) {
-            return super::cuda::staged(c, |ops| ops.all_reduce(c, super::cuda::region(buf, bytes), dt, op));
-        }
-        let b = slice_mut(buf, count, dt, "buf")?;
-        c.all_reduce(b, dt, op)
+        let b = region(buf, count, dt, "buf")?;
+        mem::collective(c, |ops| ops.all_reduce(c, b, dt, op))
     })
 }
 
 /// Gather `count_per_rank` elements from every rank into `recv` (size ×
 /// count_per_rank, rank-major). `send` may lie inside `recv` (in place).
+/// Collective, ownership and thread-safety as flatshard_all_reduce.
+/// Statuses: as flatshard_all_reduce (INVALID_ARGUMENT also for
+/// count_per_rank × size overflowing).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_gather(
     c: *mut flatshard_comm,
@@ -274,40 +261,16 @@ pub unsafe extern "C" fn flatshard_all_gather(
     boundary("flatshard_all_gather", || {
         let c = comm_ref(c, "c")?;
         let dt = dtype(dt, "dt")?;
-        let total = count_per_rank
-            .checked_mul(c.size() as u64)
-            .ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))?;
-        if c.is_device() {
-            if total > 0 {
-                need(send, "send")?;
-                need(recv, "recv")?;
-            }
-            let (sb, rb) = (dt.bytes(count_per_rank, "count_per_rank")?, dt.bytes(total, "count_per_rank")?);
-            if !super::cuda::on_comm_device(c, &[send, recv]) {
-                let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
-                return super::cuda::staged(c, |ops| ops.all_gather(c, s, r, dt));
-            }
-            return c.run(|b| device(b)?.all_gather(send as *const u8, recv as *mut u8, count_per_rank as usize, dt));
-        }
-        if crate::cuda::is_device_ptr(recv as *const u8) || crate::cuda::is_device_ptr(send as *const u8) {
-            let (sb, rb) = (dt.bytes(count_per_rank, "count_per_rank")?, dt.bytes(total, "count_per_rank")?);
-            need(send, "send")?;
-            need(recv, "recv")?;
-            let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
-            return super::cuda::staged(c, |ops| ops.all_gather(c, s, r, dt));
-        }
-        let s = slice(send, count_per_rank, dt, "send")?;
-        let r = slice_mut(recv, total, dt, "recv")?;
-        if overlaps(s, r) {
-            let copy = s.to_vec();
-            return c.all_gather(&copy, r, dt);
-        }
-        c.all_gather(s, r, dt)
+        let total = times_size(c, count_per_rank)?;
+        let (s, r) = (region(send, count_per_rank, dt, "send")?, region(recv, total, dt, "recv")?);
+        mem::collective(c, |ops| ops.all_gather(c, s, r, dt))
     })
 }
 
-/// Reduce `size × count_per_rank` elements across ranks and leave block
-/// `rank` of the result in `recv`.
+/// Reduce `size × count_per_rank` elements of `send` across ranks and leave
+/// block `rank` of the result in `recv` (`recv` may overlap `send`).
+/// Collective, ownership and thread-safety as flatshard_all_reduce.
+/// Statuses: as flatshard_all_gather.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_reduce_scatter(
     c: *mut flatshard_comm,
@@ -320,67 +283,32 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
     boundary("flatshard_reduce_scatter", || {
         let c = comm_ref(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
-        let total = count_per_rank
-            .checked_mul(c.size() as u64)
-            .ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))?;
         op.check(dt)?;
-        if c.is_device() {
-            if total > 0 {
-                need(send, "send")?;
-                need(recv, "recv")?;
-            }
-            let (sb, rb) = (dt.bytes(total, "count_per_rank")?, dt.bytes(count_per_rank, "count_per_rank")?);
-            if !super::cuda::on_comm_device(c, &[send, recv]) {
-                let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
-                return super::cuda::staged(c, |ops| ops.reduce_scatter(c, s, r, dt, op));
-            }
-            return c.run(|b| device(b)?.reduce_scatter(send as *const u8, recv as *mut u8, count_per_rank as usize, dt, op));
-        }
-        if crate::cuda::is_device_ptr(send as *const u8) || crate::cuda::is_device_ptr(recv as *const u8) {
-            let (sb, rb) = (dt.bytes(total, "count_per_rank")?, dt.bytes(count_per_rank, "count_per_rank")?);
-            need(send, "send")?;
-            need(recv, "recv")?;
-            let (s, r) = (super::cuda::region(send, sb), super::cuda::region(recv, rb));
-            return super::cuda::staged(c, |ops| ops.reduce_scatter(c, s, r, dt, op));
-        }
-        let s = slice(send, total, dt, "send")?;
-        let r = slice_mut(recv, count_per_rank, dt, "recv")?;
-        if overlaps(s, r) {
-            let copy = s.to_vec();
-            return c.reduce_scatter(&copy, r, dt, op);
-        }
-        c.reduce_scatter(s, r, dt, op)
+        let total = times_size(c, count_per_rank)?;
+        let (s, r) = (region(send, total, dt, "send")?, region(recv, count_per_rank, dt, "recv")?);
+        mem::collective(c, |ops| ops.reduce_scatter(c, s, r, dt, op))
     })
 }
 
-/// Copy `count` elements from `root` to every rank.
+/// Copy `count` elements of `buf` from `root` to every rank.
+/// Collective, ownership and thread-safety as flatshard_all_reduce.
+/// Statuses: as flatshard_all_reduce; INVALID_ARGUMENT for root outside
+/// [0, size).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> flatshard_status {
     boundary("flatshard_broadcast", || {
         let c = comm_ref(c, "c")?;
         let dt = dtype(dt, "dt")?;
-        let bytes = dt.bytes(count, "count")?;
-        if c.is_device() {
-            if root < 0 || root as usize >= c.size() {
-                return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", c.size())));
-            }
-            if bytes > 0 {
-                need(buf, "buf")?;
-            }
-            if !super::cuda::on_comm_device(c, &[buf]) {
-                return super::cuda::staged(c, |ops| ops.broadcast(c, super::cuda::region(buf, bytes), dt, root));
-            }
-            return c.run(|b| device(b)?.broadcast(buf as *mut u8, count as usize, dt, root as usize));
+        if root < 0 || root as usize >= c.size() {
+            return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", c.size())));
         }
-        if crate::cuda::is_device_ptr(buf as *const u8) {
-            return super::cuda::staged(c, |ops| ops.broadcast(c, super::cuda::region(buf, bytes), dt, root));
-        }
-        let b = slice_mut(buf, count, dt, "buf")?;
-        c.broadcast(b, dt, root)
+        let b = region(buf, count, dt, "buf")?;
+        mem::collective(c, |ops| ops.broadcast(c, b, dt, root))
     })
 }
 
-/// Return once every rank has called it.
+/// Return once every rank has called it. Collective.
+/// Statuses: OK; INVALID_ARGUMENT (NULL c); TIMEOUT, PEER_LOST, ABORTED.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_barrier(c: *mut flatshard_comm) -> flatshard_status {
     boundary("flatshard_barrier", || comm_ref(c, "c")?.barrier())

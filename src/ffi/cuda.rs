@@ -5,7 +5,7 @@ use super::comm::{comm_ref, flatshard_comm};
 use super::{boundary, need, types::*};
 #[cfg(feature = "cuda")]
 use crate::comm::Comm;
-use crate::error::{Error, Result};
+
 use std::ffi::{c_char, c_void};
 
 /// Create an NCCL communicator on `cuda_device`, ordered on `cuda_stream`
@@ -69,7 +69,7 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
         #[cfg(feature = "cuda")]
         {
             let b = crate::comm::nccl::NcclBackend::wrap(nccl_comm, cuda_device, cuda_stream, crate::comm::CommOptions::default().timeout)?;
-            let c = Comm::from_backend(Box::new(b), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)));
+            let c = Comm::from_backend(Box::new(b), std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)))?;
             super::comm::publish(c, out);
             Ok(())
         }
@@ -87,33 +87,11 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
 /// collectives complete before returning).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_comm_synchronize", || {
-        let c = comm_ref(c, "c")?;
-        if !c.is_device() {
-            return Ok(());
-        }
-        c.run(|b| b.device().ok_or_else(|| Error::internal("device backend vanished"))?.synchronize())
-    })
+    boundary("flatshard_comm_synchronize", || comm_ref(c, "c")?.synchronize())
 }
 
 /// A caller's buffer, in host or device memory (whichever `p` is).
-pub(crate) fn region(p: *const c_void, len: usize) -> crate::flat_param::mem::Region {
-    use crate::flat_param::mem::{Place, Region};
+pub(crate) fn region(p: *const c_void, len: usize) -> crate::mem::Region {
+    use crate::mem::{Place, Region};
     Region::new(p as *mut u8, len, crate::cuda::device_of(p as *const u8).map_or(Place::Host, Place::Device))
-}
-
-/// Are all non-NULL pointers device memory of the (NCCL) communicator's GPU?
-pub(crate) fn on_comm_device(c: &crate::comm::Comm, ptrs: &[*const c_void]) -> bool {
-    let dev = c.device_index();
-    ptrs.iter().filter(|p| !p.is_null()).all(|p| dev.is_some() && crate::cuda::device_of(*p as *const u8) == dev)
-}
-
-/// Device pointers given to a host communicator, or host pointers given to
-/// an NCCL one: the collective runs through
-/// pinned host staging buffers (see flat_param::mem) and is complete when
-/// this returns.
-pub(crate) fn staged(c: &crate::comm::Comm, f: impl FnOnce(&mut crate::flat_param::mem::Ops) -> Result<()>) -> Result<()> {
-    let mut ops = crate::flat_param::mem::Ops::new(c);
-    f(&mut ops)?;
-    ops.finish()
 }

@@ -89,14 +89,7 @@ macro_rules! int_arg {
         pub struct $name(pub i32);
     };
 }
-int_arg!(
-    /// `flatshard_dtype` as received from C.
-    DtypeArg
-);
-int_arg!(
-    /// `flatshard_reduce_op` as received from C.
-    ReduceOpArg
-);
+pub use crate::dtype::{DtypeArg, ReduceOpArg};
 int_arg!(
     /// `flatshard_device_type` as received from C.
     DeviceTypeArg
@@ -151,23 +144,7 @@ pub struct flatshard_comm_options {
     pub transport: TransportArg,
 }
 
-/// Bring your own collectives (LibTorch c10d, MPI, UCC...). Callbacks return 0
-/// on success; any other value fails the call with FLATSHARD_ERR_PEER_LOST and
-/// poisons the communicator.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct flatshard_collectives {
-    pub struct_size: u32,
-    pub ctx: *mut c_void,
-    pub all_reduce: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> i32>,
-    pub all_gather: Option<unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg) -> i32>,
-    pub reduce_scatter:
-        Option<unsafe extern "C" fn(ctx: *mut c_void, send: *const c_void, recv: *mut c_void, count_per_rank: u64, dt: DtypeArg, op: ReduceOpArg) -> i32>,
-    pub broadcast: Option<unsafe extern "C" fn(ctx: *mut c_void, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> i32>,
-    pub barrier: Option<unsafe extern "C" fn(ctx: *mut c_void) -> i32>,
-    /// May be NULL.
-    pub destroy: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
-}
+pub use crate::comm::callbacks::flatshard_collectives;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Device, TensorRef};

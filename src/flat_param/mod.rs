@@ -17,14 +17,13 @@
 //! seeing every chunk go by, which the ring/shm broadcast forwards anyway).
 
 pub mod layout;
-pub mod mem;
 
 use crate::comm::Comm;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
+use crate::mem::{Buf, Ops, Place, Region};
 use crate::tensor::{Device, TensorRef};
 pub use layout::{Layout, ShardView};
-use mem::{Buf, Ops, Place, Region};
 
 /// FSDP sharding strategy (C `flatshard_sharding`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,10 @@
-//! Memory for flat parameters: host, pinned-host and device buffers, and the
-//! handful of operations the state machine in `mod.rs` needs on them (fill,
-//! copy, convert, add, and the four collectives). One code path serves host
-//! and CUDA flat params, so a device flat param follows exactly the logic the
-//! host suites verify.
+//! The library's memory layer: host, pinned-host and device buffers
+//! (`Buf`), byte ranges of them or of a caller's tensors (`Region`), the
+//! host buffer cache (`host_cache`), and the handful of operations flat
+//! params, averaging and the C boundary need on them (`Ops`: fill, copy,
+//! convert, add, and the four collectives, staged where the communicator
+//! cannot read the memory). One code path serves host and CUDA memory, so a
+//! device flat param follows exactly the logic the host suites verify.
 //!
 //! Collectives take buffers wherever they are and stage what the
 //! communicator cannot read: a host communicator gets device regions through
@@ -101,7 +103,7 @@ impl Buf {
     /// reading it (a gathered full parameter): a recycled buffer of the same
     /// size if the cache holds one (its old contents, not zeros), else zeroed.
     pub fn for_overwrite(len: usize, what: &str) -> Result<Buf> {
-        match recycle::take(len.div_ceil(8))? {
+        match host_cache::take(len.div_ceil(8)) {
             Some(words) => Ok(Buf { store: Store::Host(words), len, recycle: true }),
             None => {
                 let mut b = Buf::zeroed(len, what)?;
@@ -162,106 +164,23 @@ impl Buf {
     /// The bytes, for host and pinned buffers (None on the device).
     pub fn host_bytes(&self) -> Option<&[u8]> {
         // SAFETY: a host-visible allocation of len initialised bytes.
-        self.place().is_host().then(|| unsafe { self.region().slice() } as &[u8])
+        self.place().is_host().then(|| unsafe { self.region().bytes() })
     }
     pub fn host_bytes_mut(&mut self) -> Option<&mut [u8]> {
         // SAFETY: as above, and we hold &mut self.
-        self.place().is_host().then(|| unsafe { self.region().slice() })
+        self.place().is_host().then(|| unsafe { self.region().bytes_mut() })
     }
 }
 
 impl Drop for Buf {
     fn drop(&mut self) {
         if let (true, Store::Host(words)) = (self.recycle, &mut self.store) {
-            recycle::give(std::mem::take(words));
+            host_cache::give(std::mem::take(words));
         }
     }
 }
 
-/// A small per-process cache of large freed host buffers, so that the next
-/// unshard of the same size reuses one instead of mapping fresh memory:
-/// the kernel zeroes every freshly mapped page, and for a gathered full
-/// parameter that zeroing took longer than the all_gather itself (profile of
-/// a 2-rank 256 MiB unshard + reshard: 59% of the time in `clear_page`).
-///
-/// A cached buffer is returned to the kernel with `MADV_FREE`: it stays
-/// mapped, but the kernel may reclaim its pages at any time without I/O (they
-/// then read as zeros), so resharding still gives the memory up under memory
-/// pressure; until then it counts in the RSS. At most
-/// `FLATSHARD_HOST_CACHE_BYTES` (default 512 MiB, 0 = off) are kept; only
-/// buffers of at least 4 MiB are cached, and only `Buf::for_overwrite` reuses
-/// them (never a buffer whose zeros are relied on).
-mod recycle {
-    use std::sync::{Mutex, OnceLock};
-
-    const MIN_BYTES: usize = 4 << 20;
-    const DEFAULT_LIMIT: usize = 512 << 20;
-    static POOL: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
-
-    /// The byte limit (read once), or the message for a malformed setting.
-    fn limit() -> Result<usize, String> {
-        static L: OnceLock<Result<usize, String>> = OnceLock::new();
-        L.get_or_init(|| match std::env::var("FLATSHARD_HOST_CACHE_BYTES") {
-            Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|_| format!("environment: FLATSHARD_HOST_CACHE_BYTES='{v}' is not a byte count")),
-            _ => Ok(DEFAULT_LIMIT),
-        })
-        .clone()
-    }
-
-    fn pool() -> std::sync::MutexGuard<'static, Vec<Vec<u64>>> {
-        POOL.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// A cached buffer of exactly `n` words, if there is one.
-    pub fn take(n: usize) -> crate::error::Result<Option<Vec<u64>>> {
-        limit().map_err(crate::error::Error::invalid_arg)?;
-        if n * 8 < MIN_BYTES {
-            return Ok(None);
-        }
-        let mut p = pool();
-        Ok(p.iter().position(|v| v.len() == n).map(|i| p.swap_remove(i)))
-    }
-
-    /// Keep `v` for reuse (oldest entries leave first), or free it.
-    pub fn give(v: Vec<u64>) {
-        let bytes = v.len() * 8;
-        let lim = limit().unwrap_or(0);
-        if bytes < MIN_BYTES || bytes > lim || !lazy_free(&v) {
-            return;
-        }
-        let mut p = pool();
-        p.push(v);
-        let mut total: usize = p.iter().map(|b| b.len() * 8).sum();
-        while total > lim {
-            let old = p.remove(0);
-            total -= old.len() * 8;
-        }
-    }
-
-    /// MADV_FREE the whole pages of `v`; false where that is not supported.
-    fn lazy_free(v: &[u64]) -> bool {
-        #[cfg(target_os = "linux")]
-        {
-            const PAGE: usize = 4096;
-            let addr = v.as_ptr() as usize;
-            let start = addr.next_multiple_of(PAGE);
-            let end = (addr + v.len() * 8) / PAGE * PAGE;
-            if end <= start {
-                return false;
-            }
-            // SAFETY: [start, end) lies inside the live allocation of v; after
-            // MADV_FREE its pages read either as before or as zeros, both
-            // valid u64 values, and the buffer is only handed out to callers
-            // that overwrite it.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_FREE) == 0 }
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = v;
-            false
-        }
-    }
-}
+pub mod host_cache;
 
 /// Ask for transparent huge pages on a large, still untouched buffer: the
 /// gather then takes one page fault per 2 MiB instead of per 4 KiB (the
@@ -309,14 +228,36 @@ impl Region {
         let ptr = if len == 0 || self.ptr.is_null() { self.ptr } else { self.ptr.wrapping_add(off) };
         Region { ptr, len, place: self.place }
     }
+    /// The region's bytes to read.
+    ///
     /// # Safety
-    /// A host-visible region of live memory that nothing else accesses meanwhile.
-    pub unsafe fn slice<'a>(self) -> &'a mut [u8] {
+    /// A host-visible region of live memory that nothing writes meanwhile.
+    pub unsafe fn bytes<'a>(self) -> &'a [u8] {
+        debug_assert!(self.place.is_host());
+        if self.len == 0 || self.ptr.is_null() {
+            return &[];
+        }
+        // SAFETY: the caller's contract above.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    /// The region's bytes to write.
+    ///
+    /// # Safety
+    /// A host-visible region of live memory that nothing else accesses
+    /// meanwhile (no other slice over it may be alive).
+    pub unsafe fn bytes_mut<'a>(self) -> &'a mut [u8] {
         debug_assert!(self.place.is_host());
         if self.len == 0 || self.ptr.is_null() {
             return &mut [];
         }
-        std::slice::from_raw_parts_mut(self.ptr, self.len)
+        // SAFETY: the caller's contract above.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+    /// Do two regions share a byte? (Compared as addresses, before any slice
+    /// is made over them.)
+    pub fn overlaps(self, other: Region) -> bool {
+        let (a, b) = (self.ptr as usize, other.ptr as usize);
+        self.len > 0 && other.len > 0 && a < b.saturating_add(other.len) && b < a.saturating_add(self.len)
     }
 }
 
@@ -452,7 +393,7 @@ impl<'c> Ops<'c> {
             // Queued device work may still write it (a device-to-host copy).
             self.sync()?;
             // SAFETY: a live host region (Region's contract).
-            unsafe { r.slice().fill(0) };
+            unsafe { r.bytes_mut().fill(0) };
             return Ok(());
         }
         if let Place::Device(d) = r.place {
@@ -525,7 +466,7 @@ impl<'c> Ops<'c> {
         if src.place.is_host() && dst.place.is_host() {
             self.sync()?;
             // SAFETY: live, distinct host regions.
-            unsafe { convert_host(src.slice(), from, dst.slice(), to) };
+            unsafe { convert_host(src.bytes(), from, dst.bytes_mut(), to) };
             return Ok(());
         }
         if let (Place::Device(a), Place::Device(b)) = (src.place, dst.place) {
@@ -555,7 +496,7 @@ impl<'c> Ops<'c> {
             self.sync()?;
             let sr = s.as_ref().map_or(src, |b| b.region());
             // SAFETY: live, distinct host regions.
-            unsafe { crate::reduce::reduce_into(dst.slice(), sr.slice(), dt, ReduceOp::Sum) };
+            unsafe { crate::reduce::reduce_into(dst.bytes_mut(), sr.bytes(), dt, ReduceOp::Sum) };
             return Ok(());
         }
         let Place::Device(d) = dst.place else { unreachable!() };
@@ -642,9 +583,16 @@ impl<'c> Ops<'c> {
                 }
                 // SAFETY: device regions on comm's device; dst holds size × src.
                 unsafe { comm.dev_all_gather(r[0].ptr, r[1].ptr, r[0].len / dt.size(), dt) }
+            } else if r[0].overlaps(r[1]) {
+                // In place (send inside recv): read our piece out first, so no
+                // shared and mutable slice ever cover the same bytes.
+                // SAFETY: live host regions; the shared slice ends before the
+                // mutable one is made.
+                let own = unsafe { r[0].bytes() }.to_vec();
+                unsafe { comm.all_gather(&own, r[1].bytes_mut(), dt) }
             } else {
                 // SAFETY: distinct live host regions.
-                unsafe { comm.all_gather(r[0].slice(), r[1].slice(), dt) }
+                unsafe { comm.all_gather(r[0].bytes(), r[1].bytes_mut(), dt) }
             }
         })
     }
@@ -657,9 +605,13 @@ impl<'c> Ops<'c> {
                 }
                 // SAFETY: device regions on comm's device; src holds size × dst.
                 unsafe { comm.dev_reduce_scatter(r[0].ptr, r[1].ptr, r[1].len / dt.size(), dt, op) }
+            } else if r[0].overlaps(r[1]) {
+                // SAFETY: as in all_gather: the copy's shared slice ends first.
+                let send = unsafe { r[0].bytes() }.to_vec();
+                unsafe { comm.reduce_scatter(&send, r[1].bytes_mut(), dt, op) }
             } else {
                 // SAFETY: distinct live host regions.
-                unsafe { comm.reduce_scatter(r[0].slice(), r[1].slice(), dt, op) }
+                unsafe { comm.reduce_scatter(r[0].bytes(), r[1].bytes_mut(), dt, op) }
             }
         })
     }
@@ -674,7 +626,7 @@ impl<'c> Ops<'c> {
                 unsafe { comm.dev_all_reduce(r[0].ptr, r[0].ptr, r[0].len / dt.size(), dt, op) }
             } else {
                 // SAFETY: a live host region.
-                unsafe { comm.all_reduce(r[0].slice(), dt, op) }
+                unsafe { comm.all_reduce(r[0].bytes_mut(), dt, op) }
             }
         })
     }
@@ -689,7 +641,7 @@ impl<'c> Ops<'c> {
                 unsafe { comm.dev_broadcast(r[0].ptr, r[0].len / dt.size(), dt, root) }
             } else {
                 // SAFETY: a live host region.
-                unsafe { comm.broadcast(r[0].slice(), dt, root) }
+                unsafe { comm.broadcast(r[0].bytes_mut(), dt, root) }
             }
         })
     }
@@ -706,6 +658,23 @@ impl<'c> Ops<'c> {
     pub fn broadcast_host(&mut self, comm: &Comm, buf: &mut [u8], dt: DType, root: i32) -> Result<()> {
         self.broadcast(comm, Region::new(buf.as_mut_ptr(), buf.len(), Place::Host), dt, root)
     }
+}
+
+/// The one entry point for a collective on memory wherever it lives: host
+/// memory on a host communicator goes straight to the transport; device
+/// memory on an NCCL communicator's own GPU goes to NCCL on its stream;
+/// anything else (device memory on a host communicator, host or another
+/// GPU's memory on an NCCL one) is staged by `Ops`. Complete when it returns
+/// (NCCL work on the comm's own memory stays stream-ordered, API §6).
+pub fn collective(comm: &Comm, f: impl FnOnce(&mut Ops) -> Result<()>) -> Result<()> {
+    let mut ops = Ops::new(comm);
+    f(&mut ops)?;
+    if comm.is_device() && ops.held.is_empty() {
+        // Nothing staged (staging waits for itself): NCCL work on the comm's
+        // own memory stays stream-ordered; flatshard_comm_synchronize waits.
+        ops.pending = None;
+    }
+    ops.finish()
 }
 
 impl Drop for Ops<'_> {
