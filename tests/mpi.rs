@@ -53,7 +53,7 @@ fn mpirun(which: &str, np: usize, env: &[(&str, String)], prog: &str, args: &[&s
 
 fn mpi_build(which: &str) -> std::path::PathBuf {
     ensure_mpi();
-    build_c(&format!("mpicc.{which}"), &["-std=c11", "-O1", "-DLAUNCH_JOB_MPI"], "tests/c/launch_job.c")
+    build_c(&format!("mpicc.{which}"), &["-std=c11", "-pedantic", "-O1", "-DLAUNCH_JOB_MPI"], "tests/c/launch_job.c")
 }
 
 fn header_entry_points(which: &str) {
@@ -98,4 +98,17 @@ fn open_mpi_mpirun_sets_ranks_for_init_from_env() {
 #[test]
 fn mpich_mpirun_sets_ranks_for_init_from_env() {
     env_under_mpirun("mpich");
+}
+
+/// The header from C++ with each implementation's mpicxx (Open MPI's own
+/// C++ bindings skipped, as usual: they do not build under -Werror).
+#[test]
+fn header_compiles_as_cpp_and_runs() {
+    ensure_mpi();
+    for which in ["openmpi", "mpich"] {
+        let prog = build_c(&format!("mpicxx.{which}"), &["-std=c++17", "-O1", "-DOMPI_SKIP_MPICXX=1"], "tests/c/mpi_header.cpp");
+        let r = run_limited(mpirun(which, 2, &[], s(&prog), &[]), LIMIT);
+        assert!(r.ok(), "{which}:\n{}", r.out);
+        assert_eq!(count(&r.out, "mpi_header.cpp: rank"), 4, "{which}:\n{}", r.out);
+    }
 }

@@ -278,6 +278,7 @@ impl Drop for Slurm {
 #[test]
 fn slurm_batch_script() {
     let script = readme_commands().into_iter().find(|c| c.starts_with(SLURM_SCRIPT_START)).expect("README has the Slurm batch script");
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         println!("slurm_batch_script: skipped: a private Slurm cluster needs root (slurmd runs jobs as their users)");
         return;
