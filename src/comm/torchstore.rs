@@ -20,6 +20,7 @@
 //! The store is not authenticated (anyone who reaches the port may write),
 //! so its replies are untrusted input: every length is checked before
 //! anything is allocated, every read and write has the caller's deadline,
+//! the ranks prove the job token to each other through it (`check_members`)
 //! and the data connections that follow still pass flatshard's job-token
 //! handshake. Waiting for a key polls CHECK (never the blocking WAIT), so a
 //! deadline or an abort is noticed without having to cancel a request the
