@@ -17,10 +17,20 @@
  *       duplicate of mpi_comm (MPI_Comm_dup; freed by flatshard_comm_free,
  *       which must then come before MPI_Finalize).
  *
- * Both are collective over mpi_comm. Thread-safety: as flatshard_comm_init /
+ * Both are collective over mpi_comm (call them on every rank, after MPI_Init).
+ * Ownership: on success *out owns a communicator (flatshard_comm_free);
+ * mpi_comm stays the caller's. Thread-safety: as flatshard_comm_init /
  * flatshard_comm_from_collectives; a communicator from flatshard_comm_from_mpi
  * calls MPI from the thread that uses it (MPI_THREAD_FUNNELED suffices when
  * one thread does).
+ * Statuses: those of flatshard_comm_init / flatshard_comm_from_collectives
+ * (with flatshard_last_error() set), plus, before flatshard is reached and
+ * without a message: INVALID_ARGUMENT (MPI_Comm_rank/size refused mpi_comm),
+ * OUT_OF_MEMORY, IO (an MPI call failed; on rank 0's side, no address, no
+ * free port or no randomness — every rank then returns the same status).
+ * MPI's own errors follow mpi_comm's error handler (fatal by default). A
+ * failing MPI collective inside a flatshard_comm_from_mpi communicator makes
+ * the flatshard call return FLATSHARD_ERR_PEER_LOST and poisons it.
  */
 #ifndef FLATSHARD_MPI_H
 #define FLATSHARD_MPI_H

@@ -2,7 +2,8 @@
 //! (--standalone, --rdzv-backend static and c10d), 2 and 4 processes, the
 //! demo (examples-c/train_mlp.c), the collectives tour
 //! (examples-c/collectives_demo.c) and tests/c/launch_job.c, an elastic
-//! restart after a killed worker, the job token; and the TCPStore client
+//! restart after a killed worker, the job token, torch.distributed and
+//! flatshard side by side in one worker; and the TCPStore client
 //! itself against PyTorch's own TCPStore (both server back ends) and against
 //! peers that send garbage.
 //!
@@ -321,4 +322,43 @@ fn tcpstore_replies_are_untrusted() {
         Ok(_) => panic!("flatshard's store passed for a TCPStore"),
     };
     assert!(e.msg.contains("does not answer as a PyTorch TCPStore"), "{}", e.msg);
+}
+
+// ---- torch.distributed and flatshard in one process ----------------------
+
+const PY_INTEROP: &str = r#"
+import ctypes, sys
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")            # torch's workers join the agent store too
+r, w = dist.get_rank(), dist.get_world_size()
+lib = ctypes.CDLL(sys.argv[1])
+lib.flatshard_last_error.restype = ctypes.c_char_p
+lib.flatshard_comm_rank.restype = ctypes.c_int32
+lib.flatshard_all_reduce.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+comm = ctypes.c_void_p()
+st = lib.flatshard_comm_init_from_env(None, ctypes.byref(comm))
+assert st == 0, lib.flatshard_last_error()
+assert lib.flatshard_comm_rank(comm) == r
+t = torch.arange(4096, dtype=torch.float32) * (r + 1) / 8
+mine = t.clone()
+dist.all_reduce(t)                                               # gloo
+st = lib.flatshard_all_reduce(comm, mine.data_ptr(), mine.numel(), 0, 0)   # FLATSHARD_F32, FLATSHARD_SUM
+assert st == 0, lib.flatshard_last_error()
+assert torch.equal(t, mine), (t[:4], mine[:4])
+lib.flatshard_comm_free(comm)
+dist.barrier()
+dist.destroy_process_group()
+print(f"interop rank {r} of {w} ok", flush=True)
+"#;
+
+/// A PyTorch worker under torchrun that uses torch.distributed (gloo) and
+/// flatshard (ctypes) side by side: both meet in the same agent store
+/// without stepping on each other's keys, and their all-reduces agree.
+#[test]
+fn torch_distributed_and_flatshard_share_the_agent_store() {
+    let lib = lib_dir().join("libflatshard.so");
+    let py = python();
+    let r = run_limited(torchrun_cmd(&["--standalone", "--nproc-per-node", "2", "--no-python", s(&py), "-c", PY_INTEROP, s(&lib)]), LIMIT);
+    assert!(r.ok(), "{}", r.out);
+    assert_eq!(count(&r.out, "of 2 ok"), 2, "{}", r.out);
 }
