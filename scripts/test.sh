@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# THE test command: builds the library and binaries, runs every Rust test
+# THE test command: checks formatting (cargo fmt --check) and lints (cargo
+# clippy --all-targets -D warnings), builds the library and binaries, runs every Rust test
 # (unit tests, multi-process collectives, the C programs in tests/c/, the
 # header check, the launcher), then the Python interop tests in
 # tests/python/test_*.py with the project's PyTorch venv (skipped with a
@@ -35,8 +36,16 @@ FLATSHARD_PYTHON=$(scripts/venv.sh)
 export FLATSHARD_PYTHON
 if [ "$(id -u)" -eq 0 ]; then scripts/launcher-deps.sh; fi
 
+step "cargo fmt --check (rustfmt.toml: 160 columns)"
+rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt >/dev/null 2>&1 || true
+cargo fmt --check
+
 step "cargo build"
 cargo build --all-targets
+
+step "cargo clippy --all-targets -- -D warnings"
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy >/dev/null 2>&1 || true
+cargo clippy --all-targets -- -D warnings
 
 step "cargo test"
 status=0

@@ -16,6 +16,17 @@
 //! same variables (a unit test checks it against [`SETTINGS`]).
 
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// FLATSHARD_HOST_CACHE_BYTES of the last communicator created (every
+/// communicator of a process reads the same environment): the host buffer
+/// cache (`mem::host_cache`) is per process.
+static HOST_CACHE_LIMIT: AtomicUsize = AtomicUsize::new(HOST_CACHE_BYTES_DEFAULT);
+
+/// The host buffer cache's byte limit.
+pub fn host_cache_limit() -> usize {
+    HOST_CACHE_LIMIT.load(Ordering::Relaxed)
+}
 
 /// One documented setting: its variable, its kind, and its accepted values.
 pub struct Setting {
@@ -134,6 +145,12 @@ impl Config {
             host_cache_bytes: bytes(HOST_CACHE_BYTES, 0, BYTES_MAX, d.host_cache_bytes)?,
             tcp_sockbuf,
         })
+    }
+
+    /// Make the process-wide settings (the host buffer cache's limit) take
+    /// effect; called when a communicator is created.
+    pub fn apply_process_wide(&self) {
+        HOST_CACHE_LIMIT.store(self.host_cache_bytes, Ordering::Relaxed);
     }
 
     /// The job-wide settings as (variable, value) pairs, in a fixed order:

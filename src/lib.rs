@@ -3,6 +3,7 @@
 //!
 //! The Rust API lives in the modules below; `ffi` is the C ABI on top of it.
 
+pub mod agree;
 pub mod averaging;
 pub mod comm;
 /// cbindgen:ignore

@@ -45,7 +45,7 @@ use crate::comm::Comm;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::reduce::{bf16_bits_to_f32, f32_to_bf16_bits, reduce_n_raw};
-use crate::tensor::{Device, TensorRef};
+use crate::tensor::TensorRef;
 use std::sync::mpsc;
 
 /// Skip tensors whose `grad` is null (PyTorch's `get_params_to_average`).
@@ -100,19 +100,9 @@ fn wire_dtype(dt: DType) -> DType {
     }
 }
 
-/// Argument checks that do not depend on whether this step averages: flags,
-/// host memory, floating dtype, pointers. `rank` names this rank in messages.
-pub fn validate(rank: usize, params: &[TensorRef], flags: u32) -> Result<()> {
-    let unknown = flags & !AVG_ONLY_WITH_GRAD;
-    if unknown != 0 {
-        return Err(Error::invalid_arg(format!(
-            "rank {rank}: flags: 0x{flags:x} has unknown bits 0x{unknown:x}; the only flag is FLATSHARD_AVG_ONLY_WITH_GRAD (0x1)"
-        )));
-    }
-    if params.iter().any(|t| t.device != Device::Cpu) {
-        // CUDA tensors: the device path's checks (driver, one kind of memory).
-        return super::device::validate(rank, params);
-    }
+/// Host tensors' checks (after the flags): host memory, floating dtype,
+/// pointers. `rank` names this rank in messages.
+pub(crate) fn validate_host(rank: usize, params: &[TensorRef]) -> Result<()> {
     for (i, t) in params.iter().enumerate() {
         let what = format!("rank {rank}: params[{i}]");
         t.check_host(&what).map_err(|e| {
@@ -135,8 +125,8 @@ pub fn validate(rank: usize, params: &[TensorRef], flags: u32) -> Result<()> {
     Ok(())
 }
 
-/// The indices of the tensors to average, after `validate`.
-fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
+/// The indices of the tensors to average, after the checks.
+pub(crate) fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
     if params.is_empty() {
         return Err(Error::invalid_arg(format!("rank {rank}: params: n is 0, nothing to average (PyTorch raises too)")));
     }
@@ -150,110 +140,8 @@ fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Vec<usize>> {
     Ok(chosen)
 }
 
-/// Average `params` in place over `comm` (bucket size from the environment).
-///
-/// Before any data moves, the ranks exchange a fingerprint of what they are
-/// about to average (dtype and numel of every tensor left after the grad
-/// filter, and the bucket size), so a rank whose tensors differ, or that failed
-/// its own argument checks, makes every rank return at once — MISMATCH on the
-/// others — instead of leaving them waiting until the timeout.
-///
-/// # Safety
-/// Each tensor's `data` must be valid for reads and writes of `numel` elements
-/// of its dtype for the whole call, and no two tensors may overlap. Nothing else
-/// may access that memory during the call (a helper thread reads and writes it).
-pub unsafe fn average_parameters(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<()> {
-    average_checked(comm, params, flags, Ok(AvgOptions::for_comm(comm)))
-}
-
-/// `average_parameters` with explicit options.
-///
-/// # Safety
-/// As for [`average_parameters`].
-pub unsafe fn average_parameters_with(comm: &Comm, params: &[TensorRef], flags: u32, opts: &AvgOptions) -> Result<()> {
-    average_checked(comm, params, flags, Ok(opts.clone()))
-}
-
-/// Fingerprint sent by a rank whose arguments were refused.
-const REFUSED: u64 = u64::MAX;
-
-unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: Result<AvgOptions>) -> Result<()> {
-    let rank = comm.rank();
-    let cuda = params.iter().any(|t| t.device != Device::Cpu);
-    let local = opts.and_then(|o| {
-        validate(rank, params, flags)?;
-        if cuda {
-            super::device::check_memory(comm, params)?;
-        }
-        if o.bucket_bytes == 0 {
-            return Err(Error::invalid_arg(format!("rank {rank}: bucket_bytes: must be positive, got 0")));
-        }
-        let chosen = select(rank, params, flags)?;
-        Ok((o, chosen))
-    });
-    let world = comm.size();
-    if world == 1 {
-        // x / 1 summed over one rank is x: nothing to do.
-        return local.map(|_| ());
-    }
-    let fp = match &local {
-        Ok((o, chosen)) => fingerprint(params, chosen, o.bucket_bytes),
-        Err(_) => REFUSED,
-    };
-    let agreed = agree(comm, fp);
-    let (opts, chosen) = local?;
-    agreed?;
-    if cuda {
-        return super::device::average_device(comm, params, &chosen, &opts);
-    }
-    stream(comm, params, &chosen, &opts, world)
-}
-
-/// FNV-1a over what decides the sequence of collectives.
-fn fingerprint(params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |v: u64| {
-        for b in v.to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(chosen.len() as u64);
-    for &i in chosen {
-        eat(params[i].dtype as u64);
-        eat(params[i].numel);
-    }
-    eat(bucket_bytes as u64);
-    h.min(REFUSED - 1)
-}
-
-/// All ranks learn every rank's fingerprint; the ranks that differ from the
-/// most common one are named.
-fn agree(comm: &Comm, fp: u64) -> Result<()> {
-    let (rank, world) = (comm.rank(), comm.size());
-    let mut all = vec![0u8; 8 * world];
-    // Through the staging layer, so an NCCL communicator agrees too.
-    let mut ops = crate::mem::Ops::new(comm);
-    ops.all_gather_host(comm, &fp.to_le_bytes(), &mut all, DType::U8)?;
-    ops.finish()?;
-    let fps: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-    if fps.iter().all(|&f| f == fps[0]) {
-        return Ok(());
-    }
-    let common = *fps.iter().max_by_key(|&&f| (fps.iter().filter(|&&g| g == f).count(), f == fps[0])).expect("world >= 1");
-    let refused: Vec<usize> = (0..world).filter(|&q| fps[q] == REFUSED).collect();
-    let differ: Vec<usize> = (0..world).filter(|&q| fps[q] != common && fps[q] != REFUSED).collect();
-    let mut why = Vec::new();
-    if !refused.is_empty() {
-        why.push(format!("ranks {refused:?} refused their arguments (see their errors)"));
-    }
-    if !differ.is_empty() {
-        why.push(format!("ranks {differ:?} pass different tensors from the others (count, numel or dtype after the grad filter) or a different {BUCKET_ENV}"));
-    }
-    Err(Error::mismatch(format!("rank {rank}: average_parameters: {}; nothing was averaged", why.join("; "))))
-}
-
 /// Stream the chosen tensors through the buckets (arguments already agreed).
-unsafe fn stream(comm: &Comm, params: &[TensorRef], chosen: &[usize], opts: &AvgOptions, world: usize) -> Result<()> {
+pub(crate) unsafe fn stream(comm: &Comm, params: &[TensorRef], chosen: &[usize], opts: &AvgOptions, world: usize) -> Result<()> {
     let ts = Tensors(params);
     let mut planner = Planner::new(&ts, chosen, opts.bucket_bytes);
     let mut bucket = Bucket::default();

@@ -2,8 +2,8 @@
 //! and `HierarchicalModelAverager`): a step counter, a schedule, and the
 //! communicators to average over.
 
-use super::average::{average_parameters, validate};
 use super::schedule::{check_hierarchical, check_periodic, hierarchical_due, periodic_due, PERIOD_ONE_WARNING};
+use super::{average_parameters, validate};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
 use crate::tensor::TensorRef;

@@ -106,9 +106,11 @@ unsafe fn staged(comm: &Comm, params: &[TensorRef], chosen: &[usize], bucket_byt
             host.push(TensorRef { data: bucket.ptr().add(off), grad: std::ptr::null_mut(), numel: n as u64, dtype: t.dtype, device: Device::Cpu });
             off += (n * es).next_multiple_of(8);
         }
-        // The host path agrees on this fill's tensors, then averages in the
-        // pinned bucket (its own bucket size is at least ours, so one pass).
-        super::average_parameters_with(comm, &host, 0, &AvgOptions { bucket_bytes: bucket.len().max(1), overlap: false })?;
+        // The host path averages the pinned bucket (the ranks agreed on the
+        // whole call already and fill their buckets alike; its bucket size is
+        // at least ours, so one pass).
+        let all: Vec<usize> = (0..host.len()).collect();
+        super::average::stream(comm, &host, &all, &AvgOptions { bucket_bytes: bucket.len().max(1), overlap: false }, comm.size())?;
         let mut off = 0;
         for &(i, first, n) in pieces.iter() {
             let t = &params[i];

@@ -31,7 +31,7 @@ impl Comm {
     /// Its settings are this process's own: nothing to compare them with.
     pub fn from_backend(backend: Box<dyn Backend>, abort: Arc<AtomicBool>) -> Result<Comm> {
         let config = Config::from_env().map_err(|e| e.context(format!("rank {}", backend.rank())))?;
-        crate::mem::host_cache::set_limit(config.host_cache_bytes);
+        config.apply_process_wide();
         Ok(Comm::assemble(backend, abort, None, Arc::new(config), "ext"))
     }
 

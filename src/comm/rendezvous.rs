@@ -59,7 +59,7 @@ impl Comm {
         let local = Config::from_env().map_err(|e| e.context(format!("rank {rank}")));
         if world == 1 {
             let config = Arc::new(local?);
-            crate::mem::host_cache::set_limit(config.host_cache_bytes);
+            config.apply_process_wide();
             let bind_ip = IpAddr::from([127, 0, 0, 1]);
             let ctx = JobCtx { opts, key, store: None, server: None, job_id: "solo".into(), host_id: host_id(), bind_ip, config: config.clone() };
             return Ok(Comm::assemble(Box::new(SelfBackend), Arc::new(AtomicBool::new(false)), Some(Arc::new(ctx)), config, "w"));
@@ -100,7 +100,7 @@ impl Comm {
             torchstore::check_members(&store, &key, &job_id, rank, world, &w)?;
         }
         let config = Arc::new(agree_on_settings(&store, rank, world, local, &w)?);
-        crate::mem::host_cache::set_limit(config.host_cache_bytes);
+        config.apply_process_wide();
         let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip, config: config.clone() });
         let backend = create_group(&ctx, "w", rank, world, &abort)?;
         crate::log::info(rank, &format!("joined job {} ({} ranks, {} transport)", ctx.job_id, world, backend.transport_name()));

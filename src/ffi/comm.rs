@@ -216,7 +216,7 @@ fn region(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<Region> 
     if bytes > 0 {
         need(p, arg)?;
     }
-    Ok(super::cuda::region(p, bytes))
+    Ok(super::types::region_at(p, bytes))
 }
 
 fn times_size(c: &Comm, count_per_rank: u64) -> Result<u64> {

@@ -89,9 +89,3 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
 pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> flatshard_status {
     boundary("flatshard_comm_synchronize", || comm_ref(c, "c")?.synchronize())
 }
-
-/// A caller's buffer, in host or device memory (whichever `p` is).
-pub(crate) fn region(p: *const c_void, len: usize) -> crate::mem::Region {
-    use crate::mem::{Place, Region};
-    Region::new(p as *mut u8, len, crate::cuda::device_of(p as *const u8).map_or(Place::Host, Place::Device))
-}

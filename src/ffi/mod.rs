@@ -107,24 +107,13 @@ pub(crate) fn check_struct_size(name: &str, got: u32, known: usize) -> Result<()
 /// Name of a status as a static string, never NULL ("FLATSHARD_OK", ...).
 #[no_mangle]
 pub extern "C" fn flatshard_status_name(status: StatusArg) -> *const c_char {
-    let s: &'static [u8] = match status.0 {
-        0 => b"FLATSHARD_OK\0",
-        1 => b"FLATSHARD_ERR_INVALID_ARGUMENT\0",
-        2 => b"FLATSHARD_ERR_INVALID_STATE\0",
-        3 => b"FLATSHARD_ERR_UNSUPPORTED\0",
-        4 => b"FLATSHARD_ERR_MISMATCH\0",
-        5 => b"FLATSHARD_ERR_TIMEOUT\0",
-        6 => b"FLATSHARD_ERR_PEER_LOST\0",
-        7 => b"FLATSHARD_ERR_AUTH\0",
-        8 => b"FLATSHARD_ERR_ABORTED\0",
-        9 => b"FLATSHARD_ERR_OUT_OF_MEMORY\0",
-        10 => b"FLATSHARD_ERR_IO\0",
-        11 => b"FLATSHARD_ERR_CUDA\0",
-        12 => b"FLATSHARD_ERR_NCCL\0",
-        13 => b"FLATSHARD_ERR_INTERNAL\0",
-        _ => b"FLATSHARD_UNKNOWN_STATUS\0",
-    };
-    s.as_ptr() as *const c_char
+    // The enum's own names (Debug), NUL-terminated once per status.
+    static NAMES: std::sync::OnceLock<Vec<CString>> = std::sync::OnceLock::new();
+    let names = NAMES.get_or_init(|| flatshard_status::ALL.iter().map(|s| CString::new(format!("{s:?}")).unwrap_or_default()).collect());
+    match flatshard_status::from_raw(status.0) {
+        Some(s) => names[s as usize].as_ptr(),
+        None => c"FLATSHARD_UNKNOWN_STATUS".as_ptr(),
+    }
 }
 
 /// The message of the last failed flatshard call on this thread (what, which

@@ -47,6 +47,51 @@ pub enum flatshard_dtype {
     FLATSHARD_U8,
 }
 
+// The Rust enums and the C ones number their values alike (the library
+// converts between them with `as`): checked when the crate compiles.
+const _: () = {
+    use crate::dtype::{DType, ReduceOp};
+    assert!(flatshard_dtype::FLATSHARD_F32 as i32 == DType::F32 as i32);
+    assert!(flatshard_dtype::FLATSHARD_F64 as i32 == DType::F64 as i32);
+    assert!(flatshard_dtype::FLATSHARD_F16 as i32 == DType::F16 as i32);
+    assert!(flatshard_dtype::FLATSHARD_BF16 as i32 == DType::BF16 as i32);
+    assert!(flatshard_dtype::FLATSHARD_I32 as i32 == DType::I32 as i32);
+    assert!(flatshard_dtype::FLATSHARD_I64 as i32 == DType::I64 as i32);
+    assert!(flatshard_dtype::FLATSHARD_U8 as i32 == DType::U8 as i32);
+    assert!(flatshard_reduce_op::FLATSHARD_SUM as i32 == ReduceOp::Sum as i32);
+    assert!(flatshard_reduce_op::FLATSHARD_AVG as i32 == ReduceOp::Avg as i32);
+    assert!(flatshard_reduce_op::FLATSHARD_MIN as i32 == ReduceOp::Min as i32);
+    assert!(flatshard_reduce_op::FLATSHARD_MAX as i32 == ReduceOp::Max as i32);
+};
+
+impl flatshard_status {
+    /// Every status, in numbering order.
+    pub const ALL: [flatshard_status; 14] = {
+        use flatshard_status::*;
+        [
+            FLATSHARD_OK,
+            FLATSHARD_ERR_INVALID_ARGUMENT,
+            FLATSHARD_ERR_INVALID_STATE,
+            FLATSHARD_ERR_UNSUPPORTED,
+            FLATSHARD_ERR_MISMATCH,
+            FLATSHARD_ERR_TIMEOUT,
+            FLATSHARD_ERR_PEER_LOST,
+            FLATSHARD_ERR_AUTH,
+            FLATSHARD_ERR_ABORTED,
+            FLATSHARD_ERR_OUT_OF_MEMORY,
+            FLATSHARD_ERR_IO,
+            FLATSHARD_ERR_CUDA,
+            FLATSHARD_ERR_NCCL,
+            FLATSHARD_ERR_INTERNAL,
+        ]
+    };
+
+    /// The status a C caller passed back in, if it is one.
+    pub fn from_raw(v: i32) -> Option<flatshard_status> {
+        Self::ALL.iter().copied().find(|s| *s as i32 == v)
+    }
+}
+
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub enum flatshard_reduce_op {
@@ -177,5 +222,33 @@ pub(crate) fn tensor_to_c(t: &TensorRef) -> flatshard_tensor {
         numel: t.numel,
         dtype: DtypeArg(t.dtype as i32),
         device: flatshard_device { r#type: DeviceTypeArg(ty), index },
+    }
+}
+
+/// A caller's buffer, in host or device memory (whichever `p` is).
+pub(crate) fn region_at(p: *const c_void, len: usize) -> crate::mem::Region {
+    use crate::mem::{Place, Region};
+    Region::new(p as *mut u8, len, crate::cuda::device_of(p as *const u8).map_or(Place::Host, Place::Device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CStr;
+
+    /// Status names come from the enum itself, in numbering order, and an
+    /// unknown value has its own name.
+    #[test]
+    fn status_names_follow_the_enum() {
+        for (i, s) in flatshard_status::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i);
+            // SAFETY: flatshard_status_name returns a static NUL-terminated string.
+            let name = unsafe { CStr::from_ptr(crate::ffi::flatshard_status_name(StatusArg(i as i32))) };
+            assert_eq!(name.to_str().unwrap(), format!("{s:?}"));
+        }
+        assert_eq!(flatshard_status::ALL[13], flatshard_status::FLATSHARD_ERR_INTERNAL);
+        // SAFETY: as above.
+        let unknown = unsafe { CStr::from_ptr(crate::ffi::flatshard_status_name(StatusArg(14))) };
+        assert_eq!(unknown.to_str().unwrap(), "FLATSHARD_UNKNOWN_STATUS");
     }
 }

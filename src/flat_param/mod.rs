@@ -18,6 +18,7 @@
 
 pub mod layout;
 
+use crate::agree;
 use crate::comm::Comm;
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
@@ -158,18 +159,8 @@ pub struct FlatParam {
     state: Option<Unsharded>,
 }
 
-fn fnv(words: &[u64]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for w in words {
-        for b in w.to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    h
-}
-
-/// What every rank must agree on; exchanged before any data moves.
-const DESC_WORDS: usize = 9;
+/// How many fields every rank's descriptor has (see `FlatParam::fields`).
+const N_FIELDS: usize = 8;
 
 impl FlatParam {
     /// Collective over `comm` (and `replicate` for HYBRID_SHARD). Copies this
@@ -181,30 +172,14 @@ impl FlatParam {
         let local = Self::validate(comm, replicate, params, opts);
         // Agree before moving data, so one rank's bad input is an error
         // everywhere instead of a hang.
-        let mut desc = [0u64; DESC_WORDS];
-        match &local {
-            Ok(dtype) => {
-                let numels: Vec<u64> = params.iter().map(|p| p.numel).collect();
-                desc = [
-                    1,
-                    params.len() as u64,
-                    *dtype as u64,
-                    numels.iter().sum(),
-                    fnv(&numels),
-                    opts.sharding as u64,
-                    opts.align_params as u64 | (opts.sync_from_rank0 as u64) << 1,
-                    opts.param_dtype.map_or(0, |d| d as u64 + 1),
-                    opts.reduce_dtype.map_or(0, |d| d as u64 + 1),
-                ];
-            }
-            Err(_) => desc[0] = 0,
-        }
-        Self::agree(comm, &desc, "comm")?;
+        let numels: Vec<u64> = params.iter().map(|p| p.numel).collect();
+        let fields = local.as_ref().map(|dtype| Self::fields(*dtype, &numels, opts)).map_err(|_| ());
+        agree::agree(comm, "flat_param_new over comm", N_FIELDS, fields.as_ref().map(|f| &f[..]).map_err(|_| ()))?;
         if let Err(e) = local {
             return Err(e.context(format!("rank {rank}")));
         }
         if opts.sharding == Sharding::HybridShard {
-            Self::agree(replicate.expect("validated"), &desc, "replicate_comm")?;
+            agree::agree(replicate.expect("validated"), "flat_param_new over replicate_comm", N_FIELDS, fields.as_ref().map(|f| &f[..]).map_err(|_| ()))?;
         }
         let dtype = local.expect("checked");
         let w = comm.size() as u64;
@@ -244,7 +219,7 @@ impl FlatParam {
     /// get MISMATCH instead of waiting for this rank until the timeout.
     pub fn fail_new(comm: &Comm, e: Error) -> Error {
         let rank = comm.rank();
-        match Self::agree(comm, &[0; DESC_WORDS], "comm") {
+        match agree::agree(comm, "flat_param_new over comm", N_FIELDS, Err(())) {
             Ok(()) => e.context(format!("rank {rank}")),
             Err(agree) => e.context(format!("rank {rank}")).context(format!("(while telling the other ranks: {})", agree.msg)),
         }
@@ -311,39 +286,18 @@ impl FlatParam {
         Ok(d0)
     }
 
-    /// All-gather `desc` over `c`; any difference → MISMATCH on every rank.
-    fn agree(c: &Comm, desc: &[u64; DESC_WORDS], which: &str) -> Result<()> {
-        let w = c.size();
-        let send: Vec<u8> = desc.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let mut recv = vec![0u8; send.len() * w];
-        let mut ops = Ops::new(c);
-        ops.all_gather_host(c, &send, &mut recv, DType::I64)?;
-        ops.finish()?;
-        let all: Vec<Vec<u64>> =
-            recv.chunks_exact(8 * DESC_WORDS).map(|b| b.chunks_exact(8).map(|x| u64::from_le_bytes(x.try_into().expect("8"))).collect()).collect();
-        let me = c.rank();
-        if let Some(bad) = all.iter().position(|d| d[0] == 0) {
-            if all[me][0] == 0 {
-                return Ok(()); // our own error is reported by the caller
-            }
-            return Err(Error::mismatch(format!("rank {me}: flat_param_new failed on rank {bad} of {which} (invalid arguments there; see its error)")));
-        }
-        let what = |d: &Vec<u64>| {
-            let dt = DType::from_raw(d[2] as i64, "dtype").map(|d| d.name()).unwrap_or("?");
-            format!("{} params of {dt}, total numel {}, sharding {}, flags {}, param_dtype {}, reduce_dtype {}", d[1], d[3], d[5], d[6], d[7], d[8])
-        };
-        for (r, d) in all.iter().enumerate() {
-            if d != &all[0] {
-                let same = d[1..5] == all[0][1..5];
-                return Err(Error::mismatch(format!(
-                    "rank {me}: ranks of {which} passed different {}: rank {r} has {} but rank 0 has {}",
-                    if same { "options" } else { "param layouts (count, numels, dtype)" },
-                    what(d),
-                    what(&all[0])
-                )));
-            }
-        }
-        Ok(())
+    /// What every rank must agree on before any data moves.
+    fn fields(dtype: DType, numels: &[u64], opts: &FlatParamOptions) -> [agree::Field; N_FIELDS] {
+        [
+            ("param count", numels.len() as u64),
+            ("dtype (flatshard_dtype)", dtype as u64),
+            ("total numel", numels.iter().sum()),
+            ("param numels (fingerprint)", agree::fingerprint(numels.iter().copied())),
+            ("sharding (flatshard_sharding)", opts.sharding as u64),
+            ("align_params + 2 * sync_from_rank0", opts.align_params as u64 | (opts.sync_from_rank0 as u64) << 1),
+            ("param_dtype (flatshard_dtype + 1, 0 = none)", opts.param_dtype.map_or(0, |d| d as u64 + 1)),
+            ("reduce_dtype (flatshard_dtype + 1, 0 = none)", opts.reduce_dtype.map_or(0, |d| d as u64 + 1)),
+        ]
     }
 
     /// Copy sharding-rank `r`'s piece of `srcs` into `out` (one chunk).

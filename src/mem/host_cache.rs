@@ -12,23 +12,15 @@
 //! buffers of at least 4 MiB are cached, and only `Buf::for_overwrite` reuses
 //! them (never a buffer whose zeros are relied on).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 const MIN_BYTES: usize = 4 << 20;
 static POOL: Mutex<Vec<Vec<u64>>> = Mutex::new(Vec::new());
-static LIMIT: AtomicUsize = AtomicUsize::new(crate::config::HOST_CACHE_BYTES_DEFAULT);
 
-/// Set the byte limit: FLATSHARD_HOST_CACHE_BYTES, read and validated by
-/// `config` when a communicator is created (every communicator of a process
-/// reads the same environment). Shrinking it drops what no longer fits.
-pub fn set_limit(bytes: usize) {
-    LIMIT.store(bytes, Ordering::Relaxed);
-    trim(&mut pool(), bytes);
-}
-
+/// FLATSHARD_HOST_CACHE_BYTES, read and validated by `config` when a
+/// communicator is created.
 fn limit() -> usize {
-    LIMIT.load(Ordering::Relaxed)
+    crate::config::host_cache_limit()
 }
 
 /// Drop the oldest entries until the pool holds at most `lim` bytes.
@@ -50,6 +42,7 @@ pub fn take(n: usize) -> Option<Vec<u64>> {
         return None;
     }
     let mut p = pool();
+    trim(&mut p, limit());
     p.iter().position(|v| v.len() == n).map(|i| p.swap_remove(i))
 }
 
