@@ -97,7 +97,7 @@ impl Comm {
             String::from_utf8_lossy(&store.get("job_id", &w)?).into_owned()
         };
         if agent_store.is_some() {
-            torchstore::check_members(&store, &key, &job_id, rank, world, &w)?;
+            torchstore::check_members(&|k, v| store.set(k, v, &w), &|k| store.get(k, &w), &key, &job_id, rank, world)?;
         }
         let config = Arc::new(agree_on_settings(&store, rank, world, local, &w)?);
         config.apply_process_wide();

@@ -43,11 +43,11 @@ const NOT_READY: u8 = 1;
 /// The first round trip must come back within this.
 const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
-/// Longest key or value this client sends or accepts (flatshard's values are
-/// addresses and ids, far below this).
-pub const MAX_VALUE: usize = super::store::MAX_VALUE;
-/// Longest key.
-pub const MAX_KEY: usize = super::store::MAX_KEY;
+/// Longest value this client sends or accepts (flatshard's values are
+/// addresses and ids, far below this; the same limit as flatshard's store).
+pub const MAX_VALUE: usize = 1 << 20;
+/// Longest key, scope included.
+pub const MAX_KEY: usize = 1024;
 
 /// One connection to a TCPStore; calls are serialised by a mutex. Every key
 /// is prefixed with `prefix` (the job's scope in a store others share).
@@ -209,7 +209,15 @@ fn connect_any(addrs: &[SocketAddr], w: &Wait) -> Result<TcpStream> {
 /// as flatshard's own (authenticated) store would have refused it; the
 /// token itself never crosses the wire. The TCP data connections that
 /// follow pass the usual handshake as well.
-pub fn check_members(store: &super::store::StoreClient, key: &[u8], job_id: &str, rank: usize, world: usize, w: &Wait) -> Result<()> {
+/// `set` and `get` are the job's store (a StoreClient over this client).
+pub fn check_members(
+    set: &dyn Fn(&str, &[u8]) -> Result<()>,
+    get: &dyn Fn(&str) -> Result<Vec<u8>>,
+    key: &[u8],
+    job_id: &str,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
     use hmac::{Hmac, Mac};
     let proof = |r: usize| -> Vec<u8> {
         // HMAC accepts keys of any length, so this cannot fail.
@@ -220,10 +228,10 @@ pub fn check_members(store: &super::store::StoreClient, key: &[u8], job_id: &str
         m.update(&(r as u64).to_le_bytes());
         m.finalize().into_bytes().to_vec()
     };
-    store.set(&format!("auth/{rank}"), &proof(rank), w)?;
+    set(&format!("auth/{rank}"), &proof(rank))?;
     let mut bad = Vec::new();
     for r in (0..world).filter(|r| *r != rank) {
-        let got = store.get(&format!("auth/{r}"), w)?;
+        let got = get(&format!("auth/{r}"))?;
         let want = proof(r);
         if got.len() != want.len() || got.iter().zip(&want).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
             bad.push(r);
