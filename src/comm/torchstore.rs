@@ -45,9 +45,9 @@ const PROBE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Longest value this client sends or accepts (flatshard's values are
 /// addresses and ids, far below this; the same limit as flatshard's store).
-pub const MAX_VALUE: usize = 1 << 20;
+const MAX_VALUE: usize = 1 << 20;
 /// Longest key, scope included.
-pub const MAX_KEY: usize = 1024;
+const MAX_KEY: usize = 1024;
 
 /// One connection to a TCPStore; calls are serialised by a mutex. Every key
 /// is prefixed with `prefix` (the job's scope in a store others share).
