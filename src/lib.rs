@@ -8,6 +8,7 @@ pub mod averaging;
 pub mod comm;
 /// cbindgen:ignore
 pub mod config;
+pub mod convert;
 pub mod cuda;
 pub mod dtype;
 pub mod error;

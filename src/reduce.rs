@@ -11,6 +11,7 @@
 //! Inputs are combined in the order given, so every rank that reduces the same
 //! inputs in the same order gets bit-identical results.
 
+pub use crate::convert::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use crate::dtype::{DType, ReduceOp};
 
 const BLOCK: usize = 512;
@@ -18,7 +19,16 @@ const BLOCK: usize = 512;
 /// Element types as the kernels see them: load widened, store narrowed.
 trait Elem: Copy {
     type Acc: Copy + Default;
+    /// Element `i` of the array at `p`, widened.
+    ///
+    /// # Safety
+    /// The `size_of::<Self>()` bytes of element `i` (from `p + i * size`) are
+    /// readable. No alignment is needed.
     unsafe fn load(p: *const u8, i: usize) -> Self::Acc;
+    /// Write `v`, narrowed, as element `i` of the array at `p`.
+    ///
+    /// # Safety
+    /// The bytes of element `i` are writable. No alignment is needed.
     unsafe fn store(p: *mut u8, i: usize, v: Self::Acc);
     fn sum(a: Self::Acc, b: Self::Acc) -> Self::Acc;
     fn min(a: Self::Acc, b: Self::Acc) -> Self::Acc;
@@ -32,11 +42,15 @@ macro_rules! plain_elem {
             type Acc = $acc;
             #[inline(always)]
             unsafe fn load(p: *const u8, i: usize) -> $acc {
-                (p as *const $t).add(i).read_unaligned() as $acc
+                // SAFETY: element i is readable (`load`'s contract), so the offset stays
+                // inside the caller's array; read_unaligned needs no alignment.
+                unsafe { (p as *const $t).add(i).read_unaligned() as $acc }
             }
             #[inline(always)]
             unsafe fn store(p: *mut u8, i: usize, v: $acc) {
-                (p as *mut $t).add(i).write_unaligned(v as $t)
+                // SAFETY: element i is writable (`store`'s contract); write_unaligned
+                // needs no alignment.
+                unsafe { (p as *mut $t).add(i).write_unaligned(v as $t) }
             }
             #[inline(always)]
             fn sum(a: $acc, b: $acc) -> $acc {
@@ -77,22 +91,6 @@ struct Bf16;
 #[derive(Clone, Copy)]
 struct F16;
 
-/// f32 -> bf16 bits, round to nearest-even; NaN stays a quiet NaN.
-#[inline(always)]
-pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) as u16) | 0x0040;
-    }
-    let rounding = 0x7FFF + ((b >> 16) & 1);
-    (b.wrapping_add(rounding) >> 16) as u16
-}
-
-#[inline(always)]
-pub fn bf16_bits_to_f32(b: u16) -> f32 {
-    f32::from_bits((b as u32) << 16)
-}
-
 macro_rules! f32_ops {
     () => {
         #[inline(always)]
@@ -126,11 +124,13 @@ impl Elem for Bf16 {
     type Acc = f32;
     #[inline(always)]
     unsafe fn load(p: *const u8, i: usize) -> f32 {
-        bf16_bits_to_f32((p as *const u16).add(i).read_unaligned())
+        // SAFETY: the 2 bytes of element i are readable (`load`'s contract); unaligned read.
+        bf16_bits_to_f32(unsafe { (p as *const u16).add(i).read_unaligned() })
     }
     #[inline(always)]
     unsafe fn store(p: *mut u8, i: usize, v: f32) {
-        (p as *mut u16).add(i).write_unaligned(f32_to_bf16_bits(v))
+        // SAFETY: the 2 bytes of element i are writable (`store`'s contract); unaligned write.
+        unsafe { (p as *mut u16).add(i).write_unaligned(f32_to_bf16_bits(v)) }
     }
     f32_ops!();
 }
@@ -139,91 +139,49 @@ impl Elem for F16 {
     type Acc = f32;
     #[inline(always)]
     unsafe fn load(p: *const u8, i: usize) -> f32 {
-        f16_bits_to_f32((p as *const u16).add(i).read_unaligned())
+        // SAFETY: the 2 bytes of element i are readable (`load`'s contract); unaligned read.
+        f16_bits_to_f32(unsafe { (p as *const u16).add(i).read_unaligned() })
     }
     #[inline(always)]
     unsafe fn store(p: *mut u8, i: usize, v: f32) {
-        (p as *mut u16).add(i).write_unaligned(f32_to_f16_bits(v))
+        // SAFETY: the 2 bytes of element i are writable (`store`'s contract); unaligned write.
+        unsafe { (p as *mut u16).add(i).write_unaligned(f32_to_f16_bits(v)) }
     }
     f32_ops!();
-}
-
-// f16 <-> f32 in straight-line integer/float code (selects, no branches or
-// calls), so the block loops vectorise in every flavour. Bit-identical to the
-// `half` crate (and to F16C): NaNs are quieted and keep their top payload bits;
-// f32 -> f16 rounds to nearest-even, overflows to infinity, and produces
-// subnormals exactly. The tests below check every f16 and a sweep of f32s.
-
-/// f16 bits -> f32, exact.
-#[inline(always)]
-pub fn f16_bits_to_f32(h: u16) -> f32 {
-    let h = h as u32;
-    let shifted_exp: u32 = 0x7c00 << 13;
-    let mut o = (h & 0x7fff) << 13;
-    let exp = shifted_exp & o;
-    o = o.wrapping_add((127 - 15) << 23);
-    let infnan = exp == shifted_exp;
-    let small = exp == 0;
-    // Inf/NaN: exponent all ones; NaN also gets the quiet bit.
-    let nan_quiet = if infnan && (h & 0x3ff) != 0 { 0x0040_0000 } else { 0 };
-    let o_inf = o.wrapping_add((128 - 16) << 23) | nan_quiet;
-    // zero/subnormal: renormalise through a float subtraction
-    let o_small = (f32::from_bits(o.wrapping_add(1 << 23)) - f32::from_bits(113 << 23)).to_bits();
-    let o = if infnan {
-        o_inf
-    } else if small {
-        o_small
-    } else {
-        o
-    };
-    f32::from_bits(o | ((h & 0x8000) << 16))
-}
-
-/// f32 -> f16 bits, round to nearest-even.
-#[inline(always)]
-pub fn f32_to_f16_bits(x: f32) -> u16 {
-    let u = x.to_bits();
-    let sign = (u >> 16) & 0x8000;
-    let a = u & 0x7fff_ffff;
-    let f16max: u32 = (127 + 16) << 23;
-    // NaN: quiet, top payload bits kept; Inf or overflow: infinity.
-    let special = if a > 0x7f80_0000 { 0x7e00 | ((a & 0x007f_ffff) >> 13) } else { 0x7c00 };
-    // subnormal or zero: let a float add do the rounding
-    let denorm_magic: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
-    let sub = (f32::from_bits(a) + f32::from_bits(denorm_magic)).to_bits().wrapping_sub(denorm_magic);
-    // normal: rebias and round to nearest-even by hand
-    let mant_odd = (a >> 13) & 1;
-    let norm = a.wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff)).wrapping_add(mant_odd) >> 13;
-    let o = if a >= f16max {
-        special
-    } else if a < (113 << 23) {
-        sub
-    } else {
-        norm
-    };
-    (o | sign) as u16
 }
 
 /// The generic fused body. `scale_by`: divide the result by this (AVG), or 0 = no.
 /// The operator is matched once here so each loop gets a statically known,
 /// inlined combine function (a function pointer would cost a call per element).
+///
+/// # Safety
+/// The kernel contract (as `reduce_n_raw`, for element type `E`): `dst` is
+/// writable and every pointer in `srcs` readable for `n` elements of `E`, and
+/// `dst` either equals a source or overlaps none.
 #[inline(always)]
 unsafe fn reduce_body<E: Elem>(dst: *mut u8, srcs: &[*const u8], n: usize, op: ReduceOp, scale_by: f64) {
-    match op {
-        ReduceOp::Sum | ReduceOp::Avg => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::sum),
-        ReduceOp::Min => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::min),
-        ReduceOp::Max => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::max),
+    // SAFETY: reduce_loop has this function's contract, which our caller upholds.
+    unsafe {
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::sum),
+            ReduceOp::Min => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::min),
+            ReduceOp::Max => reduce_loop::<E, _>(dst, srcs, n, scale_by, E::max),
+        }
     }
 }
 
+/// # Safety
+/// The kernel contract (see `reduce_body`).
 #[inline(always)]
 unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, scale_by: f64, f: F) {
     // Two instantiations, so the scale test is not a per-element branch
     // (which kept the loops from being vectorised).
     if scale_by != 0.0 {
-        reduce_passes::<E, F, _>(dst, srcs, n, f, |a| E::div(a, scale_by))
+        // SAFETY: reduce_passes has this function's contract, which our caller upholds.
+        unsafe { reduce_passes::<E, F, _>(dst, srcs, n, f, |a| E::div(a, scale_by)) }
     } else {
-        reduce_passes::<E, F, _>(dst, srcs, n, f, |a| a)
+        // SAFETY: as above.
+        unsafe { reduce_passes::<E, F, _>(dst, srcs, n, f, |a| a) }
     }
 }
 
@@ -232,6 +190,12 @@ unsafe fn reduce_loop<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc>(dst: *mut u8, sr
 /// source makes the compiler's overlap test before the vector loop fail, so
 /// in-place passes ran scalar. (Only for the one-source and in-place cases:
 /// for separate buffers the plain loop measured faster.)
+///
+/// `val` is called with `j < n` only (callers rely on this: their closures
+/// read the sources at `j`).
+///
+/// # Safety
+/// `dst` is writable for `n` elements of `E`.
 #[inline(always)]
 unsafe fn store_grouped<E: Elem>(dst: *mut u8, n: usize, val: impl Fn(usize) -> E::Acc) {
     const G: usize = 16;
@@ -242,12 +206,14 @@ unsafe fn store_grouped<E: Elem>(dst: *mut u8, n: usize, val: impl Fn(usize) -> 
             *v = val(j + l);
         }
         for (l, v) in t.iter().enumerate() {
-            E::store(dst, j + l, *v);
+            // SAFETY: j + l < j + G <= n, and dst is writable for n elements (contract).
+            unsafe { E::store(dst, j + l, *v) };
         }
         j += G;
     }
     for j in j..n {
-        E::store(dst, j, val(j));
+        // SAFETY: j < n, and dst is writable for n elements (contract).
+        unsafe { E::store(dst, j, val(j)) };
     }
 }
 
@@ -259,23 +225,30 @@ unsafe fn store_grouped<E: Elem>(dst: *mut u8, n: usize, val: impl Fn(usize) -> 
 /// was most of the time of a 2-source reduction) and 2 sources are one pass.
 /// The block loops index `acc` and the sources by the same `j` on purpose:
 /// that is the form the compiler vectorises (checked in the disassembly).
+///
+/// # Safety
+/// The kernel contract (see `reduce_body`).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
 unsafe fn reduce_passes<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc, G: Fn(E::Acc) -> E::Acc>(dst: *mut u8, srcs: &[*const u8], n: usize, f: F, fin: G) {
     let k = srcs.len();
     if k == 1 {
         let s0 = srcs[0];
-        store_grouped::<E>(dst, n, |j| fin(E::load(s0, j)));
+        // SAFETY: dst is writable and s0 readable for n elements (contract), and
+        // store_grouped calls the closure with j < n only.
+        unsafe { store_grouped::<E>(dst, n, |j| fin(E::load(s0, j))) };
         return;
     }
     let (s0, s1, last) = (srcs[0], srcs[1], srcs[k - 1]);
     if k == 2 {
         if std::ptr::eq(dst, s0) || std::ptr::eq(dst, s1) {
             // in place (the TCP ring's reduce): see store_grouped
-            store_grouped::<E>(dst, n, |j| fin(f(E::load(s0, j), E::load(s1, j))));
+            // SAFETY: as for k == 1, with both sources readable for n elements.
+            unsafe { store_grouped::<E>(dst, n, |j| fin(f(E::load(s0, j), E::load(s1, j)))) };
         } else {
             for j in 0..n {
-                E::store(dst, j, fin(f(E::load(s0, j), E::load(s1, j))));
+                // SAFETY: j < n; dst writable, s0 and s1 readable for n elements (contract).
+                unsafe { E::store(dst, j, fin(f(E::load(s0, j), E::load(s1, j)))) };
             }
         }
         return;
@@ -284,47 +257,68 @@ unsafe fn reduce_passes<E: Elem, F: Fn(E::Acc, E::Acc) -> E::Acc, G: Fn(E::Acc) 
     let mut start = 0;
     while start < n {
         let len = BLOCK.min(n - start);
-        for j in 0..len {
-            acc[j] = f(E::load(s0, start + j), E::load(s1, start + j));
-        }
-        for s in &srcs[2..k - 1] {
-            let s = *s;
+        // SAFETY: in all three loops every index is start + j with
+        // j < len <= n - start, i.e. < n; dst is writable and every source
+        // readable for n elements (contract). A source equal to dst is read at
+        // each index before the last loop writes that index.
+        unsafe {
             for j in 0..len {
-                acc[j] = f(acc[j], E::load(s, start + j));
+                acc[j] = f(E::load(s0, start + j), E::load(s1, start + j));
             }
-        }
-        for j in 0..len {
-            E::store(dst, start + j, fin(f(acc[j], E::load(last, start + j))));
+            for s in &srcs[2..k - 1] {
+                let s = *s;
+                for j in 0..len {
+                    acc[j] = f(acc[j], E::load(s, start + j));
+                }
+            }
+            for j in 0..len {
+                E::store(dst, start + j, fin(f(acc[j], E::load(last, start + j))));
+            }
         }
         start += len;
     }
 }
 
+/// # Safety
+/// The kernel contract for `dt` (see `reduce_n_raw`).
 #[inline(always)]
 unsafe fn dispatch_body(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
-    match dt {
-        DType::F32 => reduce_body::<f32>(dst, srcs, n, op, scale_by),
-        DType::F64 => reduce_body::<f64>(dst, srcs, n, op, scale_by),
-        DType::F16 => reduce_body::<F16>(dst, srcs, n, op, scale_by),
-        DType::BF16 => reduce_body::<Bf16>(dst, srcs, n, op, scale_by),
-        DType::I32 => reduce_body::<i32>(dst, srcs, n, op, scale_by),
-        DType::I64 => reduce_body::<i64>(dst, srcs, n, op, scale_by),
-        DType::U8 => reduce_body::<u8>(dst, srcs, n, op, scale_by),
+    // SAFETY: each arm's element type is the one `dt` names, so our caller's
+    // contract for `dt` is reduce_body's contract for that type.
+    unsafe {
+        match dt {
+            DType::F32 => reduce_body::<f32>(dst, srcs, n, op, scale_by),
+            DType::F64 => reduce_body::<f64>(dst, srcs, n, op, scale_by),
+            DType::F16 => reduce_body::<F16>(dst, srcs, n, op, scale_by),
+            DType::BF16 => reduce_body::<Bf16>(dst, srcs, n, op, scale_by),
+            DType::I32 => reduce_body::<i32>(dst, srcs, n, op, scale_by),
+            DType::I64 => reduce_body::<i64>(dst, srcs, n, op, scale_by),
+            DType::U8 => reduce_body::<u8>(dst, srcs, n, op, scale_by),
+        }
     }
 }
 
+/// # Safety
+/// The kernel contract for `dt` (see `reduce_n_raw`), and the CPU has AVX2,
+/// FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dispatch_avx2(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
     if dt == DType::F16 {
-        return reduce_f16_f16c(dst, srcs, n, op, scale_by);
+        // SAFETY: our contract, and the features reduce_f16_f16c needs are ours.
+        return unsafe { reduce_f16_f16c(dst, srcs, n, op, scale_by) };
     }
-    dispatch_body(dst, srcs, n, dt, op, scale_by)
+    // SAFETY: our contract is dispatch_body's.
+    unsafe { dispatch_body(dst, srcs, n, dt, op, scale_by) }
 }
 
 /// f16 with the F16C conversion instructions, 8 lanes at a time (4x the
 /// bit-twiddling conversion). Same operations in the same order as the
 /// generic body: `min_ps(new, acc)` is `if new < acc { new } else { acc }`.
+///
+/// # Safety
+/// The kernel contract for f16 (see `reduce_n_raw`), and the CPU has AVX2,
+/// FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn reduce_f16_f16c(dst: *mut u8, srcs: &[*const u8], n: usize, op: ReduceOp, scale_by: f64) {
@@ -332,42 +326,62 @@ unsafe fn reduce_f16_f16c(dst: *mut u8, srcs: &[*const u8], n: usize, op: Reduce
     let div = _mm256_set1_ps(scale_by as f32);
     let mut i = 0;
     while i + 8 <= n {
-        let load = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i));
-        let mut acc = load(srcs[0]);
-        for s in &srcs[1..] {
-            let v = load(*s);
-            acc = match op {
-                ReduceOp::Sum | ReduceOp::Avg => _mm256_add_ps(acc, v),
-                ReduceOp::Min => _mm256_min_ps(v, acc),
-                ReduceOp::Max => _mm256_max_ps(v, acc),
-            };
+        // SAFETY: i + 8 <= n, so the 8 f16 (16 bytes) from element i lie inside
+        // dst and every source, which are valid for n f16 (contract); loadu and
+        // storeu need no alignment. A source equal to dst is read before the
+        // store. AVX2/F16C: enabled on this function, present per our contract.
+        unsafe {
+            let load = |p: *const u8| _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i));
+            let mut acc = load(srcs[0]);
+            for s in &srcs[1..] {
+                let v = load(*s);
+                acc = match op {
+                    ReduceOp::Sum | ReduceOp::Avg => _mm256_add_ps(acc, v),
+                    ReduceOp::Min => _mm256_min_ps(v, acc),
+                    ReduceOp::Max => _mm256_max_ps(v, acc),
+                };
+            }
+            if scale_by != 0.0 {
+                acc = _mm256_div_ps(acc, div);
+            }
+            _mm_storeu_si128(dst.add(2 * i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(acc));
         }
-        if scale_by != 0.0 {
-            acc = _mm256_div_ps(acc, div);
-        }
-        _mm_storeu_si128(dst.add(2 * i) as *mut __m128i, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(acc));
         i += 8;
     }
     if i < n {
-        let rest: Vec<*const u8> = srcs.iter().map(|s| s.add(2 * i)).collect();
-        reduce_body::<F16>(dst.add(2 * i), &rest, n - i, op, scale_by);
+        // SAFETY: i < n, so element i of each array is in bounds and the arrays
+        // from there are valid for the n - i elements passed on (reduce_body's
+        // contract, from ours).
+        unsafe {
+            let rest: Vec<*const u8> = srcs.iter().map(|s| s.add(2 * i)).collect();
+            reduce_body::<F16>(dst.add(2 * i), &rest, n - i, op, scale_by);
+        }
     }
 }
 
 /// AVX-512 (F/BW/VL) build of the same body: twice the lanes per
 /// instruction. Identical results: the same operations in the same order,
 /// element by element (Rust never contracts a*b+c into an FMA by itself).
+///
+/// # Safety
+/// The kernel contract for `dt` (see `reduce_n_raw`), and the CPU has
+/// AVX-512 F/BW/VL, AVX2, FMA and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 unsafe fn dispatch_avx512(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
     if dt == DType::F16 {
-        return reduce_f16_f16c(dst, srcs, n, op, scale_by);
+        // SAFETY: our contract; reduce_f16_f16c needs a subset of our features.
+        return unsafe { reduce_f16_f16c(dst, srcs, n, op, scale_by) };
     }
-    dispatch_body(dst, srcs, n, dt, op, scale_by)
+    // SAFETY: our contract is dispatch_body's.
+    unsafe { dispatch_body(dst, srcs, n, dt, op, scale_by) }
 }
 
+/// # Safety
+/// The kernel contract for `dt` (see `reduce_n_raw`).
 unsafe fn dispatch_portable(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
-    dispatch_body(dst, srcs, n, dt, op, scale_by)
+    // SAFETY: our contract is dispatch_body's.
+    unsafe { dispatch_body(dst, srcs, n, dt, op, scale_by) }
 }
 
 /// Which kernel flavour this CPU runs ("avx512", "avx2" or "portable").
@@ -411,7 +425,10 @@ pub(crate) fn flavour() -> u8 {
 /// completely before it is written), but must not partially overlap any.
 ///
 /// # Safety
-/// Every pointer must be valid for `n` elements of `dt`.
+/// Every pointer must be valid for `n` elements of `dt` (`dst` for writes,
+/// the sources for reads; no alignment needed), `dst` must equal or not
+/// overlap each source, and no other thread may write any of them during the
+/// call. (The "kernel contract" the functions above refer to.)
 pub unsafe fn reduce_n_raw(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType, op: ReduceOp, scale_by: f64) {
     if n == 0 || srcs.is_empty() {
         return;
@@ -419,12 +436,16 @@ pub unsafe fn reduce_n_raw(dst: *mut u8, srcs: &[*const u8], n: usize, dt: DType
     #[cfg(target_arch = "x86_64")]
     {
         match flavour() {
-            2 => return dispatch_avx512(dst, srcs, n, dt, op, scale_by),
-            1 => return dispatch_avx2(dst, srcs, n, dt, op, scale_by),
+            // SAFETY: our contract; flavour 2 means kernel_name detected avx512f/bw/vl,
+            // avx2, fma and f16c on this CPU (exactly dispatch_avx512's features).
+            2 => return unsafe { dispatch_avx512(dst, srcs, n, dt, op, scale_by) },
+            // SAFETY: our contract; flavour 1 means avx2, fma and f16c were detected.
+            1 => return unsafe { dispatch_avx2(dst, srcs, n, dt, op, scale_by) },
             _ => {}
         }
     }
-    dispatch_portable(dst, srcs, n, dt, op, scale_by)
+    // SAFETY: our contract is dispatch_portable's.
+    unsafe { dispatch_portable(dst, srcs, n, dt, op, scale_by) }
 }
 
 /// `dst = srcs[0] op ... op srcs[k-1]` (AVG is a SUM here; use `scale` after).
@@ -433,6 +454,9 @@ pub fn reduce_n(dst: &mut [u8], srcs: &[&[u8]], dt: DType, op: ReduceOp) {
     let n = dst.len() / dt.size();
     assert!(srcs.iter().all(|s| s.len() >= n * dt.size()), "reduce_n: short input");
     let ptrs: Vec<*const u8> = srcs.iter().map(|s| s.as_ptr()).collect();
+    // SAFETY: dst holds n elements and every source at least n (asserted); the
+    // borrow checker keeps the &mut dst apart from the & sources, and they stay
+    // borrowed for the call.
     unsafe { reduce_n_raw(dst.as_mut_ptr(), &ptrs, n, dt, op, 0.0) }
 }
 
@@ -441,6 +465,8 @@ pub fn reduce_into(dst: &mut [u8], src: &[u8], dt: DType, op: ReduceOp) {
     let n = dst.len() / dt.size();
     assert!(src.len() >= n * dt.size(), "reduce_into: short input");
     let d = dst.as_mut_ptr();
+    // SAFETY: dst holds n elements and src at least n (asserted); the first
+    // source is dst itself (allowed) and src, a shared borrow, cannot overlap it.
     unsafe { reduce_n_raw(d, &[d as *const u8, src.as_ptr()], n, dt, op, 0.0) }
 }
 
@@ -448,6 +474,7 @@ pub fn reduce_into(dst: &mut [u8], src: &[u8], dt: DType, op: ReduceOp) {
 pub fn scale(buf: &mut [u8], dt: DType, divisor: f64) {
     let n = buf.len() / dt.size();
     let d = buf.as_mut_ptr();
+    // SAFETY: buf holds n elements; the one source is the destination itself (allowed).
     unsafe { reduce_n_raw(d, &[d as *const u8], n, dt, ReduceOp::Sum, divisor) }
 }
 
@@ -550,12 +577,15 @@ mod tests {
             let ptrs: Vec<*const u8> = ins.iter().map(|v| v.as_ptr()).collect();
             for op in [ReduceOp::Sum, ReduceOp::Min, ReduceOp::Max] {
                 let mut want = vec![0u8; n * dt.size()];
+                // SAFETY: want and every input hold n elements of dt; separate vectors.
                 unsafe { dispatch_portable(want.as_mut_ptr(), &ptrs, n, dt, op, 0.0) };
                 let mut got = vec![0u8; n * dt.size()];
+                // SAFETY: as above.
                 unsafe { reduce_n_raw(got.as_mut_ptr(), &ptrs, n, dt, op, 0.0) };
                 assert!(same(dt, &got, &want), "{} {op:?}: {} kernel differs from portable", dt.name(), kernel_name());
                 #[cfg(target_arch = "x86_64")]
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
+                    // SAFETY: as above, and the features were detected just now.
                     unsafe { dispatch_avx2(got.as_mut_ptr(), &ptrs, n, dt, op, 0.0) };
                     assert!(same(dt, &got, &want), "{} {op:?}: avx2 kernel differs from portable", dt.name());
                 }

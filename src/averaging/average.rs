@@ -42,9 +42,10 @@
 //! averaged, one may be divided by n); their addresses and dtypes never change.
 
 use crate::comm::Comm;
+use crate::convert::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{Error, Result};
-use crate::reduce::{bf16_bits_to_f32, f32_to_bf16_bits, reduce_n_raw};
+use crate::reduce::reduce_n_raw;
 use crate::tensor::TensorRef;
 use std::sync::mpsc;
 
@@ -141,6 +142,9 @@ pub(crate) fn select(rank: usize, params: &[TensorRef], flags: u32) -> Result<Ve
 }
 
 /// Stream the chosen tensors through the buckets (arguments already agreed).
+///
+/// # Safety
+/// As for [`super::average_parameters`], for host tensors; `chosen` indexes `params`.
 pub(crate) unsafe fn stream(comm: &Comm, params: &[TensorRef], chosen: &[usize], opts: &AvgOptions, world: usize) -> Result<()> {
     let ts = Tensors(params);
     let mut planner = Planner::new(&ts, chosen, opts.bucket_bytes);
@@ -150,26 +154,36 @@ pub(crate) unsafe fn stream(comm: &Comm, params: &[TensorRef], chosen: &[usize],
     }
     if !opts.overlap || !planner.has_more() {
         loop {
-            bucket.prepare(&ts, world)?;
-            bucket.reduce(comm, &ts)?;
-            bucket.finish(&ts);
+            // SAFETY: the bucket was planned over `ts` by the planner (pieces inside
+            // their tensors), and our contract makes the tensors' memory ours for the
+            // call; one thread, one bucket at a time.
+            unsafe {
+                bucket.prepare(&ts, world)?;
+                bucket.reduce(comm, &ts)?;
+                bucket.finish(&ts);
+            }
             if !planner.next(&mut bucket) {
                 return Ok(());
             }
         }
     }
-    pipelined(comm, &ts, planner, bucket, world)
+    // SAFETY: our contract is pipelined's; `bucket` was planned over `ts` by `planner`.
+    unsafe { pipelined(comm, &ts, planner, bucket, world) }
 }
 
 /// Two buckets in flight: the helper prepares and finishes, this thread reduces.
+///
+/// # Safety
+/// As for [`average_parameters`], for host tensors; `first` was planned over
+/// `ts` by `planner`.
 unsafe fn pipelined(comm: &Comm, ts: &Tensors, mut planner: Planner, first: Bucket, world: usize) -> Result<()> {
     std::thread::scope(|s| {
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<Bucket>>(2);
         let (done_tx, done_rx) = mpsc::sync_channel::<Bucket>(2);
         s.spawn(move || {
-            // SAFETY (whole closure): the caller's contract on `average_parameters`;
-            // the helper only touches the pieces of buckets it holds, which are
-            // disjoint from the bucket the calling thread is reducing.
+            // The helper only touches the pieces of the buckets it holds, which
+            // are disjoint from the bucket the calling thread is reducing (the
+            // planner never hands out an element twice).
             let mut tx = Some(ready_tx);
             let mut in_flight = 0usize;
             let mut spare = vec![first];
@@ -183,6 +197,8 @@ unsafe fn pipelined(comm: &Comm, ts: &Tensors, mut planner: Planner, first: Buck
                         break;
                     }
                     planned = false;
+                    // SAFETY: `b` was planned over `ts`; our caller's contract makes the
+                    // memory ours, and no other bucket covers b's pieces.
                     if let Err(e) = unsafe { b.prepare(ts, world) } {
                         let _ = t.send(Err(e));
                         return;
@@ -197,6 +213,7 @@ unsafe fn pipelined(comm: &Comm, ts: &Tensors, mut planner: Planner, first: Buck
                 }
                 let Ok(b) = done_rx.recv() else { return }; // the caller stopped on an error
                 in_flight -= 1;
+                // SAFETY: as for prepare; the calling thread is done with `b` (it sent it back).
                 unsafe { b.finish(ts) };
                 spare.push(b);
             }
@@ -210,6 +227,8 @@ unsafe fn pipelined(comm: &Comm, ts: &Tensors, mut planner: Planner, first: Buck
                     break;
                 }
             };
+            // SAFETY: as in the helper: `b` was planned over `ts` and prepared; the
+            // helper does not touch it until it is sent back.
             if let Err(e) = unsafe { b.reduce(comm, ts) } {
                 result = Err(e);
                 break;
@@ -228,6 +247,8 @@ struct Tensors<'a>(&'a [TensorRef]);
 // SAFETY: the pointers are only dereferenced under `average_parameters`'
 // contract, and the two threads work on disjoint pieces.
 unsafe impl Sync for Tensors<'_> {}
+// SAFETY: as for Sync: a `Tensors` only describes memory, whose use the same
+// contract governs on whichever thread.
 unsafe impl Send for Tensors<'_> {}
 
 /// `len` elements of tensor `t` from element `start`.
@@ -260,12 +281,22 @@ impl Bucket {
     }
 
     /// Write `x / world` into the bucket (or in place when direct).
+    ///
+    /// # Safety (here and for `data`, `reduce`, `finish`)
+    /// The bucket was planned over `ts` (so each piece lies inside its tensor:
+    /// `start + len <= numel`), the tensors are host memory valid for reads and
+    /// writes of `numel` elements (`average_parameters`' contract), and no other
+    /// thread touches this bucket's pieces meanwhile.
     unsafe fn prepare(&mut self, ts: &Tensors, world: usize) -> Result<()> {
         if self.direct {
             let p = self.pieces[0];
             let t = &ts.0[p.t];
-            let ptr = t.data.add(p.start * t.dtype.size());
-            reduce_n_raw(ptr, &[ptr as *const u8], p.len, t.dtype, ReduceOp::Sum, world as f64);
+            // SAFETY: the piece [start, start + len) lies inside the tensor, which is
+            // valid for numel elements and ours (contract); in place is allowed.
+            unsafe {
+                let ptr = t.data.add(p.start * t.dtype.size());
+                reduce_n_raw(ptr, &[ptr as *const u8], p.len, t.dtype, ReduceOp::Sum, world as f64);
+            }
             return Ok(());
         }
         let need = self.wire_bytes();
@@ -278,33 +309,52 @@ impl Bucket {
         let mut off = 0;
         for p in &self.pieces {
             let t = &ts.0[p.t];
-            let src = t.data.add(p.start * t.dtype.size()) as *const u8;
-            divide_into(dst.add(off), src, p.len, t.dtype, world);
+            // SAFETY: the piece lies inside its tensor (contract); off + len wire
+            // elements <= need <= the buffer's capacity (the pieces' wire bytes sum
+            // to need), and the Vec's spare capacity is not aliased.
+            unsafe {
+                let src = t.data.add(p.start * t.dtype.size()) as *const u8;
+                divide_into(dst.add(off), src, p.len, t.dtype, world);
+            }
             off += p.len * self.wire.size();
         }
-        // Every byte up to `need` was written above.
-        self.buf.set_len(need);
+        // SAFETY: capacity >= need, and every byte up to `need` was written above
+        // (divide_into writes len elements of the wire dtype per piece).
+        unsafe { self.buf.set_len(need) };
         Ok(())
     }
 
     /// The bytes to all-reduce.
+    ///
+    /// # Safety
+    /// As for `prepare`; the slice is the only access to the piece while it lives.
     unsafe fn data<'a>(&'a mut self, ts: &Tensors) -> &'a mut [u8] {
         if self.direct {
             let p = self.pieces[0];
             let t = &ts.0[p.t];
             let es = t.dtype.size();
-            return std::slice::from_raw_parts_mut(t.data.add(p.start * es), p.len * es);
+            // SAFETY: the piece lies inside its tensor (valid host memory, contract),
+            // and nothing else reads or writes it while the slice lives (contract:
+            // the caller's memory is ours, and no other bucket covers the piece).
+            return unsafe { std::slice::from_raw_parts_mut(t.data.add(p.start * es), p.len * es) };
         }
         &mut self.buf[..]
     }
 
     /// SUM-all-reduce the prepared bucket.
+    ///
+    /// # Safety
+    /// As for `prepare`.
     unsafe fn reduce(&mut self, comm: &Comm, ts: &Tensors) -> Result<()> {
         let wire = self.wire;
-        comm.all_reduce(self.data(ts), wire, ReduceOp::Sum)
+        // SAFETY: data's contract is ours.
+        comm.all_reduce(unsafe { self.data(ts) }, wire, ReduceOp::Sum)
     }
 
     /// Copy the reduced bucket back into the tensors.
+    ///
+    /// # Safety
+    /// As for `prepare`, after `prepare` (the buffer holds every piece).
     unsafe fn finish(&self, ts: &Tensors) {
         if self.direct {
             return;
@@ -312,8 +362,12 @@ impl Bucket {
         let mut off = 0;
         for p in &self.pieces {
             let t = &ts.0[p.t];
-            let dst = t.data.add(p.start * t.dtype.size());
-            store_from(dst, self.buf.as_ptr().add(off), p.len, t.dtype);
+            // SAFETY: the piece lies inside its tensor (contract), and its wire
+            // elements [off, off + len * wire size) inside the prepared buffer.
+            unsafe {
+                let dst = t.data.add(p.start * t.dtype.size());
+                store_from(dst, self.buf.as_ptr().add(off), p.len, t.dtype);
+            }
             off += p.len * self.wire.size();
         }
     }
@@ -321,6 +375,10 @@ impl Bucket {
 
 /// `dst[i] = src[i] / world`, written in the wire dtype of `dt`. Halves are
 /// divided in f32 and rounded to their dtype first (PyTorch's divided value).
+///
+/// # Safety
+/// `src` readable for `n` elements of `dt`, `dst` writable for `n` elements of
+/// `wire_dtype(dt)`, not overlapping (no alignment needed).
 unsafe fn divide_into(dst: *mut u8, src: *const u8, n: usize, dt: DType, world: usize) {
     let w = world as f32;
     let out = dst as *mut f32;
@@ -328,36 +386,51 @@ unsafe fn divide_into(dst: *mut u8, src: *const u8, n: usize, dt: DType, world: 
     match dt {
         DType::F16 => {
             for i in 0..n {
-                let x = half::f16::from_bits(inp.add(i).read_unaligned()).to_f32();
-                out.add(i).write_unaligned(half::f16::from_f32(x / w).to_f32());
+                // SAFETY: i < n: element i of the n-element input (u16) and output (f32); unaligned access.
+                unsafe {
+                    let x = f16_bits_to_f32(inp.add(i).read_unaligned());
+                    out.add(i).write_unaligned(f16_bits_to_f32(f32_to_f16_bits(x / w)));
+                }
             }
         }
         DType::BF16 => {
             for i in 0..n {
-                let x = bf16_bits_to_f32(inp.add(i).read_unaligned());
-                out.add(i).write_unaligned(bf16_bits_to_f32(f32_to_bf16_bits(x / w)));
+                // SAFETY: as for F16.
+                unsafe {
+                    let x = bf16_bits_to_f32(inp.add(i).read_unaligned());
+                    out.add(i).write_unaligned(bf16_bits_to_f32(f32_to_bf16_bits(x / w)));
+                }
             }
         }
-        _ => reduce_n_raw(dst, &[src], n, dt, ReduceOp::Sum, world as f64),
+        // SAFETY: the wire dtype is dt itself here, so both are valid for n elements
+        // of dt (contract) and do not overlap.
+        _ => unsafe { reduce_n_raw(dst, &[src], n, dt, ReduceOp::Sum, world as f64) },
     }
 }
 
 /// `dst[i] = src[i]` from the wire dtype back into `dt` (halves round to nearest-even).
+///
+/// # Safety
+/// `src` readable for `n` elements of `wire_dtype(dt)`, `dst` writable for `n`
+/// elements of `dt`, not overlapping (no alignment needed).
 unsafe fn store_from(dst: *mut u8, src: *const u8, n: usize, dt: DType) {
     let inp = src as *const f32;
     let out = dst as *mut u16;
     match dt {
         DType::F16 => {
             for i in 0..n {
-                out.add(i).write_unaligned(half::f16::from_f32(inp.add(i).read_unaligned()).to_bits());
+                // SAFETY: i < n: element i of the n-element input (f32) and output (u16); unaligned access.
+                unsafe { out.add(i).write_unaligned(f32_to_f16_bits(inp.add(i).read_unaligned())) };
             }
         }
         DType::BF16 => {
             for i in 0..n {
-                out.add(i).write_unaligned(f32_to_bf16_bits(inp.add(i).read_unaligned()));
+                // SAFETY: as for F16.
+                unsafe { out.add(i).write_unaligned(f32_to_bf16_bits(inp.add(i).read_unaligned())) };
             }
         }
-        _ => std::ptr::copy_nonoverlapping(src, dst, n * dt.size()),
+        // SAFETY: the wire dtype is dt itself here: n * size bytes each side (contract), disjoint.
+        _ => unsafe { std::ptr::copy_nonoverlapping(src, dst, n * dt.size()) },
     }
 }
 
@@ -504,9 +577,11 @@ mod tests {
         // f16 1.0 / 3 rounds to f16 first (0.33325195), then travels as f32.
         let x = half::f16::from_f32(1.0).to_bits();
         let mut out = 0f32;
+        // SAFETY: one f16 in, one f32 out, separate locals.
         unsafe { divide_into(&mut out as *mut f32 as *mut u8, &x as *const u16 as *const u8, 1, DType::F16, 3) };
         assert_eq!(out, half::f16::from_f32(1.0 / 3.0).to_f32());
         let mut back = 0u16;
+        // SAFETY: one f32 in, one bf16 out, separate locals.
         unsafe { store_from(&mut back as *mut u16 as *mut u8, &(0.1f32) as *const f32 as *const u8, 1, DType::BF16) };
         assert_eq!(back, f32_to_bf16_bits(0.1));
     }

@@ -65,26 +65,35 @@ pub fn check_memory(comm: &Comm, params: &[TensorRef]) -> Result<()> {
 /// `average_parameters`).
 ///
 /// # Safety
-/// Every tensor's `data` must be device memory valid for `numel` elements,
-/// not accessed by anything else during the call.
+/// Every tensor's `data` must be device memory of the device the tensor names
+/// (and, for an NCCL communicator, of the communicator's device: `check_memory`),
+/// valid for `numel` elements, not accessed by anything else during the call
+/// (nor, for an NCCL communicator, before the work queued on its stream is done).
 pub(crate) unsafe fn average_device(comm: &Comm, params: &[TensorRef], chosen: &[usize], opts: &AvgOptions) -> Result<()> {
     if comm.is_device() {
         for batch in chosen.chunks(GROUP) {
             comm.dev_group(|| {
                 for &i in batch {
                     let t = &params[i];
-                    comm.dev_all_reduce(t.data, t.data, t.numel as usize, t.dtype, ReduceOp::Avg)?;
+                    // SAFETY: t.data is device memory of the communicator's device valid
+                    // for numel elements of t.dtype and ours meanwhile (contract); send ==
+                    // recv is NCCL's in-place form.
+                    unsafe { comm.dev_all_reduce(t.data, t.data, t.numel as usize, t.dtype, ReduceOp::Avg)? };
                 }
                 Ok(())
             })?;
         }
         return Ok(());
     }
-    staged(comm, params, chosen, opts.bucket_bytes)
+    // SAFETY: our contract is staged's.
+    unsafe { staged(comm, params, chosen, opts.bucket_bytes) }
 }
 
 /// Host communicator: pack the chosen tensors (pieces of them) into one
 /// pinned bucket, average it with the host path, copy back; repeat.
+///
+/// # Safety
+/// As for `average_device`.
 unsafe fn staged(comm: &Comm, params: &[TensorRef], chosen: &[usize], bucket_bytes: usize) -> Result<()> {
     let total: usize = chosen.iter().map(|&i| params[i].numel as usize * params[i].dtype.size()).sum();
     let bucket = Buf::zeroed_on(Place::Pinned, bucket_bytes.min(total.max(1)).max(8), "the averaging staging bucket")?;
@@ -101,21 +110,27 @@ unsafe fn staged(comm: &Comm, params: &[TensorRef], chosen: &[usize], bucket_byt
         for &(i, first, n) in pieces.iter() {
             let t = &params[i];
             let es = t.dtype.size();
-            let dev = Region::new(t.data.add(first * es), n * es, Region::place_of(t.device));
-            ops.copy(bucket.at(off, n * es), dev)?;
-            host.push(TensorRef { data: bucket.ptr().add(off), grad: std::ptr::null_mut(), numel: n as u64, dtype: t.dtype, device: Device::Cpu });
+            // A device address, never dereferenced here: wrapping_add, not add.
+            let dev = Region::new(t.data.wrapping_add(first * es), n * es, Region::place_of(t.device));
+            let staged = bucket.at(off, n * es);
+            ops.copy(staged, dev)?;
+            host.push(TensorRef { data: staged.ptr, grad: std::ptr::null_mut(), numel: n as u64, dtype: t.dtype, device: Device::Cpu });
             off += (n * es).next_multiple_of(8);
         }
         // The host path averages the pinned bucket (the ranks agreed on the
         // whole call already and fill their buckets alike; its bucket size is
         // at least ours, so one pass).
         let all: Vec<usize> = (0..host.len()).collect();
-        super::average::stream(comm, &host, &all, &AvgOptions { bucket_bytes: bucket.len().max(1), overlap: false }, comm.size())?;
+        // SAFETY: the host tensors are disjoint ranges of the pinned bucket (at
+        // 8-byte steps, each inside it: `at` checks), which this function owns and
+        // nothing else uses meanwhile; the device-to-host copies into it are complete
+        // (Ops::copy waits for a DtoH copy before returning).
+        unsafe { super::average::stream(comm, &host, &all, &AvgOptions { bucket_bytes: bucket.len().max(1), overlap: false }, comm.size())? };
         let mut off = 0;
         for &(i, first, n) in pieces.iter() {
             let t = &params[i];
             let es = t.dtype.size();
-            let dev = Region::new(t.data.add(first * es), n * es, Region::place_of(t.device));
+            let dev = Region::new(t.data.wrapping_add(first * es), n * es, Region::place_of(t.device));
             ops.copy(dev, bucket.at(off, n * es))?;
             off += (n * es).next_multiple_of(8);
         }

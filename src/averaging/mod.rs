@@ -46,7 +46,8 @@ pub fn validate(rank: usize, params: &[TensorRef], flags: u32) -> Result<()> {
 /// of its dtype for the whole call, and no two tensors may overlap. Nothing else
 /// may access that memory during the call (a helper thread reads and writes it).
 pub unsafe fn average_parameters(comm: &Comm, params: &[TensorRef], flags: u32) -> Result<()> {
-    average_checked(comm, params, flags, Ok(AvgOptions::for_comm(comm)))
+    // SAFETY: average_checked's contract is ours, which our caller upholds.
+    unsafe { average_checked(comm, params, flags, Ok(AvgOptions::for_comm(comm))) }
 }
 
 /// `average_parameters` with explicit options.
@@ -54,9 +55,12 @@ pub unsafe fn average_parameters(comm: &Comm, params: &[TensorRef], flags: u32) 
 /// # Safety
 /// As for [`average_parameters`].
 pub unsafe fn average_parameters_with(comm: &Comm, params: &[TensorRef], flags: u32, opts: &AvgOptions) -> Result<()> {
-    average_checked(comm, params, flags, Ok(opts.clone()))
+    // SAFETY: average_checked's contract is ours, which our caller upholds.
+    unsafe { average_checked(comm, params, flags, Ok(opts.clone())) }
 }
 
+/// # Safety
+/// As for [`average_parameters`].
 unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: Result<AvgOptions>) -> Result<()> {
     let rank = comm.rank();
     let cuda = params.iter().any(|t| t.device != Device::Cpu);
@@ -85,9 +89,14 @@ unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: R
     let (opts, chosen) = local?;
     agreed?;
     if cuda {
-        return device::average_device(comm, params, &chosen, &opts);
+        // SAFETY: our contract (the tensors' memory is valid and ours for the call);
+        // validate and check_memory established that it is device memory of the
+        // devices the tensors name, and the communicator's device for NCCL.
+        return unsafe { device::average_device(comm, params, &chosen, &opts) };
     }
-    average::stream(comm, params, &chosen, &opts, world)
+    // SAFETY: our contract is stream's; validate checked the tensors are host memory
+    // with non-null data and `chosen` holds indices into params (select).
+    unsafe { average::stream(comm, params, &chosen, &opts, world) }
 }
 
 /// Average flat-parameter shards in place over `replicate` (the ranks that

@@ -36,9 +36,12 @@ pub struct CallbackBackend {
     seq: std::sync::atomic::AtomicU32,
 }
 
-// The caller promises its callbacks may be called from the thread that uses
-// the communicator; flatshard never calls them concurrently on one comm.
+// SAFETY: the caller promises its callbacks (and ctx) may be used from the
+// thread that uses the communicator, whichever it is (API.md: the caller's
+// thread or the progress thread).
 unsafe impl Send for CallbackBackend {}
+// SAFETY: flatshard never calls the callbacks concurrently on one comm (one
+// thread uses a communicator at a time; `abort` calls none); `seq` is atomic.
 unsafe impl Sync for CallbackBackend {}
 
 impl CallbackBackend {
@@ -73,6 +76,8 @@ impl CallbackBackend {
         let mine = desc.encode(seq, 0);
         let mut all = vec![0u8; 32 * self.size];
         let f = self.ops.all_gather.ok_or_else(|| Error::internal("all_gather callback missing"))?;
+        // SAFETY: the caller's callback with its own ctx (valid until destroy, per
+        // flatshard_comm_from_collectives); send holds 32 u8, recv 32 × size.
         let rc = unsafe { f(self.ops.ctx, mine.as_ptr() as *const c_void, all.as_mut_ptr() as *mut c_void, 32, DtypeArg(DType::U8 as i32)) };
         self.check("agreement all_gather", rc)?;
         let mut bad = Vec::new();
@@ -105,18 +110,25 @@ impl Backend for CallbackBackend {
         let n = (buf.len() / dt.size()) as u64;
         self.agree(OpDesc::new(OpKind::AllReduce, n, dt, op, -1))?;
         let f = self.ops.all_reduce.ok_or_else(|| Error::internal("callback missing"))?;
+        // SAFETY: (here and in the collectives below) the caller's callback with its
+        // own ctx (valid until destroy, per flatshard_comm_from_collectives); the
+        // buffers are live slices borrowed for the call, holding the counts passed
+        // (`n` elements; for all_gather recv and reduce_scatter send, size × n, which
+        // Comm checked before calling the backend).
         self.check("all_reduce", unsafe { f(self.ops.ctx, buf.as_mut_ptr() as *mut c_void, n, DtypeArg(dt as i32), ReduceOpArg(op as i32)) })
     }
     fn all_gather(&self, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
         let n = (send.len() / dt.size()) as u64;
         self.agree(OpDesc::new(OpKind::AllGather, n, dt, ReduceOp::Sum, -1))?;
         let f = self.ops.all_gather.ok_or_else(|| Error::internal("callback missing"))?;
+        // SAFETY: see all_reduce.
         self.check("all_gather", unsafe { f(self.ops.ctx, send.as_ptr() as *const c_void, recv.as_mut_ptr() as *mut c_void, n, DtypeArg(dt as i32)) })
     }
     fn reduce_scatter(&self, send: &[u8], recv: &mut [u8], dt: DType, op: ReduceOp) -> Result<()> {
         let n = (recv.len() / dt.size()) as u64;
         self.agree(OpDesc::new(OpKind::ReduceScatter, n, dt, op, -1))?;
         let f = self.ops.reduce_scatter.ok_or_else(|| Error::internal("callback missing"))?;
+        // SAFETY: see all_reduce.
         self.check("reduce_scatter", unsafe {
             f(self.ops.ctx, send.as_ptr() as *const c_void, recv.as_mut_ptr() as *mut c_void, n, DtypeArg(dt as i32), ReduceOpArg(op as i32))
         })
@@ -125,10 +137,12 @@ impl Backend for CallbackBackend {
         let n = (buf.len() / dt.size()) as u64;
         self.agree(OpDesc::new(OpKind::Broadcast, n, dt, ReduceOp::Sum, root as i32))?;
         let f = self.ops.broadcast.ok_or_else(|| Error::internal("callback missing"))?;
+        // SAFETY: see all_reduce.
         self.check("broadcast", unsafe { f(self.ops.ctx, buf.as_mut_ptr() as *mut c_void, n, DtypeArg(dt as i32), root as i32) })
     }
     fn barrier(&self) -> Result<()> {
         let f = self.ops.barrier.ok_or_else(|| Error::internal("callback missing"))?;
+        // SAFETY: the caller's callback with its own ctx (see all_reduce).
         self.check("barrier", unsafe { f(self.ops.ctx) })
     }
     fn abort(&self) {}
@@ -137,6 +151,8 @@ impl Backend for CallbackBackend {
 impl Drop for CallbackBackend {
     fn drop(&mut self) {
         if let Some(d) = self.ops.destroy {
+            // SAFETY: the caller's destroy with its own ctx, called once (drop), after
+            // the last use of the callbacks.
             unsafe { d(self.ops.ctx) };
         }
     }

@@ -27,9 +27,12 @@ pub struct NcclBackend {
     scratch: std::sync::OnceLock<cuda::DevMem>,
 }
 
-// The NCCL handle is used by one thread at a time (Comm's contract), except
-// ncclCommAbort, which NCCL allows from any thread.
+// SAFETY: the NCCL handle and stream are plain handles that NCCL and the CUDA
+// driver let any thread use; nothing here is tied to the creating thread.
 unsafe impl Send for NcclBackend {}
+// SAFETY: the NCCL handle is used by one thread at a time (Comm's contract),
+// except through `abort`, which only sets an atomic flag; the other shared
+// state is atomics and a OnceLock.
 unsafe impl Sync for NcclBackend {}
 
 fn nccl_check(lib: &Nccl, r: nc::ncclResult_t, what: &str) -> Result<()> {
@@ -169,21 +172,32 @@ impl NcclBackend {
 }
 
 impl DeviceCollectives for NcclBackend {
+    // In the four collectives below, the communicator is live (enter refuses a
+    // destroyed one) and its device current (enter); NCCL only enqueues work on
+    // our stream and never touches the pointers on the host.
     unsafe fn all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         self.enter()?;
-        nccl_check(self.lib, (self.lib.all_reduce)(send as _, recv as _, count, nccl_dtype(dt), nccl_op(op), self.comm, self.stream()), "ncclAllReduce")
+        // SAFETY: device buffers valid for count elements (the trait's contract).
+        let r = unsafe { (self.lib.all_reduce)(send as _, recv as _, count, nccl_dtype(dt), nccl_op(op), self.comm, self.stream()) };
+        nccl_check(self.lib, r, "ncclAllReduce")
     }
     unsafe fn all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()> {
         self.enter()?;
-        nccl_check(self.lib, (self.lib.all_gather)(send as _, recv as _, count, nccl_dtype(dt), self.comm, self.stream()), "ncclAllGather")
+        // SAFETY: send valid for count elements, recv for size × count (the trait's contract).
+        let r = unsafe { (self.lib.all_gather)(send as _, recv as _, count, nccl_dtype(dt), self.comm, self.stream()) };
+        nccl_check(self.lib, r, "ncclAllGather")
     }
     unsafe fn reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         self.enter()?;
-        nccl_check(self.lib, (self.lib.reduce_scatter)(send as _, recv as _, count, nccl_dtype(dt), nccl_op(op), self.comm, self.stream()), "ncclReduceScatter")
+        // SAFETY: send valid for size × count elements, recv for count (the trait's contract).
+        let r = unsafe { (self.lib.reduce_scatter)(send as _, recv as _, count, nccl_dtype(dt), nccl_op(op), self.comm, self.stream()) };
+        nccl_check(self.lib, r, "ncclReduceScatter")
     }
     unsafe fn broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: usize) -> Result<()> {
         self.enter()?;
-        nccl_check(self.lib, (self.lib.broadcast)(buf as _, buf as _, count, nccl_dtype(dt), root as i32, self.comm, self.stream()), "ncclBroadcast")
+        // SAFETY: buf valid for count elements (the trait's contract); in place.
+        let r = unsafe { (self.lib.broadcast)(buf as _, buf as _, count, nccl_dtype(dt), root as i32, self.comm, self.stream()) };
+        nccl_check(self.lib, r, "ncclBroadcast")
     }
     fn device_index(&self) -> i32 {
         self.device

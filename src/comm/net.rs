@@ -41,6 +41,8 @@ impl<'a> Wait<'a> {
 /// poll(2) one fd for `events`; returns revents (0 on timeout).
 pub fn poll_one(fd: i32, events: i16, timeout_ms: i32) -> Result<i16> {
     let mut p = libc::pollfd { fd, events, revents: 0 };
+    // SAFETY: one valid pollfd, exclusively borrowed for the call (nfds = 1); an
+    // invalid fd is reported in revents, not undefined behaviour.
     let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -161,6 +163,8 @@ pub fn connect_retry(addr: SocketAddr, w: &Wait) -> Result<TcpStream> {
 pub fn random_bytes(buf: &mut [u8]) -> Result<()> {
     let mut pos = 0;
     while pos < buf.len() {
+        // SAFETY: writes at most buf.len() - pos bytes into buf[pos..], which is
+        // exclusively borrowed and exactly that long.
         let r = unsafe { libc::getrandom(buf[pos..].as_mut_ptr() as *mut libc::c_void, buf.len() - pos, 0) };
         if r < 0 {
             let e = io::Error::last_os_error();

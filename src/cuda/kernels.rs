@@ -19,12 +19,11 @@ fn module(device: i32) -> Result<cu::CUmodule> {
     }
     set_device(device)?;
     let mut h: cu::CUmodule = std::ptr::null_mut();
-    // SAFETY: PTX is a NUL-terminated image; the module lives for the process
-    // (the primary context is retained and never destroyed by flatshard).
-    check(
-        unsafe { cu::cuModuleLoadData(&mut h, PTX.as_ptr() as *const std::ffi::c_void) },
-        "cuModuleLoadData (flatshard kernels, PTX ISA 8.1: needs a CUDA 12.1+ driver)",
-    )?;
+    // SAFETY: valid out-pointer and a NUL-terminated PTX image; the device's
+    // context is current (set_device). The module lives for the process (the
+    // primary context is retained and never destroyed by flatshard).
+    let r = unsafe { cu::cuModuleLoadData(&mut h, PTX.as_ptr() as *const std::ffi::c_void) };
+    check(r, "cuModuleLoadData (flatshard kernels, PTX ISA 8.1: needs a CUDA 12.1+ driver)")?;
     m.push((device, h as usize));
     Ok(h)
 }
@@ -38,6 +37,13 @@ fn function(device: i32, name: &str) -> Result<cu::CUfunction> {
     Ok(f)
 }
 
+/// Launch kernel `name(a, b, n)` (every kernel takes two pointers and a u64
+/// count, in that order) with a grid-stride loop over `n` elements.
+///
+/// # Safety
+/// `a` and `b` are device memory of `device` valid for `n` elements of the
+/// kernel's dtypes, in the roles the kernel gives them (read, or read and
+/// written), and stay so until the stream has passed the kernel.
 unsafe fn launch(device: i32, name: &str, a: *mut u8, b: *mut u8, n: usize, stream: Stream) -> Result<()> {
     if n == 0 {
         return Ok(());
@@ -49,10 +55,12 @@ unsafe fn launch(device: i32, name: &str, a: *mut u8, b: *mut u8, n: usize, stre
         [&mut a as *mut u64 as *mut std::ffi::c_void, &mut b as *mut u64 as *mut std::ffi::c_void, &mut n64 as *mut u64 as *mut std::ffi::c_void];
     const THREADS: usize = 256;
     let blocks = n.div_ceil(THREADS).min(65_535) as u32;
-    check(
-        cu::cuLaunchKernel(f, blocks, 1, 1, THREADS as u32, 1, 1, 0, stream as cu::CUstream, args.as_mut_ptr(), std::ptr::null_mut()),
-        &format!("cuLaunchKernel {name}"),
-    )
+    // SAFETY: `args` points at three live u64 locals matching the kernel's three
+    // .u64 parameters (the driver copies them at launch); the pointers they carry
+    // are valid for n elements (contract) and the kernel's grid-stride loop stays
+    // below n; device's context is current (set_device).
+    let r = unsafe { cu::cuLaunchKernel(f, blocks, 1, 1, THREADS as u32, 1, 1, 0, stream as cu::CUstream, args.as_mut_ptr(), std::ptr::null_mut()) };
+    check(r, &format!("cuLaunchKernel {name}"))
 }
 
 fn short(dt: DType) -> &'static str {
@@ -82,7 +90,9 @@ pub unsafe fn launch_convert(src: *const u8, from: DType, dst: *mut u8, to: DTyp
     if !has_convert(from, to) {
         return Ok(false);
     }
-    launch(device, &format!("fs_convert_{}_{}", short(from), short(to)), src as *mut u8, dst, n, stream)?;
+    // SAFETY: fs_convert_* read n elements at src and write n at dst, which are
+    // valid for that (contract); src is only read, so the cast to *mut is harmless.
+    unsafe { launch(device, &format!("fs_convert_{}_{}", short(from), short(to)), src as *mut u8, dst, n, stream)? };
     Ok(true)
 }
 
@@ -94,7 +104,9 @@ pub unsafe fn launch_add(dst: *mut u8, src: *const u8, dt: DType, n: usize, devi
     if short(dt).is_empty() {
         return Err(Error::invalid_arg(format!("{}: flat-param gradients are floating point", dt.name())));
     }
-    launch(device, &format!("fs_add_{}", short(dt)), dst, src as *mut u8, n, stream)
+    // SAFETY: fs_add_* read and write n elements at dst and read n at src, which
+    // are valid for that (contract); src is only read.
+    unsafe { launch(device, &format!("fs_add_{}", short(dt)), dst, src as *mut u8, n, stream) }
 }
 
 #[cfg(test)]

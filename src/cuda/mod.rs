@@ -254,7 +254,9 @@ pub unsafe fn copy_to_host(dst: *mut u8, src: *const u8, len: usize) -> Result<(
     #[cfg(feature = "cuda")]
     {
         enter_ptr(src)?;
-        check(cu::cuMemcpyDtoH_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len), "cuMemcpyDtoH")
+        // SAFETY: dst is host memory and src device memory valid for len bytes
+        // (contract); src's device context is current (enter_ptr).
+        check(unsafe { cu::cuMemcpyDtoH_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len) }, "cuMemcpyDtoH")
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -271,7 +273,9 @@ pub unsafe fn copy_to_device(dst: *mut u8, src: *const u8, len: usize) -> Result
     #[cfg(feature = "cuda")]
     {
         enter_ptr(dst)?;
-        check(cu::cuMemcpyHtoD_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len), "cuMemcpyHtoD")
+        // SAFETY: dst is device memory and src host memory valid for len bytes
+        // (contract); dst's device context is current (enter_ptr).
+        check(unsafe { cu::cuMemcpyHtoD_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len) }, "cuMemcpyHtoD")
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -501,10 +505,15 @@ pub unsafe fn copy_async(dst: *mut u8, src: *const u8, len: usize, dir: Dir, str
     {
         let s = stream as cu::CUstream;
         enter_ptr(if dir == Dir::DtoH { src } else { dst })?;
-        match dir {
-            Dir::HtoD => check(cu::cuMemcpyHtoDAsync_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len, s), "cuMemcpyHtoDAsync"),
-            Dir::DtoH => check(cu::cuMemcpyDtoHAsync_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoHAsync"),
-            Dir::DtoD => check(cu::cuMemcpyDtoDAsync_v2(dst as cu::CUdeviceptr, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoDAsync"),
+        // SAFETY: each side is memory of the kind `dir` names, valid for len bytes,
+        // and a host side outlives the copy (contract); the device side's context
+        // is current (enter_ptr).
+        unsafe {
+            match dir {
+                Dir::HtoD => check(cu::cuMemcpyHtoDAsync_v2(dst as cu::CUdeviceptr, src as *const std::ffi::c_void, len, s), "cuMemcpyHtoDAsync"),
+                Dir::DtoH => check(cu::cuMemcpyDtoHAsync_v2(dst as *mut std::ffi::c_void, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoHAsync"),
+                Dir::DtoD => check(cu::cuMemcpyDtoDAsync_v2(dst as cu::CUdeviceptr, src as cu::CUdeviceptr, len, s), "cuMemcpyDtoDAsync"),
+            }
         }
     }
     #[cfg(not(feature = "cuda"))]
@@ -525,7 +534,8 @@ pub unsafe fn memset0_async(dst: *mut u8, len: usize, stream: Stream) -> Result<
     #[cfg(feature = "cuda")]
     {
         enter_ptr(dst)?;
-        check(cu::cuMemsetD8Async(dst as cu::CUdeviceptr, 0, len, stream as cu::CUstream), "cuMemsetD8Async")
+        // SAFETY: dst is device memory valid for len bytes (contract), its context current.
+        check(unsafe { cu::cuMemsetD8Async(dst as cu::CUdeviceptr, 0, len, stream as cu::CUstream) }, "cuMemsetD8Async")
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -562,10 +572,19 @@ pub use kernels::{launch_add, launch_convert};
 
 /// Without the `cuda` feature there are no kernels; callers never get here
 /// because no device buffer can exist.
+///
+/// # Safety
+/// As the `cuda` build's (device pointers valid for `n` elements); this one
+/// touches nothing.
 #[cfg(not(feature = "cuda"))]
 pub unsafe fn launch_convert(_: *const u8, _: crate::dtype::DType, _: *mut u8, _: crate::dtype::DType, _: usize, _: i32, _: Stream) -> Result<bool> {
     driver().map(|_| false)
 }
+/// Without the `cuda` feature: UNSUPPORTED.
+///
+/// # Safety
+/// As the `cuda` build's (device pointers valid for `n` elements); this one
+/// touches nothing.
 #[cfg(not(feature = "cuda"))]
 pub unsafe fn launch_add(_: *mut u8, _: *const u8, _: crate::dtype::DType, _: usize, _: i32, _: Stream) -> Result<()> {
     driver()

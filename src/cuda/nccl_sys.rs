@@ -80,6 +80,8 @@ pub(crate) struct Nccl {
 
 // SAFETY: plain function pointers into a library that is never unloaded.
 unsafe impl Send for Nccl {}
+// SAFETY: as for Send; the struct is never mutated after loading, and which
+// NCCL calls may run concurrently is the callers' concern, not this table's.
 unsafe impl Sync for Nccl {}
 
 fn dl_error() -> String {
@@ -148,7 +150,9 @@ fn load() -> std::result::Result<Nccl, String> {
     /// `F` is the symbol's C signature (true in every NCCL 2.x that exports it).
     unsafe fn cast<F: Copy>(p: *mut c_void) -> F {
         assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-        std::mem::transmute_copy(&p)
+        // SAFETY: F is pointer-sized (asserted) and, per the contract, a function
+        // pointer type matching the symbol, so p's bits are a valid F.
+        unsafe { std::mem::transmute_copy(&p) }
     }
     macro_rules! req {
         ($name:literal) => {{

@@ -72,10 +72,6 @@ pub struct Buf {
 }
 
 impl Buf {
-    pub fn empty() -> Buf {
-        Buf { store: Store::Host(Vec::new()), len: 0, recycle: false }
-    }
-
     /// Host memory.
     pub fn zeroed(len: usize, what: &str) -> Result<Buf> {
         let n = len.div_ceil(8);
@@ -261,55 +257,7 @@ impl Region {
     }
 }
 
-/// Convert `src` (elements of `from`) into `dst` (elements of `to`); float dtypes.
-pub fn convert_host(src: &[u8], from: DType, dst: &mut [u8], to: DType) {
-    if from == to {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let n = src.len() / from.size();
-    debug_assert_eq!(dst.len(), n * to.size());
-    match (from, to) {
-        (DType::F32, DType::BF16) => {
-            for (s, d) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
-                let x = f32::from_ne_bytes(s.try_into().expect("4"));
-                d.copy_from_slice(&crate::reduce::f32_to_bf16_bits(x).to_ne_bytes());
-            }
-        }
-        (DType::BF16, DType::F32) => {
-            for (s, d) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
-                let x = crate::reduce::bf16_bits_to_f32(u16::from_ne_bytes(s.try_into().expect("2")));
-                d.copy_from_slice(&x.to_ne_bytes());
-            }
-        }
-        _ => {
-            for i in 0..n {
-                let x = read_f64(&src[i * from.size()..], from);
-                write_f64(&mut dst[i * to.size()..], to, x);
-            }
-        }
-    }
-}
-
-fn read_f64(b: &[u8], dt: DType) -> f64 {
-    match dt {
-        DType::F32 => f32::from_ne_bytes(b[..4].try_into().expect("4")) as f64,
-        DType::F64 => f64::from_ne_bytes(b[..8].try_into().expect("8")),
-        DType::F16 => half::f16::from_bits(u16::from_ne_bytes(b[..2].try_into().expect("2"))).to_f64(),
-        DType::BF16 => half::bf16::from_bits(u16::from_ne_bytes(b[..2].try_into().expect("2"))).to_f64(),
-        _ => unreachable!("flat params hold floating dtypes only"),
-    }
-}
-
-fn write_f64(b: &mut [u8], dt: DType, x: f64) {
-    match dt {
-        DType::F32 => b[..4].copy_from_slice(&(x as f32).to_ne_bytes()),
-        DType::F64 => b[..8].copy_from_slice(&x.to_ne_bytes()),
-        DType::F16 => b[..2].copy_from_slice(&half::f16::from_f64(x).to_bits().to_ne_bytes()),
-        DType::BF16 => b[..2].copy_from_slice(&half::bf16::from_f64(x).to_bits().to_ne_bytes()),
-        _ => unreachable!("flat params hold floating dtypes only"),
-    }
-}
+pub use crate::convert::convert_host;
 
 /// The operations of one flat-param call; see the module docs for ordering.
 pub struct Ops<'c> {
