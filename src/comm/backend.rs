@@ -86,3 +86,12 @@ impl Backend for SelfBackend {
     }
     fn abort(&self) {}
 }
+
+/// Byte range (start, length) of part `c` when `n` elements of `es` bytes
+/// are split into `w` parts: the first `n % w` parts get one element more.
+/// How every transport cuts a buffer among ranks (ring chunks, shared-memory
+/// slices, hierarchical slices).
+pub fn chunk_range(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
+    let (base, rem) = (n / w, n % w);
+    (es * (c * base + c.min(rem)), es * (base + usize::from(c < rem)))
+}

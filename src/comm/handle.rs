@@ -267,3 +267,102 @@ impl Drop for Comm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{on_threads, tcp_comms};
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_ne_bytes()).collect()
+    }
+
+    /// AVG is SUM divided by the size; a mismatch leaves the communicator
+    /// usable; the call after it runs normally.
+    #[test]
+    fn avg_and_mismatch_keep_the_comm_usable() {
+        let out = on_threads(tcp_comms(3, "unit/avg"), |r, c: Comm| {
+            let mut b = f32s(&[r as f32, 1.0]);
+            c.all_reduce(&mut b, DType::F32, ReduceOp::Avg).unwrap();
+            assert_eq!(b, f32s(&[1.0, 1.0]));
+            // rank 1 calls a different op: MISMATCH everywhere, nothing moved
+            let op = if r == 1 { ReduceOp::Max } else { ReduceOp::Sum };
+            let mut b = f32s(&[r as f32]);
+            let e = c.all_reduce(&mut b, DType::F32, op).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Mismatch, "rank {r}: {e}");
+            assert_eq!(b, f32s(&[r as f32]));
+            assert!(!c.is_poisoned());
+            c.barrier().unwrap();
+            let e = c.all_reduce(&mut b, DType::I32, ReduceOp::Avg).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidArgument);
+            c.barrier().unwrap();
+            r
+        });
+        assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    /// A peer that leaves poisons the communicator: PEER_LOST once, then
+    /// ABORTED at once for every later call; abort() poisons too.
+    #[test]
+    fn peer_lost_poisons_and_abort_poisons() {
+        let mut comms = tcp_comms(2, "unit/poison");
+        let gone = comms.pop().unwrap();
+        drop(gone);
+        let c = comms.pop().unwrap();
+        let mut b = vec![0u8; 64];
+        let e = c.all_reduce(&mut b, DType::F32, ReduceOp::Sum).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PeerLost, "{e}");
+        assert!(c.is_poisoned());
+        let t = std::time::Instant::now();
+        let e = c.barrier().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Aborted, "{e}");
+        assert!(e.msg.contains("unusable after an earlier failure"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_millis(100));
+
+        let c = tcp_comms(2, "unit/abort").pop().unwrap();
+        c.abort();
+        assert_eq!(c.barrier().unwrap_err().kind, ErrorKind::Aborted);
+    }
+
+    /// abort() from another thread unblocks a collective that waits for a
+    /// peer that never calls.
+    #[test]
+    fn abort_from_another_thread_unblocks() {
+        let mut comms = tcp_comms(2, "unit/abort-thread");
+        let _silent = comms.pop().unwrap();
+        let c = Arc::new(comms.pop().unwrap());
+        let c2 = c.clone();
+        let h = std::thread::spawn(move || c2.barrier());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        c.abort();
+        let e = h.join().unwrap().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Aborted, "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    /// The cross-rank agreement step names the field and the ranks that
+    /// differ, and lets a refusing rank report its own error.
+    #[test]
+    fn agreement_names_fields_and_refusals() {
+        let out = on_threads(tcp_comms(3, "unit/agree"), |r, c: Comm| {
+            let same = [("a", 1u64), ("b", 2)];
+            crate::agree::agree(&c, "unit", 2, Ok(&same)).unwrap();
+            let diff = [("a", 1u64), ("b", if r == 2 { 9 } else { 2 })];
+            let e = crate::agree::agree(&c, "unit", 2, Ok(&diff)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Mismatch);
+            assert!(e.msg.contains("b (rank 0: 2, rank 2: 9)") && !e.msg.contains("a (rank"), "{}", e.msg);
+            let mine = if r == 1 { Err(()) } else { Ok(&same[..]) };
+            let res = crate::agree::agree(&c, "unit", 2, mine);
+            if r == 1 {
+                assert!(res.is_ok(), "the refusing rank reports its own error");
+            } else {
+                let e = res.unwrap_err();
+                assert!(e.kind == ErrorKind::Mismatch && e.msg.contains("rank 1 refused its arguments"), "{}", e.msg);
+            }
+            c.barrier().is_ok()
+        });
+        assert!(out.iter().all(|ok| *ok));
+    }
+}

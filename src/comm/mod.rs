@@ -22,6 +22,8 @@ pub mod rendezvous;
 pub mod shm;
 pub mod store;
 pub mod tcp;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod torchstore;
 pub mod wire;
 

@@ -403,11 +403,7 @@ fn reached(v: u32, target: u32) -> bool {
     (v.wrapping_sub(target) as i32) >= 0
 }
 
-/// Element range [start, len) in bytes of part c when `n` elements are split in `w`.
-fn part(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
-    let (base, rem) = (n / w, n % w);
-    (es * (c * base + c.min(rem)), es * (base + usize::from(c < rem)))
-}
+use super::backend::chunk_range as part;
 
 /// all_reduce reduces our slice in pieces of this many bytes, each copied to
 /// the caller's buffer while it is still in cache.
@@ -793,5 +789,81 @@ impl Backend for ShmBackend {
         for s in &self.segs {
             futex_wake(s.flag());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{on_threads, shm_backends};
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn job(name: &str) -> String {
+        format!("unit-{name}-{}", std::process::id())
+    }
+
+    /// The shared-memory protocol between threads: one-shot (small) and
+    /// chunked (large, several rounds through the slots) paths of every
+    /// collective, with a chunk small enough that 40,000 floats take many
+    /// rounds; results checked against the definition.
+    #[test]
+    fn collectives_between_threads_small_and_chunked() {
+        let config = Config { shm_chunk: 64 << 10, shm_small: 4000, ..Config::default() };
+        let out = on_threads(shm_backends(3, &job("coll"), &config), |r, b: Box<dyn Backend>| {
+            let w = 3usize;
+            for n in [10usize, 40_000] {
+                let mut v: Vec<u8> = (0..n).flat_map(|i| ((i % 97 + r) as f32).to_ne_bytes()).collect();
+                b.all_reduce(&mut v, DType::F32, ReduceOp::Sum).unwrap();
+                for (i, c) in v.chunks_exact(4).enumerate() {
+                    assert_eq!(f32::from_ne_bytes(c.try_into().unwrap()), (3 * (i % 97) + 3) as f32, "rank {r} n {n} elem {i}");
+                }
+                let send: Vec<u8> = (0..n).flat_map(|i| ((i + 1000 * r) as f32).to_ne_bytes()).collect();
+                let mut all = vec![0u8; send.len() * w];
+                b.all_gather(&send, &mut all, DType::F32).unwrap();
+                for p in 0..w {
+                    let got = &all[p * send.len()..(p + 1) * send.len()];
+                    let want: Vec<u8> = (0..n).flat_map(|i| ((i + 1000 * p) as f32).to_ne_bytes()).collect();
+                    assert!(got == want, "rank {r} n {n}: block {p}");
+                }
+                let big: Vec<u8> = (0..n * w).flat_map(|i| ((i % 13) as f32).to_ne_bytes()).collect();
+                let mut mine = vec![0u8; n * 4];
+                b.reduce_scatter(&big, &mut mine, DType::F32, ReduceOp::Max).unwrap();
+                for (i, c) in mine.chunks_exact(4).enumerate() {
+                    assert_eq!(f32::from_ne_bytes(c.try_into().unwrap()), ((r * n + i) % 13) as f32);
+                }
+                let mut bc = if r == 2 { send.clone() } else { vec![0u8; send.len()] };
+                b.broadcast(&mut bc, DType::F32, 2).unwrap();
+                let want: Vec<u8> = (0..n).flat_map(|i| ((i + 2000) as f32).to_ne_bytes()).collect();
+                assert!(bc == want, "rank {r} n {n}: broadcast");
+            }
+            b.barrier().unwrap();
+            r
+        });
+        assert_eq!(out, vec![0, 1, 2]);
+    }
+
+    /// Ranks that call different collectives get MISMATCH (nothing moved)
+    /// and the group goes on; a rank that frees its side makes the others'
+    /// next call PEER_LOST, naming it.
+    #[test]
+    fn mismatch_then_peer_gone() {
+        let config = Config::default();
+        let out = on_threads(shm_backends(2, &job("mm"), &config), |r, b: Box<dyn Backend>| {
+            let mut v = vec![0u8; 40];
+            let e = if r == 0 { b.all_reduce(&mut v, DType::F32, ReduceOp::Sum) } else { b.broadcast(&mut v, DType::F32, 0) }.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Mismatch, "rank {r}: {e}");
+            b.barrier().unwrap();
+            if r == 1 {
+                // What freeing its communicator does (Comm's Drop).
+                b.abort();
+                drop(b);
+                return None;
+            }
+            let e = b.all_reduce(&mut v, DType::F32, ReduceOp::Sum).unwrap_err();
+            Some((e.kind, e.msg))
+        });
+        let (kind, msg) = out[0].clone().unwrap();
+        assert_eq!(kind, ErrorKind::PeerLost, "{msg}");
+        assert!(msg.contains("rank 1"), "{msg}");
     }
 }

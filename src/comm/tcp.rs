@@ -13,6 +13,7 @@
 //! depends on have been received (and reduced), so sending, receiving and
 //! reducing overlap across ring steps.
 
+use super::backend::chunk_range;
 use super::net::{self, Wait};
 use super::{Backend, OpDesc, OpKind};
 use crate::dtype::{DType, ReduceOp};
@@ -141,124 +142,24 @@ impl TcpBackend {
     fn exchange(&self, desc: &OpDesc, send: &dyn Fn(usize) -> (*const u8, usize), slot: &dyn Fn(usize) -> (*mut u8, usize), what: &str) -> Result<()> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let w = self.wait(what);
-        let n = self.size;
-        struct P {
-            fd: i32,
-            hdr_out: [u8; HDR],
-            body: (*const u8, usize),
-            s_pos: usize,
-            hdr_in: [u8; HDR],
-            h_pos: usize,
-            dst: *mut u8,
-            want: usize,
-            body_len: usize,
-            b_pos: usize,
-            drain: bool,
-        }
-        let mut ps: Vec<P> = Vec::with_capacity(n - 1);
-        for p in (0..n).filter(|p| *p != self.rank) {
-            let body = send(p);
-            let (dst, want) = slot(p);
-            ps.push(P {
-                fd: self.fd(p),
-                hdr_out: desc.encode(seq, body.1 as u64),
-                body,
-                s_pos: 0,
-                hdr_in: [0; HDR],
-                h_pos: 0,
-                dst,
-                want,
-                body_len: 0,
-                b_pos: 0,
-                drain: false,
-            });
-        }
-        let peer_of = |i: usize| if i < self.rank { i } else { i + 1 };
+        let mut peers: Vec<PeerXfer> =
+            (0..self.size).filter(|p| *p != self.rank).map(|p| PeerXfer::new(p, self.fd(p), desc.encode(seq, send(p).1 as u64), send(p), slot(p))).collect();
         let mut mismatch: Vec<String> = Vec::new();
-        let mut drain_buf = [0u8; 16 << 10];
-        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(n);
+        let mut drain = [0u8; 16 << 10];
+        let mut pfds: Vec<libc::pollfd> = Vec::with_capacity(peers.len());
         loop {
-            let mut all_done = true;
             let mut progress = false;
-            for (i, p) in ps.iter_mut().enumerate() {
-                let peer = peer_of(i);
-                // send header then body
-                let total = HDR + p.body.1;
-                while p.s_pos < total {
-                    let (ptr, len) =
-                        if p.s_pos < HDR { (p.hdr_out[p.s_pos..].as_ptr(), HDR - p.s_pos) } else { (unsafe { p.body.0.add(p.s_pos - HDR) }, total - p.s_pos) };
-                    match sys_send(p.fd, ptr, len) {
-                        Ok(k) => {
-                            p.s_pos += k;
-                            progress = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(lost(peer, what, &e)),
-                    }
-                }
-                // receive header, then body (or drain it)
-                loop {
-                    if p.h_pos < HDR {
-                        match sys_recv(p.fd, p.hdr_in[p.h_pos..].as_mut_ptr(), HDR - p.h_pos) {
-                            Ok(0) => return Err(closed(peer, what)),
-                            Ok(k) => {
-                                p.h_pos += k;
-                                progress = true;
-                                if p.h_pos == HDR {
-                                    let (theirs, len) = OpDesc::decode_in_step(&p.hdr_in, seq).map_err(|e| e.context(format!("{what}: rank {peer}")))?;
-                                    p.body_len = len as usize;
-                                    if theirs != *desc {
-                                        mismatch.push(format!("rank {peer} called {}", theirs.describe()));
-                                        p.drain = true;
-                                    } else if p.body_len != p.want {
-                                        mismatch.push(format!("rank {peer} sent {len} payload bytes, expected {}", p.want));
-                                        p.drain = true;
-                                    }
-                                }
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(lost(peer, what, &e)),
-                        }
-                    } else if p.b_pos < p.body_len {
-                        let left = p.body_len - p.b_pos;
-                        let r = if p.drain {
-                            sys_recv(p.fd, drain_buf.as_mut_ptr(), left.min(drain_buf.len()))
-                        } else {
-                            sys_recv(p.fd, unsafe { p.dst.add(p.b_pos) }, left)
-                        };
-                        match r {
-                            Ok(0) => return Err(closed(peer, what)),
-                            Ok(k) => {
-                                p.b_pos += k;
-                                progress = true;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(lost(peer, what, &e)),
-                        }
-                    } else {
-                        break;
-                    }
-                }
-                if p.s_pos < total || p.h_pos < HDR || p.b_pos < p.body_len {
-                    all_done = false;
-                }
+            for p in peers.iter_mut() {
+                progress |= p.pump_send(what)?;
+                progress |= p.pump_recv(desc, seq, what, &mut mismatch, &mut drain)?;
             }
-            if all_done {
+            if peers.iter().all(PeerXfer::done) {
                 break;
             }
             if !progress {
                 let t = w.check()?;
                 pfds.clear();
-                for p in &ps {
-                    let mut ev = 0;
-                    if p.s_pos < HDR + p.body.1 {
-                        ev |= libc::POLLOUT;
-                    }
-                    if p.h_pos < HDR || p.b_pos < p.body_len {
-                        ev |= libc::POLLIN;
-                    }
-                    pfds.push(libc::pollfd { fd: p.fd, events: ev, revents: 0 });
-                }
+                pfds.extend(peers.iter().map(|p| libc::pollfd { fd: p.fd, events: p.events(), revents: 0 }));
                 sys_poll(&mut pfds, t)?;
             }
         }
@@ -273,152 +174,34 @@ impl TcpBackend {
         Ok(())
     }
 
-    /// Run the ring stream: send `sends` to `next` in order, receive `recvs`
-    /// from `prev` in order; each send segment may wait for a receive segment.
-    #[allow(clippy::too_many_arguments)] // the ring's whole description, used by four collectives
-    fn stream(&self, next: usize, prev: usize, sends: &[SendSeg], recvs: &[RecvSeg], dt: DType, op: ReduceOp, tmp: &mut [u8], what: &str) -> Result<()> {
+    /// Run a ring plan: send its segments to the next rank and receive its
+    /// segments from the previous one, both in order, releasing each send
+    /// segment as its gate allows (see `RingPlan`).
+    fn stream(&self, plan: &RingPlan, dt: DType, op: ReduceOp, tmp: &mut [u8], what: &str) -> Result<()> {
+        let (next, prev) = self.ring();
         let w = self.wait(what);
-        let (nfd, pfd) = (self.fd(next), self.fd(prev));
-        let es = dt.size();
-        let cap = tmp.len();
-        let tmp_ptr = tmp.as_mut_ptr();
-        let (mut si, mut sp) = (0usize, 0usize);
-        let (mut ri, mut rp, mut rd) = (0usize, 0usize, 0usize); // segment, received, done
-                                                                 // bytes of send segment j already sent
-        let sent = |si: usize, sp: usize, j: usize| {
-            if si > j {
-                usize::MAX
-            } else if si == j {
-                sp
-            } else {
-                0
-            }
-        };
-        // bytes of send segment si that may be sent now
-        let avail = |si: usize, ri: usize, rd: usize| {
-            let s = &sends[si];
-            match s.gate {
-                None => s.len,
-                Some(g) if ri > g => s.len,
-                Some(g) if ri == g => rd.min(s.len),
-                Some(_) => 0,
-            }
+        let mut run = RingRun {
+            plan,
+            next,
+            prev,
+            nfd: self.fd(next),
+            pfd: self.fd(prev),
+            dt,
+            op,
+            tmp: tmp.as_mut_ptr(),
+            cap: tmp.len(),
+            send: SendCursor::default(),
+            recv: RecvCursor::default(),
+            room: 0,
+            what,
         };
         loop {
-            let mut progress = false;
-            // --- send ---
-            while si < sends.len() {
-                let s = &sends[si];
-                let a = avail(si, ri, rd);
-                if sp < a {
-                    match sys_send(nfd, unsafe { s.ptr.add(sp) }, a - sp) {
-                        Ok(k) => {
-                            sp += k;
-                            progress = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(lost(next, what, &e)),
-                    }
-                }
-                if sp == s.len {
-                    si += 1;
-                    sp = 0;
-                    continue;
-                }
-                break;
-            }
-            // --- receive ---
-            let mut room = 0;
-            while ri < recvs.len() {
-                let r = &recvs[ri];
-                if rd == r.len {
-                    ri += 1;
-                    rp = 0;
-                    rd = 0;
-                    progress = true;
-                    continue;
-                }
-                let mut moved = false;
-                let mut eagain = false;
-                let (ptr, rm) = match r.kind {
-                    RecvKind::Into(dst) => (unsafe { dst.add(rp) }, r.len - rp),
-                    RecvKind::Reduce { .. } => {
-                        let off = rp % cap;
-                        (unsafe { tmp_ptr.add(off) }, (r.len - rp).min(cap - off).min(rd + cap - rp))
-                    }
-                };
-                room = rm;
-                if room > 0 {
-                    match sys_recv(pfd, ptr, room) {
-                        Ok(0) => return Err(closed(prev, what)),
-                        Ok(k) => {
-                            rp += k;
-                            moved = true;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => eagain = true,
-                        Err(e) => return Err(lost(prev, what, &e)),
-                    }
-                }
-                match r.kind {
-                    RecvKind::Into(_) => rd = rp,
-                    RecvKind::Reduce { dst, local } => {
-                        let whole = if rp == r.len { rp } else { rp - rp % es };
-                        let lim = match r.after_sent {
-                            Some(g) => {
-                                let s = sent(si, sp, g);
-                                if s >= whole {
-                                    whole
-                                } else {
-                                    s - s % es
-                                }
-                            }
-                            None => whole,
-                        };
-                        let waiting = lim.saturating_sub(rd);
-                        if waiting > 0 && (waiting >= REDUCE_GRAIN || lim == r.len || eagain || rp - rd >= cap) {
-                            while rd < lim {
-                                let off = rd % cap;
-                                let k = (lim - rd).min(cap - off);
-                                unsafe {
-                                    reduce::reduce_n_raw(dst.add(rd), &[local.add(rd), tmp_ptr.add(off)], k / es, dt, op, 0.0);
-                                }
-                                rd += k;
-                            }
-                            moved = true;
-                        }
-                    }
-                }
-                progress |= moved;
-                if rd == r.len {
-                    continue;
-                }
-                if eagain || !moved {
-                    break;
-                }
-            }
-            if si == sends.len() && ri == recvs.len() {
+            let progress = run.pump_send()? | run.pump_recv()?;
+            if run.finished() {
                 return Ok(());
             }
             if !progress {
-                let t = w.check()?;
-                let want_out = si < sends.len() && sp < avail(si, ri, rd);
-                let want_in = ri < recvs.len() && room > 0;
-                if !want_out && !want_in {
-                    return Err(Error::internal(format!("{what}: ring stream stalled (send {si}/{}, recv {ri}/{})", sends.len(), recvs.len())));
-                }
-                let mut pfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 2];
-                if nfd == pfd {
-                    pfds[0] =
-                        libc::pollfd { fd: nfd, events: (if want_out { libc::POLLOUT } else { 0 }) | (if want_in { libc::POLLIN } else { 0 }), revents: 0 };
-                } else {
-                    if want_out {
-                        pfds[0] = libc::pollfd { fd: nfd, events: libc::POLLOUT, revents: 0 };
-                    }
-                    if want_in {
-                        pfds[1] = libc::pollfd { fd: pfd, events: libc::POLLIN, revents: 0 };
-                    }
-                }
-                sys_poll(&mut pfds, t)?;
+                run.poll(w.check()?)?;
             }
         }
     }
@@ -438,12 +221,152 @@ impl TcpBackend {
     }
 }
 
-/// Element range [start, end) in bytes of chunk c when `n` elements are split in `w`.
-fn chunk(n: usize, w: usize, c: usize, es: usize) -> (usize, usize) {
-    let (base, rem) = (n / w, n % w);
-    let start = c * base + c.min(rem);
-    let len = base + usize::from(c < rem);
-    (start * es, len * es)
+/// One peer's side of a header exchange: our header and payload going out,
+/// its header and payload coming in (or drained, when its header differs).
+struct PeerXfer {
+    peer: usize,
+    fd: i32,
+    hdr_out: [u8; HDR],
+    body: (*const u8, usize),
+    /// Bytes of header + body sent.
+    sent: usize,
+    hdr_in: [u8; HDR],
+    hdr_got: usize,
+    dst: *mut u8,
+    want: usize,
+    /// Payload length the peer announced, and how much of it arrived.
+    body_len: usize,
+    body_got: usize,
+    drain: bool,
+}
+
+impl PeerXfer {
+    fn new(peer: usize, fd: i32, hdr_out: [u8; HDR], body: (*const u8, usize), slot: (*mut u8, usize)) -> PeerXfer {
+        PeerXfer { peer, fd, hdr_out, body, sent: 0, hdr_in: [0; HDR], hdr_got: 0, dst: slot.0, want: slot.1, body_len: 0, body_got: 0, drain: false }
+    }
+
+    fn done(&self) -> bool {
+        self.sent == HDR + self.body.1 && self.hdr_got == HDR && self.body_got == self.body_len
+    }
+
+    fn events(&self) -> i16 {
+        let mut ev = 0;
+        if self.sent < HDR + self.body.1 {
+            ev |= libc::POLLOUT;
+        }
+        if self.hdr_got < HDR || self.body_got < self.body_len {
+            ev |= libc::POLLIN;
+        }
+        ev
+    }
+
+    /// Send what the socket takes of header, then body.
+    fn pump_send(&mut self, what: &str) -> Result<bool> {
+        let total = HDR + self.body.1;
+        let mut progress = false;
+        while self.sent < total {
+            let (ptr, len) = if self.sent < HDR {
+                (self.hdr_out[self.sent..].as_ptr(), HDR - self.sent)
+            } else {
+                // SAFETY: the payload is `body.1` readable bytes (exchange's callers); sent - HDR < body.1.
+                (unsafe { self.body.0.add(self.sent - HDR) }, total - self.sent)
+            };
+            match sys_send(self.fd, ptr, len) {
+                Ok(k) => {
+                    self.sent += k;
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(lost(self.peer, what, &e)),
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Receive the peer's header, check it against ours (`desc`, call number
+    /// `seq`), then its payload into `dst`, or drain it when the call differs.
+    fn pump_recv(&mut self, desc: &OpDesc, seq: u32, what: &str, mismatch: &mut Vec<String>, drain: &mut [u8]) -> Result<bool> {
+        let peer = self.peer;
+        let mut progress = false;
+        loop {
+            let r = if self.hdr_got < HDR {
+                sys_recv(self.fd, self.hdr_in[self.hdr_got..].as_mut_ptr(), HDR - self.hdr_got)
+            } else if self.body_got < self.body_len {
+                let left = self.body_len - self.body_got;
+                if self.drain {
+                    sys_recv(self.fd, drain.as_mut_ptr(), left.min(drain.len()))
+                } else {
+                    // SAFETY: not draining means body_len == want, and `dst` has `want`
+                    // writable bytes (exchange's callers); body_got < body_len.
+                    sys_recv(self.fd, unsafe { self.dst.add(self.body_got) }, left)
+                }
+            } else {
+                return Ok(progress);
+            };
+            let k = match r {
+                Ok(0) => return Err(closed(peer, what)),
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(progress),
+                Err(e) => return Err(lost(peer, what, &e)),
+            };
+            progress = true;
+            if self.hdr_got < HDR {
+                self.hdr_got += k;
+                if self.hdr_got == HDR {
+                    let (theirs, len) = OpDesc::decode_in_step(&self.hdr_in, seq).map_err(|e| e.context(format!("{what}: rank {peer}")))?;
+                    self.body_len = len as usize;
+                    if theirs != *desc {
+                        mismatch.push(format!("rank {peer} called {}", theirs.describe()));
+                        self.drain = true;
+                    } else if self.body_len != self.want {
+                        mismatch.push(format!("rank {peer} sent {len} payload bytes, expected {}", self.want));
+                        self.drain = true;
+                    }
+                }
+            } else {
+                self.body_got += k;
+            }
+        }
+    }
+}
+
+// The ring schedules (a ring of w ranks; rank r sends to r+1 and receives
+// from r-1; chunk c of a buffer is `chunk_range(n, w, c)`, so chunks differ
+// by at most one element; all chunk indices are mod w):
+//
+// all_reduce = reduce-scatter then all-gather, as one stream of 2(w-1)
+// steps. Reduce-scatter step s = 0..w-2: rank r sends chunk r-1-s and
+// receives chunk r-2-s, which it reduces into its own copy. The chunk it
+// sends at step s is the one it finished reducing at step s-1, so after w-1
+// steps rank r holds chunk r reduced over all ranks:
+//
+//   w = 3, chunks a b c          step 0        step 1
+//   rank 0 sends                 c (own)       b (own + rank 2's)
+//   rank 1 sends                 a (own)       c (own + rank 0's)
+//   rank 2 sends                 b (own)       a (own + rank 1's)
+//   after step 1: rank 0 has a, rank 1 has b, rank 2 has c complete.
+//
+// All-gather step t = 0..w-2: rank r sends chunk r-t (complete) and receives
+// chunk r-1-t into place. all_gather alone is that second half, with rank
+// r's own block as chunk r; reduce_scatter alone is the first half, shifted
+// so that rank r ends with block r in its receive buffer (partial sums
+// travel through two ping-pong buffers instead of the caller's send buffer,
+// which is read-only). broadcast is a chain root -> root+1 -> ... -> root-1.
+//
+// Pipelining: a step does not wait for the previous one to finish. Each send
+// segment has a gate, the receive segment whose bytes it forwards: it may
+// send as many bytes as that segment has completed (received, and reduced
+// if it reduces). A receive segment that reduces into a buffer that an
+// earlier send segment still reads waits for those bytes to go (`after_sent`).
+// Reductions are done in grains (REDUCE_GRAIN) as data arrives, out of a
+// receive window of TMP_BYTES, so sending, receiving and reducing overlap.
+
+/// A ring plan: what to send to the next rank and receive from the previous
+/// one, in order.
+#[derive(Default)]
+struct RingPlan {
+    sends: Vec<SendSeg>,
+    recvs: Vec<RecvSeg>,
 }
 
 struct SendSeg {
@@ -468,6 +391,281 @@ struct RecvSeg {
     len: usize,
     /// Do not overwrite dst before this send segment has sent those bytes.
     after_sent: Option<usize>,
+}
+
+impl RingPlan {
+    /// In-place all_reduce of `n` elements of `es` bytes at `buf` on rank
+    /// `r` of `w` (see the schedule above).
+    fn all_reduce(buf: *mut u8, n: usize, w: usize, r: usize, es: usize) -> RingPlan {
+        let at = |c: usize| {
+            let (off, len) = chunk_range(n, w, c % w, es);
+            (buf.wrapping_add(off), len)
+        };
+        let mut plan = RingPlan::default();
+        // reduce-scatter: step s sends chunk r-1-s (gated on the receive of
+        // step s-1, which reduced it) and reduces chunk r-2-s into place
+        for s in 0..w - 1 {
+            let (sp, sl) = at(r + 2 * w - s - 1);
+            plan.sends.push(SendSeg { ptr: sp, len: sl, gate: s.checked_sub(1) });
+            let (rp, rl) = at(r + 2 * w - s - 2);
+            plan.recvs.push(RecvSeg { kind: RecvKind::Reduce { dst: rp, local: rp }, len: rl, after_sent: None });
+        }
+        // all-gather: step t sends chunk r-t, complete once receive segment
+        // w-2+t is done (t = 0: our own chunk r, finished by the last
+        // reduce-scatter step), and receives chunk r-1-t into place
+        for t in 0..w - 1 {
+            let k = w - 1 + t;
+            let (sp, sl) = at(r + 2 * w - t);
+            plan.sends.push(SendSeg { ptr: sp, len: sl, gate: Some(k - 1) });
+            let (rp, rl) = at(r + 2 * w - t - 1);
+            plan.recvs.push(RecvSeg { kind: RecvKind::Into(rp), len: rl, after_sent: None });
+        }
+        plan
+    }
+
+    /// all_gather of blocks of `cb` bytes into `recv` (rank r's own block
+    /// already in place): step t sends block r-t, receives block r-1-t.
+    fn all_gather(recv: *mut u8, cb: usize, w: usize, r: usize) -> RingPlan {
+        let mut plan = RingPlan::default();
+        for t in 0..w - 1 {
+            let (sc, rc) = ((r + w - t) % w, (r + 2 * w - t - 1) % w);
+            plan.sends.push(SendSeg { ptr: recv.wrapping_add(sc * cb), len: cb, gate: t.checked_sub(1) });
+            plan.recvs.push(RecvSeg { kind: RecvKind::Into(recv.wrapping_add(rc * cb)), len: cb, after_sent: None });
+        }
+        plan
+    }
+
+    /// reduce_scatter of `w` blocks of `cb` bytes at `send` into `recv`:
+    /// step s sends the partial sum of block r-1-s (the caller's block at
+    /// s = 0, then the ping-pong buffer reduced at step s-1) and reduces
+    /// block r-2-s, into a ping-pong buffer (`part(s)`) or, at the last step,
+    /// into `recv` (block r, complete). A ping-pong buffer is reused two steps
+    /// later, once the send that reads it has gone (`after_sent`).
+    fn reduce_scatter(send: *const u8, recv: *mut u8, cb: usize, w: usize, r: usize, part: impl Fn(usize) -> *mut u8) -> RingPlan {
+        let mut plan = RingPlan::default();
+        for s in 0..w - 1 {
+            let sptr = if s == 0 { send.wrapping_add(((r + w - 1) % w) * cb) } else { part(s - 1) as *const u8 };
+            plan.sends.push(SendSeg { ptr: sptr, len: cb, gate: s.checked_sub(1) });
+            let c = (r + 2 * w - s - 2) % w;
+            let dst = if s == w - 2 { recv } else { part(s) };
+            let after_sent = if s >= 2 { Some(s - 1) } else { None };
+            plan.recvs.push(RecvSeg { kind: RecvKind::Reduce { dst, local: send.wrapping_add(c * cb) }, len: cb, after_sent });
+        }
+        plan
+    }
+
+    /// broadcast of `nb` bytes at `buf` down the chain from `root`: rank at
+    /// position pos = r - root receives everything (unless it is the root)
+    /// and forwards what it has received (unless it is the last).
+    fn broadcast(buf: *mut u8, nb: usize, w: usize, r: usize, root: usize) -> RingPlan {
+        let pos = (r + w - root) % w;
+        let mut plan = RingPlan::default();
+        if pos > 0 {
+            plan.recvs.push(RecvSeg { kind: RecvKind::Into(buf), len: nb, after_sent: None });
+        }
+        if pos < w - 1 {
+            plan.sends.push(SendSeg { ptr: buf, len: nb, gate: if pos > 0 { Some(0) } else { None } });
+        }
+        plan
+    }
+}
+
+/// The sender's place in a plan: segment `seg`, `pos` bytes of it sent.
+#[derive(Default, Clone, Copy)]
+struct SendCursor {
+    seg: usize,
+    pos: usize,
+}
+
+impl SendCursor {
+    /// Bytes of send segment `j` already sent (MAX once it is behind us).
+    fn sent_of(&self, j: usize) -> usize {
+        match self.seg.cmp(&j) {
+            std::cmp::Ordering::Greater => usize::MAX,
+            std::cmp::Ordering::Equal => self.pos,
+            std::cmp::Ordering::Less => 0,
+        }
+    }
+}
+
+/// The receiver's place in a plan: segment `seg`, `got` bytes of it
+/// received, `done` of them finished (received in place, or reduced).
+#[derive(Default, Clone, Copy)]
+struct RecvCursor {
+    seg: usize,
+    got: usize,
+    done: usize,
+}
+
+/// One run of a ring plan.
+struct RingRun<'a> {
+    plan: &'a RingPlan,
+    next: usize,
+    prev: usize,
+    nfd: i32,
+    pfd: i32,
+    dt: DType,
+    op: ReduceOp,
+    /// Receive window for bytes that are reduced before they are used.
+    tmp: *mut u8,
+    cap: usize,
+    send: SendCursor,
+    recv: RecvCursor,
+    /// Bytes the last receive attempt had room for (0: waiting on a gate).
+    room: usize,
+    what: &'a str,
+}
+
+impl RingRun<'_> {
+    fn finished(&self) -> bool {
+        self.send.seg == self.plan.sends.len() && self.recv.seg == self.plan.recvs.len()
+    }
+
+    /// Bytes of the current send segment its gate releases now.
+    fn sendable(&self) -> usize {
+        let s = &self.plan.sends[self.send.seg];
+        match s.gate {
+            None => s.len,
+            Some(g) if self.recv.seg > g => s.len,
+            Some(g) if self.recv.seg == g => self.recv.done.min(s.len),
+            Some(_) => 0,
+        }
+    }
+
+    fn pump_send(&mut self) -> Result<bool> {
+        let mut progress = false;
+        while self.send.seg < self.plan.sends.len() {
+            let s = &self.plan.sends[self.send.seg];
+            let a = self.sendable();
+            if self.send.pos < a {
+                // SAFETY: the segment is `len` readable bytes (the plan's buffers
+                // outlive the run); pos < a <= len.
+                match sys_send(self.nfd, unsafe { s.ptr.add(self.send.pos) }, a - self.send.pos) {
+                    Ok(k) => {
+                        self.send.pos += k;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(lost(self.next, self.what, &e)),
+                }
+            }
+            if self.send.pos == s.len {
+                self.send = SendCursor { seg: self.send.seg + 1, pos: 0 };
+                continue;
+            }
+            break;
+        }
+        Ok(progress)
+    }
+
+    fn pump_recv(&mut self) -> Result<bool> {
+        let (es, cap) = (self.dt.size(), self.cap);
+        let mut progress = false;
+        self.room = 0;
+        while self.recv.seg < self.plan.recvs.len() {
+            let r = &self.plan.recvs[self.recv.seg];
+            let RecvCursor { got, done, .. } = self.recv;
+            if done == r.len {
+                self.recv = RecvCursor { seg: self.recv.seg + 1, got: 0, done: 0 };
+                progress = true;
+                continue;
+            }
+            let (mut moved, mut eagain) = (false, false);
+            // SAFETY (both arms): `dst` has `len` writable bytes and got < len;
+            // the window offset got % cap is inside `tmp` (cap bytes).
+            let (ptr, room) = match r.kind {
+                RecvKind::Into(dst) => (unsafe { dst.add(got) }, r.len - got),
+                RecvKind::Reduce { .. } => {
+                    let off = got % cap;
+                    // never overwrite window bytes not yet reduced
+                    (unsafe { self.tmp.add(off) }, (r.len - got).min(cap - off).min(done + cap - got))
+                }
+            };
+            self.room = room;
+            if room > 0 {
+                match sys_recv(self.pfd, ptr, room) {
+                    Ok(0) => return Err(closed(self.prev, self.what)),
+                    Ok(k) => {
+                        self.recv.got += k;
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => eagain = true,
+                    Err(e) => return Err(lost(self.prev, self.what, &e)),
+                }
+            }
+            let got = self.recv.got;
+            match r.kind {
+                RecvKind::Into(_) => self.recv.done = got,
+                RecvKind::Reduce { dst, local } => {
+                    // Whole elements received, and not past what the send
+                    // that still reads `dst` has sent.
+                    let whole = if got == r.len { got } else { got - got % es };
+                    let lim = match r.after_sent {
+                        Some(g) => {
+                            let s = self.send.sent_of(g);
+                            if s >= whole {
+                                whole
+                            } else {
+                                s - s % es
+                            }
+                        }
+                        None => whole,
+                    };
+                    let waiting = lim.saturating_sub(self.recv.done);
+                    if waiting > 0 && (waiting >= REDUCE_GRAIN || lim == r.len || eagain || got - self.recv.done >= cap) {
+                        while self.recv.done < lim {
+                            let d = self.recv.done;
+                            let off = d % cap;
+                            let k = (lim - d).min(cap - off);
+                            // SAFETY: bytes [d, d + k) of dst and local are inside
+                            // their `len`-byte buffers, and the window holds them at
+                            // off..off + k (received, not yet reduced).
+                            unsafe { reduce::reduce_n_raw(dst.add(d), &[local.add(d), self.tmp.add(off)], k / es, self.dt, self.op, 0.0) };
+                            self.recv.done += k;
+                        }
+                        moved = true;
+                    }
+                }
+            }
+            progress |= moved;
+            if self.recv.done == r.len {
+                continue;
+            }
+            if eagain || !moved {
+                break;
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Nothing moved: wait until a socket we need is ready (or the deadline).
+    fn poll(&self, timeout_ms: i32) -> Result<()> {
+        let want_out = self.send.seg < self.plan.sends.len() && self.send.pos < self.sendable();
+        let want_in = self.recv.seg < self.plan.recvs.len() && self.room > 0;
+        if !want_out && !want_in {
+            return Err(Error::internal(format!(
+                "{}: ring stream stalled (send {}/{}, recv {}/{})",
+                self.what,
+                self.send.seg,
+                self.plan.sends.len(),
+                self.recv.seg,
+                self.plan.recvs.len()
+            )));
+        }
+        let mut pfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 2];
+        if self.nfd == self.pfd {
+            let events = (if want_out { libc::POLLOUT } else { 0 }) | (if want_in { libc::POLLIN } else { 0 });
+            pfds[0] = libc::pollfd { fd: self.nfd, events, revents: 0 };
+        } else {
+            if want_out {
+                pfds[0] = libc::pollfd { fd: self.nfd, events: libc::POLLOUT, revents: 0 };
+            }
+            if want_in {
+                pfds[1] = libc::pollfd { fd: self.pfd, events: libc::POLLIN, revents: 0 };
+            }
+        }
+        sys_poll(&mut pfds, timeout_ms)
+    }
 }
 
 impl Backend for TcpBackend {
@@ -496,27 +694,9 @@ impl Backend for TcpBackend {
             return Ok(());
         }
         self.exchange(&desc, &|_| (std::ptr::null(), 0), &|_| (std::ptr::null_mut(), 0), "all_reduce")?;
-        let n = nbytes / es;
-        let ch = |c: usize| chunk(n, w, c % w, es);
-        let mut sends = Vec::with_capacity(2 * w);
-        let mut recvs = Vec::with_capacity(2 * w);
-        for s in 0..w - 1 {
-            let (so, sl) = ch(r + 2 * w - s - 1);
-            sends.push(SendSeg { ptr: unsafe { bp.add(so) }, len: sl, gate: s.checked_sub(1) });
-            let (ro, rl) = ch(r + 2 * w - s - 2);
-            let d = unsafe { bp.add(ro) };
-            recvs.push(RecvSeg { kind: RecvKind::Reduce { dst: d, local: d }, len: rl, after_sent: None });
-        }
-        for t in 0..w - 1 {
-            let k = w - 1 + t;
-            let (so, sl) = ch(r + 2 * w - t);
-            sends.push(SendSeg { ptr: unsafe { bp.add(so) }, len: sl, gate: Some(k - 1) });
-            let (ro, rl) = ch(r + 2 * w - t - 1);
-            recvs.push(RecvSeg { kind: RecvKind::Into(unsafe { bp.add(ro) }), len: rl, after_sent: None });
-        }
+        let plan = RingPlan::all_reduce(bp, nbytes / es, w, r, es);
         let mut tmp = self.scratch(TMP_BYTES)?;
-        let (next, prev) = self.ring();
-        self.stream(next, prev, &sends, &recvs, dt, op, &mut tmp[..TMP_BYTES], "all_reduce")
+        self.stream(&plan, dt, op, &mut tmp[..TMP_BYTES], "all_reduce")
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
@@ -530,16 +710,7 @@ impl Backend for TcpBackend {
             return self.exchange(&desc, &|_| (own, cb), &|p| (unsafe { rp.add(p * cb) }, cb), "all_gather");
         }
         self.exchange(&desc, &|_| (std::ptr::null(), 0), &|_| (std::ptr::null_mut(), 0), "all_gather")?;
-        let mut sends = Vec::with_capacity(w);
-        let mut recvs = Vec::with_capacity(w);
-        for t in 0..w - 1 {
-            let sc = (r + w - t) % w;
-            let rc = (r + 2 * w - t - 1) % w;
-            sends.push(SendSeg { ptr: unsafe { rp.add(sc * cb) }, len: cb, gate: t.checked_sub(1) });
-            recvs.push(RecvSeg { kind: RecvKind::Into(unsafe { rp.add(rc * cb) }), len: cb, after_sent: None });
-        }
-        let (next, prev) = self.ring();
-        self.stream(next, prev, &sends, &recvs, dt, ReduceOp::Sum, &mut [0u8; 64], "all_gather")
+        self.stream(&RingPlan::all_gather(rp, cb, w, r), dt, ReduceOp::Sum, &mut [0u8; 64], "all_gather")
     }
 
     fn reduce_scatter(&self, send: &[u8], recv: &mut [u8], dt: DType, op: ReduceOp) -> Result<()> {
@@ -563,19 +734,8 @@ impl Backend for TcpBackend {
         let mut sc = self.scratch(2 * cb + TMP_BYTES)?;
         let (pp, tmp) = sc.split_at_mut(2 * cb);
         let pp = pp.as_mut_ptr();
-        let part = |s: usize| unsafe { pp.add((s % 2) * cb) };
-        let mut sends = Vec::with_capacity(w);
-        let mut recvs = Vec::with_capacity(w);
-        for s in 0..w - 1 {
-            let sptr = if s == 0 { unsafe { sp.add(((r + w - 1) % w) * cb) } } else { part(s - 1) as *const u8 };
-            sends.push(SendSeg { ptr: sptr, len: cb, gate: s.checked_sub(1) });
-            let c = (r + 2 * w - s - 2) % w;
-            let dst = if s == w - 2 { rp } else { part(s) };
-            let after = if s >= 2 { Some(s - 1) } else { None };
-            recvs.push(RecvSeg { kind: RecvKind::Reduce { dst, local: unsafe { sp.add(c * cb) } }, len: cb, after_sent: after });
-        }
-        let (next, prev) = self.ring();
-        self.stream(next, prev, &sends, &recvs, dt, op, &mut tmp[..TMP_BYTES], "reduce_scatter")
+        let plan = RingPlan::reduce_scatter(sp, rp, cb, w, r, |s| pp.wrapping_add((s % 2) * cb));
+        self.stream(&plan, dt, op, &mut tmp[..TMP_BYTES], "reduce_scatter")
     }
 
     fn broadcast(&self, buf: &mut [u8], dt: DType, root: usize) -> Result<()> {
@@ -601,18 +761,7 @@ impl Backend for TcpBackend {
             return self.exchange(&desc, &send, &slot, "broadcast");
         }
         self.exchange(&desc, &|_| (std::ptr::null(), 0), &|_| (std::ptr::null_mut(), 0), "broadcast")?;
-        // Pipelined chain root -> root+1 -> ... -> root-1.
-        let pos = (r + w - root) % w;
-        let (next, prev) = self.ring();
-        let mut sends = Vec::new();
-        let mut recvs = Vec::new();
-        if pos > 0 {
-            recvs.push(RecvSeg { kind: RecvKind::Into(bp), len: nb, after_sent: None });
-        }
-        if pos < w - 1 {
-            sends.push(SendSeg { ptr: bp, len: nb, gate: if pos > 0 { Some(0) } else { None } });
-        }
-        self.stream(next, prev, &sends, &recvs, dt, ReduceOp::Sum, &mut [0u8; 64], "broadcast")
+        self.stream(&RingPlan::broadcast(bp, nb, w, r, root), dt, ReduceOp::Sum, &mut [0u8; 64], "broadcast")
     }
 
     fn barrier(&self) -> Result<()> {

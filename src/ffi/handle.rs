@@ -49,3 +49,39 @@ pub(crate) unsafe fn free<T: Kind, H>(p: *mut H) {
     (*t).tag = 0;
     drop(Box::from_raw(t));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    struct A(u32);
+    struct B;
+    impl Kind for A {
+        const TAG: u64 = 1;
+        const NAME: &'static str = "a";
+    }
+    impl Kind for B {
+        const TAG: u64 = 2;
+        const NAME: &'static str = "b";
+    }
+    struct Opaque;
+
+    #[test]
+    fn tags_are_checked() {
+        let p: *mut Opaque = into_raw(A(5));
+        // SAFETY: p came from into_raw and is live.
+        assert_eq!(unsafe { get::<A, _>(p, "x") }.unwrap().0, 5);
+        // SAFETY: as above; reading the tag of a live handle of another kind is sound.
+        let e = unsafe { get::<B, _>(p, "x") }.err().unwrap();
+        assert!(e.kind == ErrorKind::InvalidArgument && e.msg.contains("not a live b"), "{}", e.msg);
+        // SAFETY: NULL is checked before any read.
+        let e = unsafe { get::<A, _>(std::ptr::null::<Opaque>(), "fp") }.err().unwrap();
+        assert!(e.msg.contains("fp is NULL"), "{}", e.msg);
+        // SAFETY: p is live; freed exactly once; NULL is a no-op.
+        unsafe {
+            free::<A, _>(p);
+            free::<A, _>(std::ptr::null_mut::<Opaque>());
+        }
+    }
+}

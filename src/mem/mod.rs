@@ -636,3 +636,58 @@ impl Drop for Ops<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_overlap_by_address() {
+        let mut v = vec![0u8; 64];
+        let p = v.as_mut_ptr();
+        let r = |off: usize, len: usize| Region::new(p.wrapping_add(off), len, Place::Host);
+        assert!(r(0, 16).overlaps(r(8, 16)));
+        assert!(r(8, 16).overlaps(r(0, 16)));
+        assert!(!r(0, 16).overlaps(r(16, 16)));
+        assert!(!r(0, 0).overlaps(r(0, 16)), "an empty region overlaps nothing");
+        assert_eq!(r(0, 64).sub(8, 4).ptr, p.wrapping_add(8));
+    }
+
+    #[test]
+    #[should_panic(expected = "outside")]
+    fn sub_region_out_of_range_panics() {
+        let mut v = vec![0u8; 8];
+        Region::new(v.as_mut_ptr(), 8, Place::Host).sub(4, 5);
+    }
+
+    /// Host buffers: zeroed really is zero, host ops copy and convert.
+    #[test]
+    fn host_buffers_and_local_ops() {
+        let mut a = Buf::zeroed(1000, "a").unwrap();
+        assert!(a.host_bytes().unwrap().iter().all(|b| *b == 0));
+        a.host_bytes_mut().unwrap()[..4].copy_from_slice(&1.5f32.to_ne_bytes());
+        let b = Buf::zeroed(1000, "b").unwrap();
+        let mut ops = Ops::local();
+        ops.copy(b.region(), a.region()).unwrap();
+        assert_eq!(&b.host_bytes().unwrap()[..4], &1.5f32.to_ne_bytes());
+        let h = Buf::zeroed(500, "h").unwrap();
+        ops.convert(a.region(), DType::F32, h.region(), DType::BF16).unwrap();
+        assert_eq!(&h.host_bytes().unwrap()[..2], &crate::convert::f32_to_bf16_bits(1.5).to_ne_bytes());
+        ops.fill0(a.region()).unwrap();
+        assert!(a.host_bytes().unwrap().iter().all(|b| *b == 0));
+        ops.finish().unwrap();
+    }
+
+    /// The host cache hands back a buffer of the same size only, and keeps
+    /// nothing when its limit is 0.
+    #[test]
+    fn host_cache_recycles_by_size() {
+        let n = (8 << 20) / 8;
+        host_cache::give(vec![7u64; n]);
+        if let Some(v) = host_cache::take(n) {
+            assert_eq!(v.len(), n);
+        }
+        assert!(host_cache::take(n + 1).is_none());
+        assert!(host_cache::take(16).is_none(), "small buffers are never cached");
+    }
+}
