@@ -89,21 +89,26 @@ static inline void flatshard_mpi_host_addr_(char *out, size_t len) {
   freeaddrinfo(res);
 }
 
-/* A port the kernel says is free on `addr` (0 if none): bound, read, closed. */
-static inline uint16_t flatshard_mpi_free_port_(const char *addr) {
+/* A free port on `addr` (0 if none), held by *fd: a socket bound there with
+ * SO_REUSEADDR but not listening, so no other process can take the port while
+ * the rendezvous address travels, yet flatshard (SO_REUSEADDR too) can listen
+ * on it. Rank 0 closes *fd once flatshard_comm_init has returned. */
+static inline uint16_t flatshard_mpi_free_port_(const char *addr, int *fd) {
   struct sockaddr_in a;
   socklen_t alen = sizeof a;
-  uint16_t port = 0;
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return 0;
+  int one = 1;
+  *fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (*fd < 0) return 0;
   memset(&a, 0, sizeof a);
   a.sin_family = AF_INET;
   if (inet_pton(AF_INET, addr, &a.sin_addr) != 1) a.sin_addr.s_addr = htonl(INADDR_ANY);
-  if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-      getsockname(fd, (struct sockaddr *)&a, &alen) == 0)
-    port = ntohs(a.sin_port);
-  close(fd);
-  return port;
+  if (setsockopt(*fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0 &&
+      bind(*fd, (struct sockaddr *)&a, sizeof a) == 0 &&
+      getsockname(*fd, (struct sockaddr *)&a, &alen) == 0)
+    return ntohs(a.sin_port);
+  close(*fd);
+  *fd = -1;
+  return 0;
 }
 
 /* 32 random bytes from the kernel, as 64 hex digits. */
@@ -128,7 +133,8 @@ static inline int flatshard_mpi_token_(char out[65]) {
 static inline flatshard_status flatshard_comm_init_mpi(MPI_Comm mpi_comm,
                                                        const flatshard_comm_options *opts,
                                                        flatshard_comm **out) {
-  int rank = 0, size = 0, namelen = 0, i, one_host = 1;
+  int rank = 0, size = 0, namelen = 0, i, one_host = 1, hold = -1;
+  flatshard_status st;
   char name[MPI_MAX_PROCESSOR_NAME + 1];
   char *names;
   flatshard_mpi_rdzv_ r;
@@ -163,12 +169,18 @@ static inline flatshard_status flatshard_comm_init_mpi(MPI_Comm mpi_comm,
     else
       flatshard_mpi_host_addr_(r.addr, sizeof r.addr);
     if (r.addr[0] == '\0') r.status = FLATSHARD_ERR_IO;
-    if (r.status == FLATSHARD_OK && (r.port = flatshard_mpi_free_port_(r.addr)) == 0)
+    if (r.status == FLATSHARD_OK && (r.port = flatshard_mpi_free_port_(r.addr, &hold)) == 0)
       r.status = FLATSHARD_ERR_IO;
     if (r.status == FLATSHARD_OK && flatshard_mpi_token_(r.token) != 0) r.status = FLATSHARD_ERR_IO;
   }
-  if (MPI_Bcast(&r, (int)sizeof r, MPI_BYTE, 0, mpi_comm) != MPI_SUCCESS) return FLATSHARD_ERR_IO;
-  if (r.status != FLATSHARD_OK) return (flatshard_status)r.status;
+  if (MPI_Bcast(&r, (int)sizeof r, MPI_BYTE, 0, mpi_comm) != MPI_SUCCESS) {
+    if (hold >= 0) close(hold);
+    return FLATSHARD_ERR_IO;
+  }
+  if (r.status != FLATSHARD_OK) {
+    if (hold >= 0) close(hold);
+    return (flatshard_status)r.status;
+  }
   r.addr[sizeof r.addr - 1] = '\0';
   r.token[sizeof r.token - 1] = '\0';
 
@@ -176,12 +188,17 @@ static inline flatshard_status flatshard_comm_init_mpi(MPI_Comm mpi_comm,
   flatshard_comm_options_init(&o);
   if (opts != NULL) {
     size_t n = opts->struct_size == 0 ? first_layout : (size_t)opts->struct_size;
-    if (n > sizeof o || n < first_layout) /* a layout this header does not know */
-      return flatshard_comm_init(r.addr, r.port, rank, size, opts, out); /* reports it */
+    if (n > sizeof o || n < first_layout) { /* a layout this header does not know */
+      st = flatshard_comm_init(r.addr, r.port, rank, size, opts, out); /* reports it */
+      if (hold >= 0) close(hold);
+      return st;
+    }
     memcpy(&o, opts, n);
   }
   if (o.token == NULL) o.token = r.token;
-  return flatshard_comm_init(r.addr, r.port, rank, size, &o, out);
+  st = flatshard_comm_init(r.addr, r.port, rank, size, &o, out);
+  if (hold >= 0) close(hold);
+  return st;
 }
 
 /* ---- flatshard_comm_from_mpi ------------------------------------------- */
