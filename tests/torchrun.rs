@@ -348,7 +348,8 @@ assert torch.equal(t, mine), (t[:4], mine[:4])
 lib.flatshard_comm_free(comm)
 dist.barrier()
 dist.destroy_process_group()
-print(f"interop rank {r} of {w} ok", flush=True)
+sys.stdout.write(f"interop rank {r} of {w} ok\n")  # one write per line
+sys.stdout.flush()
 "#;
 
 /// A PyTorch worker under torchrun that uses torch.distributed (gloo) and

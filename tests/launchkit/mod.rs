@@ -130,9 +130,10 @@ pub fn run_limited(mut cmd: Command, limit: Duration) -> Ran {
     Ran { code: o.status.code(), out, secs: t0.elapsed().as_secs_f64() }
 }
 
-/// Lines of `out` that contain `needle`.
+/// Occurrences of `needle` in `out` (not lines: two processes writing to one
+/// pipe may interleave a line's text and its newline).
 pub fn count(out: &str, needle: &str) -> usize {
-    out.lines().filter(|l| l.contains(needle)).count()
+    out.matches(needle).count()
 }
 
 pub fn s(p: &Path) -> &str {
