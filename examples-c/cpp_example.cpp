@@ -1,5 +1,6 @@
 // C++17 example over flatshard.hpp: shard a layer, edit it under a scoped
-// unshard with writeback, and average a replicated tensor.
+// unshard with writeback, prefetch with unshard_async (flatshard::Work),
+// overlap a gradient reduction, and average a replicated tensor.
 // Run: flatshard-run -n 2 -- ./cpp_example
 #include <cstdio>
 #include <vector>
@@ -25,6 +26,24 @@ int main() try {
     flatshard::Unsharded full(layer);
     float w0 = static_cast<float *>(layer.view(0).data)[0];
     if (w0 != 42.0f) throw std::runtime_error("writeback lost the edit");
+  }
+
+  // Asynchronous operations (API §7): a Work is move-only and waits when it
+  // goes out of scope; view() waits for the prefetched gather by itself.
+  {
+    flatshard::Work gather = layer.unshard_async();
+    std::vector<float> mine(3, static_cast<float>(rank + 1));
+    flatshard::Work sum = comm.all_reduce_async(flatshard::Span<float>(mine));  // queued behind the gather
+    auto w = layer.view(0);                                                    // waits for the gather
+    if (static_cast<float *>(w.data)[0] != 42.0f) throw std::runtime_error("unshard_async lost the edit");
+    static_cast<float *>(w.grad)[0] = 1.0f;
+    flatshard::Work grads = layer.reduce_grads_async();
+    sum.wait();
+    if (mine[0] != world * (world + 1) / 2.0f) throw std::runtime_error("all_reduce_async gave the wrong sum");
+    flatshard::Work moved = std::move(grads);  // move-only: `grads` is now empty
+    if (grads) throw std::runtime_error("a moved-from Work still owns its handle");
+    moved.wait();
+    layer.reshard();
   }
 
   std::vector<float> head(4, static_cast<float>(rank));

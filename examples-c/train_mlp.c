@@ -8,6 +8,9 @@
  * The head is replicated and trained with local SGD: each rank steps on its own
  * gradients and a hierarchical averager syncs it (pairs every 2 steps, all ranks
  * every 4). Each rank trains on its own shard of a synthetic dataset.
+ * Communication overlaps compute (API §7): the forward prefetches layer2's
+ * gather (unshard_async) while layer1 computes, and the backward reduces
+ * layer2's gradients (reduce_grads_async) while layer1's backward runs.
  * At the end rank 0 exports the full model (rank0_only + offload_to_cpu) as a
  * .safetensors file.
  *
@@ -103,16 +106,19 @@ static void linear_back(const float *W, const float *x, const float *dy, float *
       }
 }
 
-/* Unshard both layers and take the views of their weight and bias. */
-static void gather(flatshard_flat_param *fp1, flatshard_flat_param *fp2,
-                   const flatshard_unshard_options *o, flatshard_tensor *w1, flatshard_tensor *b1,
-                   flatshard_tensor *w2, flatshard_tensor *b2) {
-  CHECK(flatshard_flat_param_unshard(fp1, o));
-  CHECK(flatshard_flat_param_unshard(fp2, o));
-  CHECK(flatshard_flat_param_view(fp1, 0, w1));
-  CHECK(flatshard_flat_param_view(fp1, 1, b1));
-  CHECK(flatshard_flat_param_view(fp2, 0, w2));
-  CHECK(flatshard_flat_param_view(fp2, 1, b2));
+/* Queue the gathers of both layers (layer2's overlaps layer1's compute);
+   views wait for their own gather. */
+static void prefetch(flatshard_flat_param *first, flatshard_flat_param *second,
+                     const flatshard_unshard_options *o, flatshard_work **w) {
+  CHECK(flatshard_flat_param_unshard_async(first, o, &w[0]));
+  CHECK(flatshard_flat_param_unshard_async(second, o, &w[1]));
+}
+
+static void finish(flatshard_work **w, int n) {
+  for (int i = 0; i < n; i++) {
+    CHECK(flatshard_work_wait(w[i]));
+    flatshard_work_free(w[i]);
+  }
 }
 
 static void sgd_shard(flatshard_flat_param *fp) {
@@ -217,13 +223,19 @@ int main(int argc, char **argv) {
   for (int step = 0; step < STEPS; step++) {
     make_batch(x, y);
     flatshard_tensor v1w, v1b, v2w, v2b;
-    /* forward: gather, compute, free (FULL_SHARD) */
-    gather(fp1, fp2, &train, &v1w, &v1b, &v2w, &v2b);
+    flatshard_work *w[4];
+    /* forward: gather (layer2's behind layer1's compute), compute, free (FULL_SHARD) */
+    prefetch(fp1, fp2, &train, w);
+    CHECK(flatshard_flat_param_view(fp1, 0, &v1w)); /* waits for layer1's gather */
+    CHECK(flatshard_flat_param_view(fp1, 1, &v1b));
     linear(v1w.data, v1b.data, x, h1, D, H, 1);
+    CHECK(flatshard_flat_param_reshard(fp1));
+    CHECK(flatshard_flat_param_view(fp2, 0, &v2w));
+    CHECK(flatshard_flat_param_view(fp2, 1, &v2b));
     linear(v2w.data, v2b.data, h1, h2, H, H, 1);
     linear(wh, bh, h2, logits, H, C, 0);
-    CHECK(flatshard_flat_param_reshard(fp1));
     CHECK(flatshard_flat_param_reshard(fp2));
+    finish(w, 2);
 
     /* loss + d(logits) */
     float loss = 0, correct = 0;
@@ -238,19 +250,26 @@ int main(int argc, char **argv) {
       for (int c = 0; c < C; c++) dlog[b * C + c] = expf(logits[b * C + c] - m) / s - (c == y[b]);
     }
 
-    /* backward: gather again; grads go into the views' zero-filled grad buffers */
-    gather(fp1, fp2, &train, &v1w, &v1b, &v2w, &v2b);
+    /* backward: gather again (layer1's behind the head and layer2); grads go
+       into the views' zero-filled grad buffers */
+    prefetch(fp2, fp1, &train, w);
     memset(gwh, 0, sizeof gwh);
     memset(gbh, 0, sizeof gbh);
     linear_back(wh, h2, dlog, gwh, gbh, dh2, H, C);
     for (int i = 0; i < BATCH * H; i++) dh2[i] *= h2[i] > 0;
+    CHECK(flatshard_flat_param_view(fp2, 0, &v2w));
+    CHECK(flatshard_flat_param_view(fp2, 1, &v2b));
     linear_back(v2w.data, h1, dh2, v2w.grad, v2b.grad, dh1, H, H);
+    /* mean over ranks into the shard grad, while layer1's backward runs */
+    CHECK(flatshard_flat_param_reduce_grads_async(fp2, &w[2]));
     for (int i = 0; i < BATCH * H; i++) dh1[i] *= h1[i] > 0;
+    CHECK(flatshard_flat_param_view(fp1, 0, &v1w));
+    CHECK(flatshard_flat_param_view(fp1, 1, &v1b));
     linear_back(v1w.data, x, dh1, v1w.grad, v1b.grad, NULL, D, H);
-    CHECK(flatshard_flat_param_reduce_grads(fp1)); /* mean over ranks into the shard grad */
-    CHECK(flatshard_flat_param_reduce_grads(fp2));
-    CHECK(flatshard_flat_param_reshard(fp1));
+    CHECK(flatshard_flat_param_reduce_grads_async(fp1, &w[3]));
+    CHECK(flatshard_flat_param_reshard(fp1)); /* reshard waits for the reductions */
     CHECK(flatshard_flat_param_reshard(fp2));
+    finish(w, 4);
 
     /* optimizer: sharded layers step on their shard; the head steps locally */
     sgd_shard(fp1);

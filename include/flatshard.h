@@ -130,6 +130,11 @@ typedef struct flatshard_comm flatshard_comm;
 typedef struct flatshard_flat_param flatshard_flat_param;
 
 /**
+ * Opaque work handle: one queued operation.
+ */
+typedef struct flatshard_work flatshard_work;
+
+/**
  * Where a tensor lives.
  */
 typedef struct {
@@ -592,7 +597,9 @@ flatshard_status flatshard_comm_abort(flatshard_comm *c);
  * handle is invalid afterwards. Flat params and averagers built on it hold
  * their own references and keep working; the communicator closes when the
  * last of them is freed (then peers blocked on this rank get PEER_LOST).
- * Rank 0's store lives until its last communicator is closed. Not
+ * Rank 0's store lives until its last communicator is closed. Queued
+ * asynchronous work (API §7) gets at most the communicator's timeout to
+ * finish, then is aborted (its work handles report ABORTED). Not
  * thread-safe with other calls on the same handle.
  */
 void flatshard_comm_free(flatshard_comm *c);
@@ -790,6 +797,125 @@ void flatshard_flat_param_free(flatshard_flat_param *fp);
 flatshard_status flatshard_average_flat_params(flatshard_comm *replicate_comm,
                                                flatshard_flat_param *const *fps,
                                                uint64_t n);
+
+/**
+ * `flatshard_flat_param_unshard`, queued (API §7). Returns once the
+ * operation is queued; from then on the flat param counts as unsharded and
+ * flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _zero_grad
+ * and _free first wait for the work (and the first of them returns its
+ * error if it failed; the flat param is then sharded, its shard intact).
+ * The ranks compare (flat param, operation, options) before data moves:
+ * different sequences are MISMATCH on the work. `*out` (written only on
+ * success) owns a work handle (flatshard_work_free); it stays valid after
+ * the flat param is freed. Returns at once: INVALID_ARGUMENT (NULL, bad
+ * options), INVALID_STATE (already unsharded, or unshard/reduce_grads work
+ * in flight), ABORTED (communicator poisoned). Peer errors come from
+ * flatshard_work_wait. On an NCCL communicator the unshard runs during the
+ * call (stream-ordered, complete on return). Not thread-safe on one fp.
+ */
+flatshard_status flatshard_flat_param_unshard_async(flatshard_flat_param *fp,
+                                                    const flatshard_unshard_options *opts,
+                                                    flatshard_work **out);
+
+/**
+ * `flatshard_flat_param_reduce_grads`, queued (API §7): first waits for
+ * the flat param's earlier in-flight work (returning its error), then
+ * queues the reduction. Until the work finished the full gradients belong
+ * to the library; flatshard_flat_param_reshard, _shard, _view and _free
+ * wait for it. A failed reduction leaves the shard gradient (and the full
+ * gradient) as they were. `*out` as in flatshard_flat_param_unshard_async.
+ * Returns at once: INVALID_ARGUMENT (NULL), INVALID_STATE (sharded, or
+ * unsharded as a summon), ABORTED (communicator poisoned); peer errors come
+ * from flatshard_work_wait. On an NCCL communicator, and for HYBRID_SHARD,
+ * the reduction runs during the call (complete on return). Not thread-safe
+ * on one fp.
+ */
+flatshard_status flatshard_flat_param_reduce_grads_async(flatshard_flat_param *fp,
+                                                         flatshard_work **out);
+
+/**
+ * `flatshard_all_reduce`, queued. `*out` (written only on success) owns a
+ * work handle: free it with flatshard_work_free. `buf` belongs to the
+ * library until the work finished. Returns at once: INVALID_ARGUMENT (NULL
+ * c/out/buf, bad dtype/op/count), ABORTED (communicator aborted or
+ * poisoned). Peer errors (MISMATCH, TIMEOUT, PEER_LOST, ABORTED) come from
+ * flatshard_work_wait. Same thread-safety as the blocking call.
+ */
+flatshard_status flatshard_all_reduce_async(flatshard_comm *c,
+                                            void *buf,
+                                            uint64_t count,
+                                            flatshard_dtype dt,
+                                            flatshard_reduce_op op,
+                                            flatshard_work **out);
+
+/**
+ * `flatshard_all_gather`, queued; as flatshard_all_reduce_async for
+ * ownership, buffers and statuses.
+ */
+flatshard_status flatshard_all_gather_async(flatshard_comm *c,
+                                            const void *send,
+                                            void *recv,
+                                            uint64_t count_per_rank,
+                                            flatshard_dtype dt,
+                                            flatshard_work **out);
+
+/**
+ * `flatshard_reduce_scatter`, queued; as flatshard_all_reduce_async for
+ * ownership, buffers and statuses.
+ */
+flatshard_status flatshard_reduce_scatter_async(flatshard_comm *c,
+                                                const void *send,
+                                                void *recv,
+                                                uint64_t count_per_rank,
+                                                flatshard_dtype dt,
+                                                flatshard_reduce_op op,
+                                                flatshard_work **out);
+
+/**
+ * `flatshard_broadcast`, queued; as flatshard_all_reduce_async for
+ * ownership, buffers and statuses (a root outside [0, size) is
+ * INVALID_ARGUMENT from the call).
+ */
+flatshard_status flatshard_broadcast_async(flatshard_comm *c,
+                                           void *buf,
+                                           uint64_t count,
+                                           flatshard_dtype dt,
+                                           int32_t root,
+                                           flatshard_work **out);
+
+/**
+ * Block until the work finished; returns its status (the same on every
+ * call), with flatshard_last_error() set on this thread if it failed:
+ * MISMATCH (ranks issued different operations; the communicator stays
+ * usable), TIMEOUT / PEER_LOST / ABORTED (the communicator is poisoned),
+ * NCCL / CUDA (device work), or the error of a flat-param operation.
+ * INVALID_ARGUMENT: NULL or freed handle. A work handle may be used from one
+ * thread at a time; it stays valid after its communicator or flat param was
+ * freed.
+ */
+flatshard_status flatshard_work_wait(flatshard_work *w);
+
+/**
+ * Never blocks: OK with `*done = 0` while the work is in flight; once it
+ * finished, `*done = 1` and the work's status (as flatshard_work_wait).
+ * INVALID_ARGUMENT: NULL `w` or `done` (then `*done` is not written).
+ */
+flatshard_status flatshard_work_test(flatshard_work *w, int32_t *done);
+
+/**
+ * CUDA: make `cuda_stream` (a CUstream of the communicator's device; NULL =
+ * the legacy default stream) wait for the work; the host does not wait.
+ * For host work (and work that already failed) this is flatshard_work_wait.
+ * Statuses as flatshard_work_wait, plus CUDA if the driver refuses.
+ */
+flatshard_status flatshard_work_wait_stream(flatshard_work *w, void *cuda_stream);
+
+/**
+ * Free a work handle (NULL is a no-op), waiting first if it is still in
+ * flight (its status is then dropped). Must be called exactly once per
+ * handle, from the thread using it.
+ */
+void flatshard_work_free(flatshard_work *w);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -1,7 +1,8 @@
 /*
  * flatshard.hpp: header-only C++17 RAII wrapper over flatshard.h.
  *
- * - Handles are move-only classes that free themselves (Comm, FlatParam, Averager).
+ * - Handles are move-only classes that free themselves (Comm, FlatParam, Averager,
+ *   Work: one asynchronous operation).
  * - Every failing call throws flatshard::Error carrying the status and the
  *   library's message (flatshard_last_error()).
  * - Tensors are described with flatshard::cpu_tensor(ptr, n) / Span<T>.
@@ -105,6 +106,33 @@ class Owned {
 };
 }  // namespace detail
 
+/**
+ * One queued asynchronous operation (API §7; owning, move-only). wait()
+ * throws the operation's error; destroying a Work that is still in flight
+ * waits for it (its status is then dropped). Valid after its Comm or
+ * FlatParam is gone. Use from one thread at a time.
+ */
+class Work {
+ public:
+  Work() = default;
+  explicit Work(flatshard_work *w) : w_(w) {}
+  /** Block until done; throws flatshard::Error if the operation failed. */
+  void wait() { check(flatshard_work_wait(w_.get())); }
+  /** Never blocks: false while in flight; true once done (throws if it failed). */
+  bool test() {
+    int32_t done = 0;
+    check(flatshard_work_test(w_.get(), &done));
+    return done != 0;
+  }
+  /** CUDA: `stream` waits for the work, the host does not (host work: wait()). */
+  void wait_stream(void *cuda_stream) { check(flatshard_work_wait_stream(w_.get(), cuda_stream)); }
+  flatshard_work *get() const { return w_.get(); }
+  explicit operator bool() const { return w_.get() != nullptr; }
+
+ private:
+  detail::Owned<flatshard_work, flatshard_work_free> w_;
+};
+
 /** A communicator (owning, move-only). */
 class Comm {
  public:
@@ -143,6 +171,31 @@ class Comm {
   template <typename T>
   void broadcast(Span<T> buf, int root) {
     check(flatshard_broadcast(c_.get(), buf.data, buf.size, dtype_of<T>(), root));
+  }
+  /** Asynchronous forms (API §7): the buffers belong to the library until the Work is done. */
+  template <typename T>
+  Work all_reduce_async(Span<T> buf, flatshard_reduce_op op = FLATSHARD_SUM) {
+    flatshard_work *w = nullptr;
+    check(flatshard_all_reduce_async(c_.get(), buf.data, buf.size, dtype_of<T>(), op, &w));
+    return Work(w);
+  }
+  template <typename T>
+  Work all_gather_async(Span<const T> send, Span<T> recv) {
+    flatshard_work *w = nullptr;
+    check(flatshard_all_gather_async(c_.get(), send.data, recv.data, send.size, dtype_of<T>(), &w));
+    return Work(w);
+  }
+  template <typename T>
+  Work reduce_scatter_async(Span<const T> send, Span<T> recv, flatshard_reduce_op op = FLATSHARD_SUM) {
+    flatshard_work *w = nullptr;
+    check(flatshard_reduce_scatter_async(c_.get(), send.data, recv.data, recv.size, dtype_of<T>(), op, &w));
+    return Work(w);
+  }
+  template <typename T>
+  Work broadcast_async(Span<T> buf, int root) {
+    flatshard_work *w = nullptr;
+    check(flatshard_broadcast_async(c_.get(), buf.data, buf.size, dtype_of<T>(), root, &w));
+    return Work(w);
   }
   void barrier() { check(flatshard_barrier(c_.get())); }
   void abort() { check(flatshard_comm_abort(c_.get())); }
@@ -187,6 +240,18 @@ class FlatParam {
   }
   void reshard() { check(flatshard_flat_param_reshard(fp_.get())); }
   void reduce_grads() { check(flatshard_flat_param_reduce_grads(fp_.get())); }
+  /** Prefetch: the flat param counts as unsharded at once; view() waits for the gather. */
+  Work unshard_async(const flatshard_unshard_options *o = nullptr) {
+    flatshard_work *w = nullptr;
+    check(flatshard_flat_param_unshard_async(fp_.get(), o, &w));
+    return Work(w);
+  }
+  /** Overlap the gradient reduce-scatter with the rest of backward. */
+  Work reduce_grads_async() {
+    flatshard_work *w = nullptr;
+    check(flatshard_flat_param_reduce_grads_async(fp_.get(), &w));
+    return Work(w);
+  }
   void zero_grad() { check(flatshard_flat_param_zero_grad(fp_.get())); }
   flatshard_flat_param *get() const { return fp_.get(); }
 

@@ -39,3 +39,25 @@ fn prints_baseline_format_rows() {
         }
     }
 }
+
+/// `--ops train_step` (API §7 overlap benchmark) prints one row with the step
+/// figures, on shm and TCP (small shapes: a smoke run, not a measurement).
+#[test]
+fn train_step_prints_its_row() {
+    for t in ["shm", "tcp"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_flatshard-bench"))
+            .args(["--ops", "train_step", "--world", "2", "--layers", "3", "--layer-bytes", "64K", "--iters", "1", "--compute-ms", "1", "--transport", t])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+        let row = out.lines().next().unwrap_or("");
+        assert!(row.starts_with(&format!(r#"{{"impl": "flatshard-{t}", "op": "train_step", "world": 2, "bytes": 196608, "#)), "{row}");
+        for key in
+            ["compute_s", "comm_s", "blocking_step_s", "async_step_s", "overlap_efficiency", "async_over_blocking", "all_reduce_4K_s_with_progress_thread"]
+        {
+            assert!(row.contains(&format!(r#""{key}": "#)), "{row} lacks {key}");
+        }
+        assert!(row.contains(r#""compute_s": 0.009000"#), "3 layers x 3 x 1 ms: {row}");
+    }
+}

@@ -270,6 +270,23 @@ fn collectives_world_2_sanitized() {
     job(&program("collectives", Link::Sanitized), &["small"], 2, &[], LIMIT, all_ok);
 }
 
+// ---- API §7: asynchronous operations --------------------------------------
+
+#[test]
+fn async_world_2_sanitized() {
+    job(&program("async", Link::Sanitized), &[], 2, &[], LIMIT, all_ok);
+}
+
+#[test]
+fn async_world_3_tcp_sanitized() {
+    job(&program("async", Link::Sanitized), &[], 3, &[("FS_TEST_TRANSPORT", "tcp")], LIMIT, all_ok);
+}
+
+#[test]
+fn async_world_4_static() {
+    job(&program("async", Link::Static), &[], 4, &[], LIMIT, all_ok);
+}
+
 #[test]
 fn mismatch_world_3_sanitized() {
     job(&program("failures", Link::Sanitized), &["mismatch"], 3, &[], LIMIT, all_ok);

@@ -425,3 +425,128 @@ fn nccl_two_gpus_flat_param_matches_host() {
         }
     });
 }
+
+// ---- API §7: asynchronous operations on CUDA ------------------------------
+
+fn ok(s: flatshard_status) {
+    assert_eq!(s, flatshard_status::FLATSHARD_OK, "{}", last_error());
+}
+
+/// GPU-free paths: on a host communicator `wait_stream` is `wait`; a CUDA
+/// event cannot be recorded without a driver (UNSUPPORTED, clear message).
+#[test]
+fn async_wait_stream_on_host_work_is_wait() {
+    use flatshard::ffi::comm::{flatshard_all_reduce, flatshard_comm_free, flatshard_comm_init};
+    use flatshard::ffi::work::*;
+    use flatshard::ffi::{DtypeArg, ReduceOpArg};
+    let mut c: *mut flatshard_comm = std::ptr::null_mut();
+    unsafe {
+        ok(flatshard_comm_init(std::ptr::null(), 0, 0, 1, std::ptr::null(), &mut c));
+        let mut x = [3f32; 16];
+        let mut w = std::ptr::null_mut();
+        ok(flatshard_all_reduce_async(c, x.as_mut_ptr() as *mut _, 16, DtypeArg(0), ReduceOpArg(0), &mut w));
+        ok(flatshard_work_wait_stream(w, std::ptr::null_mut()));
+        let mut done = 0;
+        ok(flatshard_work_test(w, &mut done));
+        assert_eq!(done, 1, "wait_stream on host work must wait");
+        flatshard_work_free(w);
+        ok(flatshard_all_reduce(c, x.as_mut_ptr() as *mut _, 16, DtypeArg(0), ReduceOpArg(0)));
+        flatshard_comm_free(c);
+    }
+    if !has_gpu() {
+        let e = flatshard::cuda::event::Event::record(0, std::ptr::null_mut()).err().expect("no driver: no event");
+        assert_eq!(e.kind, flatshard::error::ErrorKind::Unsupported, "{}", e.msg);
+    }
+}
+
+/// NCCL (world 1): async collectives enqueue on the comm's stream and record
+/// an event; wait syncs it, test polls it, wait_stream makes another stream
+/// wait; a device flat param prefetched with unshard_async gives the same
+/// full parameter as the blocking unshard.
+#[test]
+#[ignore = "needs a CUDA GPU with NCCL: scripts/gpu-test.sh"]
+fn nccl_async_work_events() {
+    use flatshard::ffi::comm::{flatshard_all_reduce, flatshard_comm_free};
+    use flatshard::ffi::flat_param::*;
+    use flatshard::ffi::work::*;
+    use flatshard::ffi::{flatshard_device, flatshard_tensor, DeviceTypeArg, DtypeArg, ReduceOpArg};
+    assert!(has_gpu(), "skipped: no CUDA driver");
+    let mut c: *mut flatshard_comm = std::ptr::null_mut();
+    unsafe {
+        ok(flatshard_comm_init_nccl(std::ptr::null(), 0, 0, 1, 0, std::ptr::null_mut(), std::ptr::null(), &mut c));
+        let n = 1 << 20;
+        let host: Vec<u8> = common::f32_bytes(&values(3, n));
+        let d = DevMem::zeroed(0, host.len(), "test").unwrap();
+        flatshard::cuda::copy_to_device(d.ptr(), host.as_ptr(), host.len()).unwrap();
+        let mut ws = Vec::new();
+        for _ in 0..4 {
+            let mut w = std::ptr::null_mut();
+            ok(flatshard_all_reduce_async(c, d.ptr() as *mut _, n as u64, DtypeArg(0), ReduceOpArg(0), &mut w));
+            ws.push(w);
+        }
+        let mut done = -1;
+        ok(flatshard_work_test(ws[0], &mut done));
+        assert!(done == 0 || done == 1);
+        ok(flatshard_work_wait_stream(ws[3], std::ptr::null_mut())); // the legacy stream waits
+        flatshard::cuda::stream_sync(0, std::ptr::null_mut()).unwrap();
+        for w in ws {
+            ok(flatshard_work_wait(w));
+            ok(flatshard_work_wait(w));
+            flatshard_work_free(w);
+        }
+        let mut back = vec![0u8; host.len()];
+        flatshard::cuda::copy_to_host(back.as_mut_ptr(), d.ptr(), back.len()).unwrap();
+        assert!(back == host, "world-1 all_reduce changed the data");
+        // a blocking call behind async work on the same stream
+        ok(flatshard_all_reduce(c, d.ptr() as *mut _, n as u64, DtypeArg(0), ReduceOpArg(0)));
+
+        // device flat param: unshard_async then view, equal to the blocking unshard
+        let t = flatshard_tensor {
+            data: d.ptr() as *mut _,
+            grad: std::ptr::null_mut(),
+            numel: n as u64,
+            dtype: DtypeArg(0),
+            device: flatshard_device { r#type: DeviceTypeArg(1), index: 0 },
+        };
+        let mut fp = std::ptr::null_mut();
+        ok(flatshard_flat_param_new(c, &t, 1, std::ptr::null(), &mut fp));
+        let mut w = std::ptr::null_mut();
+        ok(flatshard_flat_param_unshard_async(fp, std::ptr::null(), &mut w));
+        let mut v: flatshard_tensor = std::mem::zeroed();
+        ok(flatshard_flat_param_view(fp, 0, &mut v));
+        let mut got = vec![0u8; host.len()];
+        flatshard::cuda::copy_to_host(got.as_mut_ptr(), v.data as *const u8, got.len()).unwrap();
+        assert!(got == host, "unshard_async gave a different full parameter");
+        ok(flatshard_work_wait(w));
+        flatshard_work_free(w);
+        ok(flatshard_flat_param_reshard(fp));
+        flatshard_flat_param_free(fp);
+        flatshard_comm_free(c);
+    }
+}
+
+/// A host communicator with device pointers: async work is staged through
+/// pinned memory on the progress thread (no CUDA context current there).
+#[test]
+#[ignore = "needs a CUDA GPU: scripts/gpu-test.sh"]
+fn host_comm_async_on_device_pointers() {
+    use flatshard::ffi::comm::{flatshard_comm_free, flatshard_comm_init};
+    use flatshard::ffi::work::*;
+    use flatshard::ffi::{DtypeArg, ReduceOpArg};
+    assert!(has_gpu(), "skipped: no CUDA driver");
+    let mut c: *mut flatshard_comm = std::ptr::null_mut();
+    unsafe {
+        ok(flatshard_comm_init(std::ptr::null(), 0, 0, 1, std::ptr::null(), &mut c));
+        let host = common::f32_bytes(&values(5, 4096));
+        let d = DevMem::zeroed(0, host.len(), "test").unwrap();
+        flatshard::cuda::copy_to_device(d.ptr(), host.as_ptr(), host.len()).unwrap();
+        let mut w = std::ptr::null_mut();
+        ok(flatshard_all_reduce_async(c, d.ptr() as *mut _, 4096, DtypeArg(0), ReduceOpArg(1), &mut w));
+        ok(flatshard_work_wait(w));
+        flatshard_work_free(w);
+        let mut back = vec![0u8; host.len()];
+        flatshard::cuda::copy_to_host(back.as_mut_ptr(), d.ptr(), back.len()).unwrap();
+        assert!(back == host);
+        flatshard_comm_free(c);
+    }
+}

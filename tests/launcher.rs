@@ -157,3 +157,20 @@ fn runs_a_real_flatshard_job() {
     assert!(r0.contains("all results verified"), "{out}");
     assert!(!out.contains("MISMATCH") && !out.contains("FAILED"), "{out}");
 }
+
+/// The demo (prefetching with unshard_async, reduce_grads_async overlapped
+/// with backward, API §7) under AddressSanitizer + UBSan on 2 ranks.
+#[test]
+fn demo_runs_under_asan() {
+    let exe = build_example(
+        "cc",
+        &["-std=c11", "-pedantic", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-lm"],
+        "train_mlp.c",
+    );
+    let out_file = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("demo-asan-{}.safetensors", std::process::id()));
+    let o = run(&["-n", "2", "--", exe.to_str().unwrap(), out_file.to_str().unwrap()]);
+    let out = text(&o);
+    let _ = std::fs::remove_file(&out_file);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("accuracy") && !out.contains("ERROR: AddressSanitizer"), "{out}");
+}

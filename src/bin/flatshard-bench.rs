@@ -7,6 +7,12 @@
 //! cargo run --release --bin flatshard-bench -- --device cuda --transport nccl --world 1 \
 //!     --ops memcpy_d2d,fsdp_unshard,average_parameters,all_reduce
 //! ```
+//! cargo run --release --bin flatshard-bench -- --ops train_step --world 2 --transport shm \
+//!     [--layers 8] [--layer-bytes 4M] [--compute-ms auto|X] [--prefetch 2]
+//! ```
+//! `train_step` (bench_parts/train_step.rs) times an FSDP step of L layers,
+//! blocking and with prefetch / async gradient reduction (API §7), compute
+//! modelled as a sleep per layer (default: as long as the communication).
 //! `--device cuda` puts every buffer in device memory (rank r on GPU
 //! r % device count): `--transport nccl` gives `flatshard-nccl` rows, a host
 //! transport gives `flatshard-cuda-staged` rows (staged through pinned host
@@ -18,13 +24,16 @@
 //! median_s = the largest per-rank median, busbw = algbw × the nccl-tests
 //! factor, peak_rss_bytes = rank 0's peak RSS so far (getrusage).
 
+#[path = "bench_parts/train_step.rs"]
+mod train_step;
+
 use flatshard::{Comm, CommOptions, DType, ReduceOp, Transport};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Every op of the baseline, in its order. Ops this build cannot run yet
 /// produce an "error" row, as the baseline does.
-const ALL_OPS: &[&str] = &["all_reduce", "all_gather", "reduce_scatter", "broadcast", "average_parameters", "fsdp_unshard", "memcpy_d2d"];
+const ALL_OPS: &[&str] = &["all_reduce", "all_gather", "reduce_scatter", "broadcast", "average_parameters", "fsdp_unshard", "memcpy_d2d", "train_step"];
 
 /// nccl-tests bus-bandwidth factor (same table as the baseline).
 fn factor(op: &str, n: usize) -> f64 {
@@ -216,11 +225,15 @@ struct Opts {
     nccl: bool,
     device: Option<()>,
     iters: usize,
+    layers: usize,
+    layer_bytes: usize,
+    compute_ms: Option<f64>,
+    prefetch: usize,
     raw: Vec<String>,
 }
 
 const USAGE: &str =
-    "usage: flatshard-bench [--world N] [--sizes 4K,1M,16M,256M] [--ops all_reduce,...] [--transport auto|tcp|shm|nccl] [--device cpu|cuda] [--iters 5]";
+    "usage: flatshard-bench [--world N] [--sizes 4K,1M,16M,256M] [--ops all_reduce,...] [--transport auto|tcp|shm|nccl] [--device cpu|cuda] [--iters 5] [--layers 8 --layer-bytes 4M --compute-ms auto|X --prefetch 2 (train_step)]";
 
 fn parse(args: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
@@ -231,6 +244,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         nccl: false,
         device: None,
         iters: 5,
+        layers: 8,
+        layer_bytes: 4 << 20,
+        compute_ms: None,
+        prefetch: 2,
         raw: args.to_vec(),
     };
     let mut i = 0;
@@ -264,10 +281,22 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                     _ => return Err(format!("--device: '{v}' is not cpu or cuda")),
                 }
             }
+            "--layers" => o.layers = v.parse().ok().filter(|n| *n >= 1).ok_or(format!("--layers: bad value '{v}'"))?,
+            "--prefetch" => o.prefetch = v.parse().ok().filter(|n| *n >= 1).ok_or(format!("--prefetch: bad value '{v}'"))?,
+            "--layer-bytes" => o.layer_bytes = parse_size(v)?,
+            "--compute-ms" => {
+                o.compute_ms = match v.as_str() {
+                    "auto" => None,
+                    _ => Some(v.parse::<f64>().ok().filter(|x| *x >= 0.0).ok_or(format!("--compute-ms: bad value '{v}'"))?),
+                }
+            }
             "--iters" => o.iters = v.parse().ok().filter(|n| *n >= 1).ok_or(format!("--iters: bad value '{v}'"))?,
             other => return Err(format!("unknown argument '{other}'")),
         }
         i += 2;
+    }
+    if o.ops.iter().any(|op| op == "train_step") && (o.ops.len() > 1 || o.device.is_some()) {
+        return Err("--ops train_step runs alone, on host memory".into());
     }
     if o.nccl && o.device.is_none() {
         return Err("--transport nccl needs --device cuda".into());
@@ -307,6 +336,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn worker(o: &Opts) -> Result<(), String> {
+    if o.ops.iter().any(|op| op == "train_step") {
+        let transport = match o.transport {
+            Transport::Auto => 0,
+            Transport::Tcp => 1,
+            Transport::Shm => 2,
+        };
+        let cfg = train_step::Cfg { layers: o.layers, layer_bytes: o.layer_bytes, compute_ms: o.compute_ms, iters: o.iters, transport, prefetch: o.prefetch };
+        return train_step::run(&cfg);
+    }
     let copts = CommOptions { transport: o.transport, timeout: Duration::from_secs(600), ..Default::default() };
     let dev = match o.device {
         None => None,

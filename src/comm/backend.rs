@@ -44,6 +44,8 @@ pub trait DeviceCollectives {
     unsafe fn broadcast(&self, buf: *mut u8, count: usize, dt: DType, root: usize) -> Result<()>;
     /// Wait for the queued work with the deadline; report asynchronous errors.
     fn synchronize(&self) -> Result<()>;
+    /// As `synchronize`, for the work before `ev` only (async work, API §7).
+    fn wait_event(&self, ev: &crate::cuda::event::Event) -> Result<()>;
     /// The CUDA device ordinal the communicator runs on.
     fn device_index(&self) -> i32;
     /// The stream its collectives are ordered on (null = legacy default).

@@ -19,12 +19,15 @@ pub struct Comm {
     config: Arc<Config>,
     gid: String,
     splits: AtomicU64,
+    /// One order for every operation, and the progress thread (API §7).
+    pub(super) progress: super::progress::Engine,
 }
 
 impl Comm {
     /// The one constructor: a transport and what it belongs to.
     pub(super) fn assemble(backend: Box<dyn Backend>, abort: Arc<AtomicBool>, ctx: Option<Arc<JobCtx>>, config: Arc<Config>, gid: &str) -> Comm {
-        Comm { backend, abort, poisoned: Mutex::new(None), ctx, config, gid: gid.into(), splits: AtomicU64::new(0) }
+        let progress = super::progress::Engine::new(backend.rank());
+        Comm { backend, abort, poisoned: Mutex::new(None), ctx, config, gid: gid.into(), splits: AtomicU64::new(0), progress }
     }
 
     /// Wrap a backend that needs no rendezvous (user callbacks, NCCL wrap).
@@ -67,20 +70,26 @@ impl Comm {
     /// Device pointers on this communicator's device, valid for `count` elements.
     pub unsafe fn dev_all_reduce(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         op.check(dt)?;
-        self.run(|b| Self::dev(b)?.all_reduce(send, recv, count, dt, op))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.all_reduce(send, recv, count, dt, op) })
     }
 
     /// # Safety
     /// As `dev_all_reduce`; `recv` holds size × count elements.
     pub unsafe fn dev_all_gather(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType) -> Result<()> {
-        self.run(|b| Self::dev(b)?.all_gather(send, recv, count, dt))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.all_gather(send, recv, count, dt) })
     }
 
     /// # Safety
     /// As `dev_all_reduce`; `send` holds size × count elements.
     pub unsafe fn dev_reduce_scatter(&self, send: *const u8, recv: *mut u8, count: usize, dt: DType, op: ReduceOp) -> Result<()> {
         op.check(dt)?;
-        self.run(|b| Self::dev(b)?.reduce_scatter(send, recv, count, dt, op))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.reduce_scatter(send, recv, count, dt, op) })
     }
 
     /// # Safety
@@ -89,7 +98,9 @@ impl Comm {
         if root < 0 || root as usize >= self.size() {
             return Err(Error::invalid_arg(format!("root: must be in [0, {}), got {root}", self.size())));
         }
-        self.run(|b| Self::dev(b)?.broadcast(buf, count, dt, root as usize))
+        // SAFETY: our caller's contract (device pointers of this comm's device, valid
+        // for the counts) is the device collective's.
+        self.run(|b| unsafe { Self::dev(b)?.broadcast(buf, count, dt, root as usize) })
     }
 
     /// Issue the device collectives of `f` as one fused NCCL group.
@@ -133,6 +144,8 @@ impl Comm {
 
     /// Run one collective with the poison rules of API.md §3.
     pub(crate) fn run<T>(&self, f: impl FnOnce(&dyn Backend) -> Result<T>) -> Result<T> {
+        // Behind the operations issued before this one (API §7 order).
+        let _turn = self.progress.turn();
         if let Some(why) = self.poisoned.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Err(Error::aborted(format!("rank {}: communicator unusable after an earlier failure ({why})", self.rank())));
         }

@@ -8,7 +8,9 @@
 //!   store, `torchstore`; which launcher: `launch`), agreeing on settings,
 //!   building a group's transport;
 //! - `handle`: `Comm`, what the rest of the library uses (argument checks,
-//!   AVG, poisoning, splitting, routing of device pointers).
+//!   AVG, poisoning, splitting, routing of device pointers);
+//! - `progress`: one order per communicator for blocking and asynchronous
+//!   operations, the progress thread and work handles (API §7).
 
 pub mod auth;
 pub mod backend;
@@ -18,6 +20,7 @@ pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod net;
+pub mod progress;
 pub mod rendezvous;
 pub mod shm;
 pub mod store;

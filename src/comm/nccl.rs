@@ -241,12 +241,27 @@ impl DeviceCollectives for NcclBackend {
         r.and(end)
     }
     fn synchronize(&self) -> Result<()> {
+        // SAFETY: the stream belongs to this communicator's device.
+        self.wait_until(&|| match unsafe { cu::cuStreamQuery(self.stream as cu::CUstream) } {
+            cu::CUresult::CUDA_SUCCESS => Ok(true),
+            cu::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            q => cuda::check(q, "cuStreamQuery").map(|_| false),
+        })
+    }
+    fn wait_event(&self, ev: &crate::cuda::event::Event) -> Result<()> {
+        self.wait_until(&|| ev.query())
+    }
+}
+
+impl NcclBackend {
+    /// Poll `done` until true, with the deadline, NCCL's asynchronous errors
+    /// and the abort flag (the NCCL communicator is aborted on timeout).
+    fn wait_until(&self, done: &dyn Fn() -> Result<bool>) -> Result<()> {
         self.enter()?;
         let deadline = Instant::now() + self.timeout;
         let what = if self.owned { "the NCCL communicator was aborted" } else { "the wrapped NCCL communicator is left to its owner (ncclCommAbort it)" };
         loop {
-            // SAFETY: the stream belongs to this communicator's device.
-            let q = unsafe { cu::cuStreamQuery(self.stream as cu::CUstream) };
+            let q = done();
             let mut async_err = nc::NCCL_SUCCESS;
             // SAFETY: live comm (not destroyed: checked in enter and below).
             unsafe { (self.lib.comm_get_async_error)(self.comm, &mut async_err) };
@@ -255,12 +270,13 @@ impl DeviceCollectives for NcclBackend {
                 self.kill();
                 return nccl_check(self.lib, async_err, &format!("rank {}: asynchronous NCCL error; {what}", self.rank));
             }
-            if q == cu::CUresult::CUDA_SUCCESS {
-                return Ok(());
-            }
-            if q != cu::CUresult::CUDA_ERROR_NOT_READY {
-                cuda::mark_failed();
-                return cuda::check(q, "cuStreamQuery");
+            match q {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    cuda::mark_failed();
+                    return Err(e);
+                }
             }
             if self.abort.load(Ordering::SeqCst) {
                 cuda::mark_failed();

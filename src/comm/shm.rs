@@ -420,10 +420,14 @@ const OWN_PIECE: usize = 32 << 10;
 /// As `copy`.
 #[inline]
 unsafe fn copy_out(src: *const u8, dst: *mut u8, len: usize, stream: bool) {
-    if stream {
-        memcopy::copy_stream(src, dst, len)
-    } else {
-        memcopy::copy(src, dst, len)
+    // SAFETY: our contract (src readable and dst writable for len bytes, not
+    // overlapping) is both copies'.
+    unsafe {
+        if stream {
+            memcopy::copy_stream(src, dst, len)
+        } else {
+            memcopy::copy(src, dst, len)
+        }
     }
 }
 

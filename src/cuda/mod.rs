@@ -69,6 +69,8 @@ pub fn nccl() -> Result<()> {
 #[cfg(feature = "cuda")]
 pub(crate) mod nccl_sys;
 
+pub mod event;
+
 #[cfg(feature = "cuda")]
 pub(crate) fn check(r: cu::CUresult, what: &str) -> Result<()> {
     if r == cu::CUresult::CUDA_SUCCESS {

@@ -27,13 +27,17 @@ impl Kind for Averager {
 
 /// Convert and check the caller's tensor array (descriptions only; memory is
 /// not touched here).
+///
+/// # Safety
+/// `params` is NULL or points to `n` readable `flatshard_tensor`s.
 unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorRef>> {
     if n == 0 {
         return Ok(Vec::new());
     }
     need(params, "params")?;
     let n = usize::try_from(n).map_err(|_| crate::error::Error::invalid_arg(format!("n: {n} tensors do not fit in memory")))?;
-    let cs = std::slice::from_raw_parts(params, n);
+    // SAFETY: our contract: n readable tensors (non-NULL checked above).
+    let cs = unsafe { std::slice::from_raw_parts(params, n) };
     cs.iter().enumerate().map(|(i, t)| tensor_from_c(t, &format!("params[{i}]"))).collect()
 }
 
@@ -75,14 +79,19 @@ unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorR
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm, params: *mut flatshard_tensor, n: u64, flags: u32) -> flatshard_status {
     boundary("flatshard_average_parameters", || {
-        let c = comm_ref(comm, "comm")?;
-        let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", c.rank())))?;
+        // SAFETY (this block): the C contract of this function (doc above):
+        // handles from this library, `params` holds n tensors.
+        let c = unsafe { comm_ref(comm, "comm")? };
+        let ts = unsafe { tensors(params, n) }.map_err(|e| e.context(format!("rank {}", c.rank())))?;
         // CUDA tensors take the device path inside.
-        averaging::average_parameters(c, &ts, flags)
+        // SAFETY: the caller's tensors are valid for numel elements during the
+        // call and do not overlap (documented above).
+        unsafe { averaging::average_parameters(c, &ts, flags) }
     })
 }
 
 fn publish(a: Averager, out: *mut *mut flatshard_averager) {
+    // SAFETY: every caller checked `out` for NULL first (`need(out, ...)`).
     unsafe { *out = handle::into_raw::<Averager, flatshard_averager>(a) };
 }
 
@@ -107,7 +116,8 @@ pub unsafe extern "C" fn flatshard_periodic_averager_new(
 ) -> flatshard_status {
     boundary("flatshard_periodic_averager_new", || {
         need(out, "out")?;
-        let c = comm_arc(comm, "comm")?;
+        // SAFETY: `comm` is NULL or a handle from this library (C contract).
+        let c = unsafe { comm_arc(comm, "comm")? };
         publish(Averager::periodic(c, period, warmup_steps)?, out);
         Ok(())
     })
@@ -146,14 +156,16 @@ pub unsafe extern "C" fn flatshard_hierarchical_averager_new(
 ) -> flatshard_status {
     boundary("flatshard_hierarchical_averager_new", || {
         need(out, "out")?;
-        let c = comm_arc(comm, "comm")?;
+        // SAFETY: `comm` is NULL or a handle from this library (C contract).
+        let c = unsafe { comm_arc(comm, "comm")? };
         let (p, g): (&[u64], &[i32]) = if n == 0 {
             (&[], &[])
         } else {
             need(periods, "periods")?;
             need(group_sizes, "group_sizes")?;
             let n = usize::try_from(n).map_err(|_| crate::error::Error::invalid_arg(format!("n: {n} levels do not fit in memory")))?;
-            (std::slice::from_raw_parts(periods, n), std::slice::from_raw_parts(group_sizes, n))
+            // SAFETY: the C contract: periods and group_sizes hold n entries each (non-NULL checked).
+            unsafe { (std::slice::from_raw_parts(periods, n), std::slice::from_raw_parts(group_sizes, n)) }
         };
         publish(Averager::hierarchical(c, p, g, warmup_steps)?, out);
         Ok(())
@@ -184,11 +196,14 @@ pub unsafe extern "C" fn flatshard_averager_step(
     averaged_group_size: *mut i32,
 ) -> flatshard_status {
     boundary("flatshard_averager_step", || {
-        let avg = handle::get_mut::<Averager, _>(a, "a")?;
-        let ts = tensors(params, n).map_err(|e| e.context(format!("rank {}", avg.rank())))?;
-        let size = avg.step(&ts, flags)?;
+        // SAFETY (this block): the C contract: `a` is a handle from this library
+        // used by one thread; `params` holds n tensors valid for the call;
+        // `averaged_group_size` is NULL or writable.
+        let avg = unsafe { handle::get_mut::<Averager, _>(a, "a")? };
+        let ts = unsafe { tensors(params, n) }.map_err(|e| e.context(format!("rank {}", avg.rank())))?;
+        let size = unsafe { avg.step(&ts, flags)? };
         if !averaged_group_size.is_null() {
-            *averaged_group_size = size as i32;
+            unsafe { *averaged_group_size = size as i32 };
         }
         Ok(())
     })
@@ -198,7 +213,8 @@ pub unsafe extern "C" fn flatshard_averager_step(
 /// save it with a checkpoint. 0 for NULL or a freed handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_get_step(a: *const flatshard_averager) -> u64 {
-    boundary_value(0, || handle::get::<Averager, _>(a, "a").map(|a| a.current_step()).unwrap_or(0))
+    // SAFETY: `a` is NULL or a handle from this library (C contract).
+    boundary_value(0, || unsafe { handle::get::<Averager, _>(a, "a") }.map(|a| a.current_step()).unwrap_or(0))
 }
 
 /// Resume a schedule: the next flatshard_averager_step runs step `step`
@@ -207,7 +223,8 @@ pub unsafe extern "C" fn flatshard_averager_get_step(a: *const flatshard_average
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_set_step(a: *mut flatshard_averager, step: u64) -> flatshard_status {
     boundary("flatshard_averager_set_step", || {
-        handle::get_mut::<Averager, _>(a, "a")?.set_step(step);
+        // SAFETY: `a` is NULL or a handle from this library, used by one thread.
+        unsafe { handle::get_mut::<Averager, _>(a, "a")? }.set_step(step);
         Ok(())
     })
 }
@@ -218,5 +235,6 @@ pub unsafe extern "C" fn flatshard_averager_set_step(a: *mut flatshard_averager,
 /// still using theirs get PEER_LOST, so free averagers on every rank together.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_averager_free(a: *mut flatshard_averager) {
-    boundary_value((), || handle::free::<Averager, _>(a));
+    // SAFETY: `a` is NULL or a handle from this library, freed once (C contract).
+    boundary_value((), || unsafe { handle::free::<Averager, _>(a) });
 }

@@ -211,7 +211,7 @@ pub unsafe extern "C" fn flatshard_comm_split(parent: *mut flatshard_comm, color
 /// A caller's buffer of `count` elements: NULL is refused unless it is empty.
 /// Only its address is kept; no Rust reference is made over caller memory
 /// here (the memory layer makes slices after its overlap checks).
-fn region(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<Region> {
+pub(crate) fn region(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<Region> {
     let bytes = dt.bytes(count, arg)?;
     if bytes > 0 {
         need(p, arg)?;
@@ -219,7 +219,7 @@ fn region(p: *const c_void, count: u64, dt: DType, arg: &str) -> Result<Region> 
     Ok(super::types::region_at(p, bytes))
 }
 
-fn times_size(c: &Comm, count_per_rank: u64) -> Result<u64> {
+pub(crate) fn times_size(c: &Comm, count_per_rank: u64) -> Result<u64> {
     count_per_rank.checked_mul(c.size() as u64).ok_or_else(|| Error::invalid_arg(format!("count_per_rank {count_per_rank} x {} ranks overflows", c.size())))
 }
 
@@ -329,9 +329,17 @@ pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatsha
 /// handle is invalid afterwards. Flat params and averagers built on it hold
 /// their own references and keep working; the communicator closes when the
 /// last of them is freed (then peers blocked on this rank get PEER_LOST).
-/// Rank 0's store lives until its last communicator is closed. Not
+/// Rank 0's store lives until its last communicator is closed. Queued
+/// asynchronous work (API §7) gets at most the communicator's timeout to
+/// finish, then is aborted (its work handles report ABORTED). Not
 /// thread-safe with other calls on the same handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_free(c: *mut flatshard_comm) {
-    boundary_value((), || handle::free::<Arc<Comm>, _>(c));
+    boundary_value((), || {
+        // API §7: queued work gets the timeout to finish, then is aborted.
+        if let Ok(comm) = comm_ref(c, "c") {
+            comm.drain_or_abort();
+        }
+        handle::free::<Arc<Comm>, _>(c)
+    });
 }

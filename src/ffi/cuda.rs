@@ -33,8 +33,10 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
 ) -> flatshard_status {
     boundary("flatshard_comm_init_nccl", || {
         need(out, "out")?;
-        let opts = super::comm::parse_options(opts)?;
-        let addr = super::comm::master_addr_arg(master_addr, world_size)?;
+        // SAFETY: the C contract: opts is NULL or a valid options struct,
+        // master_addr NULL (world 1) or a NUL-terminated string.
+        let opts = unsafe { super::comm::parse_options(opts)? };
+        let addr = unsafe { super::comm::master_addr_arg(master_addr, world_size)? };
         #[cfg(feature = "cuda")]
         {
             let c = Comm::init_nccl(&addr, master_port, rank, world_size, cuda_device, cuda_stream, opts)?;
@@ -87,5 +89,6 @@ pub unsafe extern "C" fn flatshard_comm_wrap_nccl(
 /// collectives complete before returning).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_synchronize(c: *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_comm_synchronize", || comm_ref(c, "c")?.synchronize())
+    // SAFETY: `c` is NULL or a handle from this library (C contract).
+    boundary("flatshard_comm_synchronize", || unsafe { comm_ref(c, "c") }?.synchronize())
 }

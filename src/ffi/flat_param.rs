@@ -10,8 +10,9 @@ use super::handle::{self, Kind};
 use super::{boundary, boundary_value, check_struct_size, need, types::*};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
+use crate::flat_param::shared::SharedFlatParam;
 use crate::flat_param::{FlatParam, FlatParamOptions, ParamInput, Sharding, UnshardOptions};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 /// Opaque flat parameter handle.
 pub struct flatshard_flat_param {
@@ -63,10 +64,11 @@ pub struct flatshard_unshard_options {
     pub with_grads: i32,
 }
 
-struct Handle {
-    fp: FlatParam,
-    comm: Arc<Comm>,
-    replicate: Option<Arc<Comm>>,
+/// The C handle: a flat param with its communicators and in-flight work
+/// (`crate::flat_param::shared`); calls that need the flat param go through
+/// `settled()`, which waits for that work first (API §7).
+pub(crate) struct Handle {
+    pub(crate) fp: SharedFlatParam,
 }
 
 impl Kind for Handle {
@@ -74,7 +76,7 @@ impl Kind for Handle {
     const NAME: &'static str = "flatshard_flat_param";
 }
 
-unsafe fn fp_mut<'a>(fp: *mut flatshard_flat_param) -> Result<&'a mut Handle> {
+pub(crate) unsafe fn fp_mut<'a>(fp: *mut flatshard_flat_param) -> Result<&'a mut Handle> {
     handle::get_mut::<Handle, _>(fp, "fp")
 }
 
@@ -147,7 +149,7 @@ pub unsafe extern "C" fn flatshard_flat_param_new(
             Err(e) => return Err(FlatParam::fail_new(&comm, e)),
         };
         let fp = FlatParam::new(&comm, replicate.as_deref(), &inputs, &o)?;
-        *out = handle::into_raw::<Handle, flatshard_flat_param>(Handle { fp, comm, replicate });
+        *out = handle::into_raw::<Handle, flatshard_flat_param>(Handle { fp: SharedFlatParam::new(fp, comm, replicate) });
         Ok(())
     })
 }
@@ -215,7 +217,7 @@ pub unsafe extern "C" fn flatshard_flat_param_shard(fp: *mut flatshard_flat_para
     boundary("flatshard_flat_param_shard", || {
         let h = fp_mut(fp)?;
         need(out, "out")?;
-        *out = tensor_to_c(&h.fp.shard());
+        *out = tensor_to_c(&h.fp.settled()?.shard());
         Ok(())
     })
 }
@@ -236,7 +238,7 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_view(
         let h = fp_mut(fp)?;
         need(out, "out")?;
         need(offset_in_param, "offset_in_param")?;
-        let (t, off) = h.fp.shard_view(i)?;
+        let (t, off) = h.fp.settled()?.shard_view(i)?;
         *out = tensor_to_c(&t);
         *offset_in_param = off;
         Ok(())
@@ -277,7 +279,9 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
     boundary("flatshard_flat_param_unshard", || {
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
-        h.fp.unshard(&h.comm, o)
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
+        fp.unshard(&comm, o)
     })
 }
 
@@ -294,7 +298,7 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
     boundary("flatshard_flat_param_view", || {
         let h = fp_mut(fp)?;
         need(out, "out")?;
-        *out = tensor_to_c(&h.fp.view(i)?);
+        *out = tensor_to_c(&h.fp.settled()?.view(i)?);
         Ok(())
     })
 }
@@ -313,7 +317,9 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
 pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_reshard", || {
         let h = fp_mut(fp)?;
-        h.fp.reshard(&h.comm)
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
+        fp.reshard(&comm)
     })
 }
 
@@ -329,7 +335,9 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_reduce_grads", || {
         let h = fp_mut(fp)?;
-        h.fp.reduce_grads(&h.comm, h.replicate.as_deref())
+        let (comm, rep) = (h.fp.comm().clone(), h.fp.replicate().cloned());
+        let mut fp = h.fp.settled()?;
+        fp.reduce_grads(&comm, rep.as_deref())
     })
 }
 
@@ -339,7 +347,9 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
     boundary("flatshard_flat_param_zero_grad", || {
         let h = fp_mut(fp)?;
-        h.fp.zero_grad(&h.comm)
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
+        fp.zero_grad(&comm)
     })
 }
 
@@ -347,7 +357,13 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
 /// view pointers become invalid). Local, not collective. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param) {
-    boundary_value((), || handle::free::<Handle, _>(fp));
+    boundary_value((), || {
+        // In-flight work first (API §7); its status stays with its work handle.
+        if let Ok(h) = fp_mut(fp) {
+            h.fp.wait_quiet();
+        }
+        handle::free::<Handle, _>(fp)
+    });
 }
 
 /// Average the shards of `fps[0..n]` in place over `replicate_comm` (the
@@ -365,17 +381,70 @@ pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flat
         }
         let n = usize::try_from(n).map_err(|_| Error::invalid_arg(format!("n: {n} is too large")))?;
         let ptrs: &[*mut flatshard_flat_param] = if n == 0 { &[] } else { std::slice::from_raw_parts(fps, n) };
-        let mut handles: Vec<&mut FlatParam> = Vec::with_capacity(n);
+        let mut guards: Vec<MutexGuard<'_, FlatParam>> = Vec::with_capacity(n);
         for (i, p) in ptrs.iter().enumerate() {
             if ptrs[..i].contains(p) {
                 return Err(Error::invalid_arg(format!("fps[{i}] repeats an earlier entry")));
             }
             let h = handle::get_mut::<Handle, _>(*p, &format!("fps[{i}]"))?;
-            if h.replicate.as_deref().is_some_and(|r| !std::ptr::eq(r, rc)) {
+            if h.fp.replicate().is_some_and(|r| !std::ptr::eq(&**r, rc)) {
                 return Err(Error::invalid_arg(format!("fps[{i}] was built with a different replicate_comm than the one passed here")));
             }
-            handles.push(&mut h.fp);
+            guards.push(h.fp.settled()?);
         }
+        let mut handles: Vec<&mut FlatParam> = guards.iter_mut().map(|g| &mut **g).collect();
         crate::averaging::average_flat_params(rc, &mut handles)
+    })
+}
+
+/// `flatshard_flat_param_unshard`, queued (API §7). Returns once the
+/// operation is queued; from then on the flat param counts as unsharded and
+/// flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _zero_grad
+/// and _free first wait for the work (and the first of them returns its
+/// error if it failed; the flat param is then sharded, its shard intact).
+/// The ranks compare (flat param, operation, options) before data moves:
+/// different sequences are MISMATCH on the work. `*out` (written only on
+/// success) owns a work handle (flatshard_work_free); it stays valid after
+/// the flat param is freed. Returns at once: INVALID_ARGUMENT (NULL, bad
+/// options), INVALID_STATE (already unsharded, or unshard/reduce_grads work
+/// in flight), ABORTED (communicator poisoned). Peer errors come from
+/// flatshard_work_wait. On an NCCL communicator the unshard runs during the
+/// call (stream-ordered, complete on return). Not thread-safe on one fp.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
+    fp: *mut flatshard_flat_param,
+    opts: *const flatshard_unshard_options,
+    out: *mut *mut super::work::flatshard_work,
+) -> flatshard_status {
+    boundary("flatshard_flat_param_unshard_async", || {
+        need(out, "out")?;
+        let h = fp_mut(fp)?;
+        let o = unshard_opts(opts)?;
+        super::work::publish_work(h.fp.unshard_async(o)?, out);
+        Ok(())
+    })
+}
+
+/// `flatshard_flat_param_reduce_grads`, queued (API §7): first waits for
+/// the flat param's earlier in-flight work (returning its error), then
+/// queues the reduction. Until the work finished the full gradients belong
+/// to the library; flatshard_flat_param_reshard, _shard, _view and _free
+/// wait for it. A failed reduction leaves the shard gradient (and the full
+/// gradient) as they were. `*out` as in flatshard_flat_param_unshard_async.
+/// Returns at once: INVALID_ARGUMENT (NULL), INVALID_STATE (sharded, or
+/// unsharded as a summon), ABORTED (communicator poisoned); peer errors come
+/// from flatshard_work_wait. On an NCCL communicator, and for HYBRID_SHARD,
+/// the reduction runs during the call (complete on return). Not thread-safe
+/// on one fp.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_reduce_grads_async(
+    fp: *mut flatshard_flat_param,
+    out: *mut *mut super::work::flatshard_work,
+) -> flatshard_status {
+    boundary("flatshard_flat_param_reduce_grads_async", || {
+        need(out, "out")?;
+        let h = fp_mut(fp)?;
+        super::work::publish_work(h.fp.reduce_grads_async()?, out);
+        Ok(())
     })
 }

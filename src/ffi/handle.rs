@@ -5,6 +5,9 @@
 
 use crate::error::{Error, Result};
 
+/// `repr(C)`: the tag is the first field whatever `T` is, so the tag of any
+/// handle can be read before knowing what it points to.
+#[repr(C)]
 pub(crate) struct Tagged<T> {
     tag: u64,
     pub inner: T,
@@ -19,35 +22,67 @@ pub(crate) fn into_raw<T: Kind, H>(inner: T) -> *mut H {
     Box::into_raw(Box::new(Tagged { tag: T::TAG, inner })) as *mut H
 }
 
-/// Borrow the object behind a handle, checking NULL and the tag.
-pub(crate) unsafe fn get<'a, T: Kind, H>(p: *const H, arg: &str) -> Result<&'a T> {
+/// Is `p` a live handle of kind `T`? NULL → INVALID_ARGUMENT naming `arg`.
+///
+/// # Safety
+/// `p` is NULL or points to a handle made by `into_raw` (of any kind) that
+/// has not been deallocated: its first 8 bytes are readable.
+unsafe fn check<T: Kind, H>(p: *const H, arg: &str) -> Result<()> {
     if p.is_null() {
         return Err(Error::invalid_arg(format!("{arg} is NULL")));
     }
-    let t = &*(p as *const Tagged<T>);
-    if t.tag != T::TAG {
+    // SAFETY: our contract; `Tagged` is repr(C), so its tag is the first 8
+    // bytes for every kind, read without assuming which kind it is.
+    let tag = unsafe { (p as *const u64).read() };
+    if tag != T::TAG {
         return Err(Error::invalid_arg(format!("{arg} is not a live {} (already freed, or another kind of handle)", T::NAME)));
     }
-    Ok(&t.inner)
+    Ok(())
 }
 
+/// Borrow the object behind a handle, checking NULL and the tag.
+///
+/// # Safety
+/// As `check`; and no `&mut` to the object may be alive for `'a`.
+pub(crate) unsafe fn get<'a, T: Kind, H>(p: *const H, arg: &str) -> Result<&'a T> {
+    // SAFETY: our contract.
+    unsafe { check::<T, H>(p, arg)? };
+    // SAFETY: the tag says p is a live Tagged<T> made by into_raw.
+    Ok(unsafe { &(*(p as *const Tagged<T>)).inner })
+}
+
+/// Borrow the object behind a handle mutably, checking NULL and the tag.
+///
+/// # Safety
+/// As `check`; and no other reference to the object may be alive for `'a`
+/// (the C contract: a non-const handle is used from one thread at a time).
 pub(crate) unsafe fn get_mut<'a, T: Kind, H>(p: *mut H, arg: &str) -> Result<&'a mut T> {
-    get::<T, H>(p, arg)?;
-    Ok(&mut (*(p as *mut Tagged<T>)).inner)
+    // SAFETY: our contract.
+    unsafe { check::<T, H>(p, arg)? };
+    // SAFETY: the tag says p is a live Tagged<T> made by into_raw; exclusive by our contract.
+    Ok(unsafe { &mut (*(p as *mut Tagged<T>)).inner })
 }
 
 /// Free a handle: NULL is a no-op; a handle whose tag is gone is ignored.
+///
+/// # Safety
+/// As `check`; no reference to the object may be alive.
 pub(crate) unsafe fn free<T: Kind, H>(p: *mut H) {
-    if p.is_null() {
+    // SAFETY: our contract.
+    if let Err(e) = unsafe { check::<T, H>(p, "handle") } {
+        if !p.is_null() {
+            crate::log::warn(usize::MAX, &format!("{}_free: {p:p}: {} (double free?); ignored", T::NAME, e.msg));
+        }
         return;
     }
     let t = p as *mut Tagged<T>;
-    if (*t).tag != T::TAG {
-        crate::log::warn(usize::MAX, &format!("{}_free: handle {p:p} is not live (double free?); ignored", T::NAME));
-        return;
+    // SAFETY: a live Tagged<T> from Box::into_raw (tag checked), freed once:
+    // the tag is cleared first so a second free of the same pointer is
+    // usually caught while the block is not yet reused.
+    unsafe {
+        (*t).tag = 0;
+        drop(Box::from_raw(t));
     }
-    (*t).tag = 0;
-    drop(Box::from_raw(t));
 }
 
 #[cfg(test)]

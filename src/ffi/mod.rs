@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod flat_param;
 pub mod handle;
 pub mod types;
+pub mod work;
 
 use crate::error::{Error, ErrorKind, Result};
 use std::cell::RefCell;
@@ -89,11 +90,17 @@ pub(crate) fn need<T>(p: *const T, name: &str) -> Result<()> {
 }
 
 /// An optional C string argument.
+///
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
 pub(crate) unsafe fn opt_str(p: *const c_char, name: &str) -> Result<Option<String>> {
     if p.is_null() {
         return Ok(None);
     }
-    CStr::from_ptr(p).to_str().map(|s| Some(s.to_string())).map_err(|_| Error::invalid_arg(format!("{name} is not valid UTF-8")))
+    // SAFETY: the C caller passes a NUL-terminated string (each export's
+    // documented contract); NULL was handled above.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str().map(|s| Some(s.to_string())).map_err(|_| Error::invalid_arg(format!("{name} is not valid UTF-8")))
 }
 
 /// Check an options struct's `struct_size`: 0 or a size this library knows.

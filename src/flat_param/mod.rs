@@ -17,6 +17,7 @@
 //! seeing every chunk go by, which the ring/shm broadcast forwards anyway).
 
 pub mod layout;
+pub mod shared;
 
 use crate::agree;
 use crate::comm::Comm;
@@ -498,13 +499,7 @@ impl FlatParam {
     /// Materialise the full parameter. Collective over `comm` (except
     /// NO_SHARD / world 1 without grads). INVALID_STATE if already unsharded.
     pub fn unshard(&mut self, comm: &Comm, opts: UnshardOptions) -> Result<()> {
-        self.check_comm(comm, "unshard")?;
-        if self.state.is_some() {
-            return Err(Error::invalid_state(format!(
-                "unshard: rank {}: the flat param is already unsharded; call flatshard_flat_param_reshard first (unshard does not nest)",
-                self.rank()
-            )));
-        }
+        self.check_unshard(comm)?;
         let training = !opts.writeback && !opts.rank0_only;
         let dt = if training { self.opts.param_dtype.unwrap_or(self.dtype) } else { self.dtype };
         let place = if opts.offload_to_cpu && !self.place.is_host() { Place::Pinned } else { self.place };
@@ -558,6 +553,19 @@ impl FlatParam {
         }
         ops.finish()?;
         self.state = Some(Unsharded { opts, dtype: dt, place, full, grad });
+        Ok(())
+    }
+
+    /// The argument and state checks of `unshard` (its `_async` form runs
+    /// them on the caller's thread).
+    pub fn check_unshard(&self, comm: &Comm) -> Result<()> {
+        self.check_comm(comm, "unshard")?;
+        if self.state.is_some() {
+            return Err(Error::invalid_state(format!(
+                "unshard: rank {}: the flat param is already unsharded; call flatshard_flat_param_reshard first (unshard does not nest)",
+                self.rank()
+            )));
+        }
         Ok(())
     }
 
@@ -733,11 +741,9 @@ impl FlatParam {
         Ok(())
     }
 
-    /// Training: average the full gradients over the sharding ranks (and over
-    /// `replicate` for HYBRID_SHARD) and add this rank's range into the shard
-    /// gradient; the full gradient is zeroed afterwards, so a second call adds
-    /// nothing. Collective. INVALID_STATE unless unsharded for training.
-    pub fn reduce_grads(&mut self, comm: &Comm, replicate: Option<&Comm>) -> Result<()> {
+    /// The argument and state checks of `reduce_grads` (its `_async` form
+    /// runs them on the caller's thread).
+    pub fn check_reduce_grads(&self, comm: &Comm, replicate: Option<&Comm>) -> Result<()> {
         self.check_comm(comm, "reduce_grads")?;
         let rank = self.rank();
         let hybrid = self.opts.sharding == Sharding::HybridShard;
@@ -752,8 +758,7 @@ impl FlatParam {
                 }
             }
         }
-        let padded = self.layout.padded_numel();
-        let st = self.state.as_mut().ok_or_else(|| {
+        let st = self.state.as_ref().ok_or_else(|| {
             Error::invalid_state(format!(
                 "reduce_grads: rank {rank}: the flat param is sharded; call flatshard_flat_param_unshard, write the gradients into the views' grad pointers, then reduce_grads"
             ))
@@ -764,6 +769,18 @@ impl FlatParam {
                  reshard, then unshard with both off"
             )));
         }
+        Ok(())
+    }
+
+    /// Training: average the full gradients over the sharding ranks (and over
+    /// `replicate` for HYBRID_SHARD) and add this rank's range into the shard
+    /// gradient; the full gradient is zeroed afterwards, so a second call adds
+    /// nothing. Collective. INVALID_STATE unless unsharded for training.
+    pub fn reduce_grads(&mut self, comm: &Comm, replicate: Option<&Comm>) -> Result<()> {
+        self.check_reduce_grads(comm, replicate)?;
+        let padded = self.layout.padded_numel();
+        let hybrid = self.opts.sharding == Sharding::HybridShard;
+        let Some(st) = self.state.as_mut() else { return Err(Error::internal("reduce_grads: checked unsharded")) };
         if matches!(st.grad, FullGrad::Lazy) {
             // No view was taken here: this rank contributes zeros.
             st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
@@ -776,7 +793,6 @@ impl FlatParam {
         let mut ops = Ops::new(comm);
         let send = ops.temp_buf(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
         ops.convert(g, gd, send, rd)?;
-        ops.fill0(g)?;
         let c = self.layout.chunk;
         let mine = if self.sharded() {
             let r = ops.temp_buf(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
@@ -791,6 +807,9 @@ impl FlatParam {
         }
         let add = ops.temp_buf(self.place, self.shard.len(), "the reduced gradient")?;
         ops.convert(mine, rd, add, self.dtype)?;
+        // Only now that every collective succeeded do the full and shard
+        // gradients change: a failed call (e.g. MISMATCH) leaves both as they were.
+        ops.fill0(g)?;
         let dt = self.dtype;
         let dst = self.shard_grad_or_zeros()?;
         ops.add(dst, add, dt)?;

@@ -1,0 +1,274 @@
+//! `flatshard-bench --ops train_step`: an FSDP training step of L flat
+//! params, each layer's compute modelled as a sleep (a GPU kernel leaves the
+//! host CPU free), blocking and asynchronous in the same run (API §7):
+//!
+//! - blocking: forward unshard → compute → reshard per layer; backward
+//!   unshard → compute → reduce_grads → reshard per layer;
+//! - async: forward prefetches layers l+1..l+D with `unshard_async` while
+//!   layer l computes (D = --prefetch, default 2 like FSDP's
+//!   limit_all_gathers); backward prefetches layers l−1..l−D and runs
+//!   `reduce_grads_async` of layer l while layer l−1 computes (reshard lags
+//!   one layer).
+//!
+//! A layer's backward computes twice as long as its forward (the usual FLOP
+//! ratio: gradients for inputs and weights), so compute = 3·L·sleep, and
+//! per layer the forward hides one gather, the backward a gather and a
+//! reduce-scatter. comm-only = the blocking step without sleeps.
+//! Rank 0 prints one JSON line (the torch_baseline.py format plus the step
+//! figures); overlap efficiency = max(compute, comm) / async step.
+//! It also prints the 4 KiB shm/tcp all_reduce latency before the first
+//! asynchronous call and with an idle progress thread (same run).
+
+use flatshard::ffi::comm::*;
+use flatshard::ffi::flat_param::*;
+use flatshard::ffi::types::*;
+use flatshard::ffi::work::*;
+use flatshard::ffi::{flatshard_last_error, flatshard_status};
+use std::ffi::{c_void, CStr};
+use std::ptr::null_mut;
+use std::time::{Duration, Instant};
+
+pub struct Cfg {
+    pub layers: usize,
+    pub layer_bytes: usize,
+    /// Forward compute per layer (backward: twice); None = match the
+    /// measured comm-only time.
+    pub compute_ms: Option<f64>,
+    pub iters: usize,
+    pub transport: i32,
+    /// Prefetch depth (unshards in flight ahead of the layer computing).
+    pub prefetch: usize,
+}
+
+fn check(s: flatshard_status, what: &str) -> Result<(), String> {
+    if s == flatshard_status::FLATSHARD_OK {
+        return Ok(());
+    }
+    // SAFETY: flatshard_last_error returns a valid NUL-terminated string.
+    let msg = unsafe { CStr::from_ptr(flatshard_last_error()) }.to_string_lossy().into_owned();
+    Err(format!("{what}: {s:?}: {msg}"))
+}
+
+struct Model {
+    c: *mut flatshard_comm,
+    fps: Vec<*mut flatshard_flat_param>,
+    /// Gathers in flight ahead of compute (FSDP's limit_all_gathers keeps 2).
+    depth: usize,
+}
+
+impl Model {
+    fn view(&self, l: usize) -> Result<flatshard_tensor, String> {
+        // SAFETY: a zeroed tensor is a valid out-param; fps are live handles.
+        let mut t: flatshard_tensor = unsafe { std::mem::zeroed() };
+        check(unsafe { flatshard_flat_param_view(self.fps[l], 0, &mut t) }, "view")?;
+        Ok(t)
+    }
+
+    fn compute(d: Duration) {
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// Backward writes a gradient (touches the first element; the rest is the
+    /// zero-filled buffer, as a kernel would fill it on a device).
+    fn backward(&self, l: usize, d: Duration) -> Result<(), String> {
+        let t = self.view(l)?;
+        Self::compute(2 * d);
+        // SAFETY: the view's grad holds numel f32 elements (training unshard).
+        unsafe { *(t.grad as *mut f32) += 1.0 };
+        Ok(())
+    }
+
+    fn blocking_step(&self, d: Duration) -> Result<(), String> {
+        let n = self.fps.len();
+        // SAFETY (all calls below): live handles; NULL options mean defaults.
+        unsafe {
+            for l in 0..n {
+                check(flatshard_flat_param_unshard(self.fps[l], std::ptr::null()), "unshard")?;
+                self.view(l)?;
+                Self::compute(d);
+                check(flatshard_flat_param_reshard(self.fps[l]), "reshard")?;
+            }
+            for l in (0..n).rev() {
+                check(flatshard_flat_param_unshard(self.fps[l], std::ptr::null()), "unshard")?;
+                self.backward(l, d)?;
+                check(flatshard_flat_param_reduce_grads(self.fps[l]), "reduce_grads")?;
+                check(flatshard_flat_param_reshard(self.fps[l]), "reshard")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn async_step(&self, d: Duration) -> Result<(), String> {
+        let n = self.fps.len();
+        let mut works = Vec::with_capacity(4 * n);
+        let mut issue = |f: &dyn Fn(*mut *mut flatshard_work) -> flatshard_status, what: &str| -> Result<(), String> {
+            let mut w = null_mut();
+            check(f(&mut w), what)?;
+            works.push(w);
+            Ok(())
+        };
+        let depth = self.depth;
+        // SAFETY (all calls below): live handles; NULL options mean defaults.
+        unsafe {
+            for l in 0..depth.min(n) {
+                issue(&|w| flatshard_flat_param_unshard_async(self.fps[l], std::ptr::null(), w), "unshard_async")?;
+            }
+            for l in 0..n {
+                if l + depth < n {
+                    issue(&|w| flatshard_flat_param_unshard_async(self.fps[l + depth], std::ptr::null(), w), "unshard_async")?;
+                }
+                self.view(l)?; // waits for its gather
+                Self::compute(d);
+                check(flatshard_flat_param_reshard(self.fps[l]), "reshard")?;
+            }
+            for l in (n.saturating_sub(depth)..n).rev() {
+                issue(&|w| flatshard_flat_param_unshard_async(self.fps[l], std::ptr::null(), w), "unshard_async")?;
+            }
+            for l in (0..n).rev() {
+                if l >= depth {
+                    issue(&|w| flatshard_flat_param_unshard_async(self.fps[l - depth], std::ptr::null(), w), "unshard_async")?;
+                }
+                self.backward(l, d)?;
+                issue(&|w| flatshard_flat_param_reduce_grads_async(self.fps[l], w), "reduce_grads_async")?;
+                if l + 1 < n {
+                    // waits for its reduction, issued one layer ago
+                    check(flatshard_flat_param_reshard(self.fps[l + 1]), "reshard")?;
+                }
+            }
+            check(flatshard_flat_param_reshard(self.fps[0]), "reshard")?;
+            for w in works {
+                check(flatshard_work_wait(w), "work")?;
+                flatshard_work_free(w);
+            }
+        }
+        Ok(())
+    }
+
+    /// For each of `fs`: max over ranks of the median of `iters` timed runs,
+    /// after one warm-up each. The runs are interleaved (f0, f1, ..., f0, f1,
+    /// ...), so every variant sees the same phases of a noisy machine.
+    fn time(&self, iters: usize, fs: &[&dyn Fn() -> Result<(), String>]) -> Result<Vec<f64>, String> {
+        for f in fs {
+            f()?;
+        }
+        let mut ts = vec![Vec::with_capacity(iters); fs.len()];
+        for _ in 0..iters {
+            for (i, f) in fs.iter().enumerate() {
+                // SAFETY: live comm.
+                check(unsafe { flatshard_barrier(self.c) }, "barrier")?;
+                let t = Instant::now();
+                f()?;
+                ts[i].push(t.elapsed().as_secs_f64());
+            }
+        }
+        let mut m: Vec<f64> = ts
+            .iter_mut()
+            .map(|v| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            })
+            .collect();
+        // SAFETY: m.len() f64 on a live comm.
+        check(unsafe { flatshard_all_reduce(self.c, m.as_mut_ptr() as *mut c_void, m.len() as u64, DtypeArg(1), ReduceOpArg(3)) }, "max")?;
+        Ok(m)
+    }
+}
+
+/// Median latency of a blocking 4 KiB all_reduce.
+fn latency_4k(c: *mut flatshard_comm, iters: usize) -> Result<f64, String> {
+    let mut x = vec![1f32; 1024];
+    let mut ts = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        // SAFETY: 1024 f32 on a live comm.
+        check(unsafe { flatshard_all_reduce(c, x.as_mut_ptr() as *mut c_void, 1024, DtypeArg(0), ReduceOpArg(0)) }, "all_reduce 4K")?;
+        ts.push(t.elapsed().as_secs_f64());
+        x.iter_mut().for_each(|v| *v = 1.0);
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    Ok(ts[ts.len() / 2])
+}
+
+pub fn run(cfg: &Cfg) -> Result<(), String> {
+    // SAFETY: zeroed options, then init; out-pointers are valid.
+    let c = unsafe {
+        let mut o: flatshard_comm_options = std::mem::zeroed();
+        flatshard_comm_options_init(&mut o);
+        o.transport = TransportArg(cfg.transport);
+        let mut c = null_mut();
+        check(flatshard_comm_init_from_env(&o, &mut c), "comm init")?;
+        c
+    };
+    // SAFETY: live comm.
+    let (rank, world) = unsafe { (flatshard_comm_rank(c) as usize, flatshard_comm_size(c) as usize) };
+    // 4 KiB latency before any asynchronous call (no progress thread yet)
+    latency_4k(c, 200)?;
+    let lat_before = latency_4k(c, 2000)?;
+
+    let numel = cfg.layer_bytes / 4;
+    let mut fps = Vec::with_capacity(cfg.layers);
+    for l in 0..cfg.layers {
+        let mut w: Vec<f32> = (0..numel).map(|i| ((i + l + rank) % 13) as f32).collect();
+        let t = flatshard_tensor {
+            data: w.as_mut_ptr() as *mut c_void,
+            grad: null_mut(),
+            numel: numel as u64,
+            dtype: DtypeArg(0),
+            device: flatshard_device { r#type: DeviceTypeArg(0), index: 0 },
+        };
+        let mut fp = null_mut();
+        // SAFETY: one valid tensor; the flat param copies its shard out.
+        check(unsafe { flatshard_flat_param_new(c, &t, 1, std::ptr::null(), &mut fp) }, "flat_param_new")?;
+        fps.push(fp);
+    }
+    let m = Model { c, fps, depth: cfg.prefetch };
+    // calibration: the comm-only step sets the sleep (compute ≈ comm)
+    let comm_only = m.time(3, &[&|| m.blocking_step(Duration::ZERO)])?[0];
+    // compute ≈ comm unless given: the same sleep on every rank (rank 0's choice)
+    let mut per_layer = [cfg.compute_ms.map_or(comm_only / (3 * cfg.layers) as f64, |ms| ms / 1e3)];
+    // SAFETY: one f64 on a live comm.
+    check(unsafe { flatshard_broadcast(c, per_layer.as_mut_ptr() as *mut c_void, 1, DtypeArg(1), 0) }, "broadcast sleep")?;
+    let d = Duration::from_secs_f64(per_layer[0]);
+    let compute = 3.0 * cfg.layers as f64 * per_layer[0];
+    let t = m.time(cfg.iters, &[&|| m.blocking_step(Duration::ZERO), &|| m.blocking_step(d), &|| m.async_step(d)])?;
+    let (comm_only, blocking, asynch) = (t[0], t[1], t[2]);
+    // 4 KiB latency again, now with an idle progress thread
+    latency_4k(c, 200)?;
+    let lat_after = latency_4k(c, 2000)?;
+    let mut lat = [lat_before, lat_after];
+    // SAFETY: two f64 on a live comm (max over ranks).
+    check(unsafe { flatshard_all_reduce(c, lat.as_mut_ptr() as *mut c_void, 2, DtypeArg(1), ReduceOpArg(3)) }, "max")?;
+    if rank == 0 {
+        let transport = match cfg.transport {
+            1 => "tcp",
+            2 => "shm",
+            _ => "auto",
+        };
+        println!(
+            r#"{{"impl": "flatshard-{transport}", "op": "train_step", "world": {world}, "bytes": {}, "dtype": "f32", "layers": {}, "layer_bytes": {}, "prefetch": {}, "forward_compute_per_layer_s": {:.6}, "compute_s": {:.6}, "comm_s": {:.6}, "blocking_step_s": {:.6}, "async_step_s": {:.6}, "median_s": {:.6}, "overlap_efficiency": {:.3}, "async_over_blocking": {:.3}, "all_reduce_4K_s_before_async": {:.7}, "all_reduce_4K_s_with_progress_thread": {:.7}}}"#,
+            cfg.layers * cfg.layer_bytes,
+            cfg.layers,
+            cfg.layer_bytes,
+            cfg.prefetch,
+            per_layer[0],
+            compute,
+            comm_only,
+            blocking,
+            asynch,
+            asynch,
+            compute.max(comm_only) / asynch,
+            asynch / blocking,
+            lat[0],
+            lat[1],
+        );
+    }
+    for fp in m.fps {
+        // SAFETY: each handle freed once.
+        unsafe { flatshard_flat_param_free(fp) };
+    }
+    // SAFETY: freed once, last.
+    unsafe { flatshard_comm_free(c) };
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! A flat param with asynchronous operations (API §7): `unshard_async` and
+//! `reduce_grads_async` hand the flat param to the communicator's progress
+//! thread, and every other call first waits for that work (`settled`).
+//!
+//! The flat param lives behind an `Arc<Mutex<_>>`: the queued job holds one
+//! reference and the lock while it runs, the caller's calls take the lock
+//! only after the in-flight work finished, so the two never touch it at the
+//! same time (the lock is then uncontended). The job's reference is dropped
+//! before the work's status is published, so after `settled` the caller is
+//! the only owner again.
+//!
+//! Before an asynchronous operation moves data the ranks agree on (flat
+//! param, operation, options) through `crate::agree`: ranks that issued
+//! different sequences (e.g. unshard of two flat params of the same shape)
+//! get MISMATCH on the work instead of exchanging the wrong buffers.
+
+use super::{FlatParam, UnshardOptions};
+use crate::comm::progress::{is_call_error, Work};
+use crate::comm::Comm;
+use crate::error::{Error, Result};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A flat param, the communicators it was built on, and its in-flight work.
+pub struct SharedFlatParam {
+    fp: Arc<Mutex<FlatParam>>,
+    comm: Arc<Comm>,
+    replicate: Option<Arc<Comm>>,
+    /// The last asynchronous operation issued on it, until a call waits for it.
+    inflight: Option<Work>,
+    /// Same on every rank that built its flat params in the same order.
+    id: u64,
+    /// numel, padded numel, shard numel (read without waiting).
+    sizes: [u64; 3],
+}
+
+const UNSHARD: u64 = 1;
+const REDUCE_GRADS: u64 = 2;
+
+fn option_bits(o: &UnshardOptions) -> u64 {
+    o.writeback as u64 | (o.rank0_only as u64) << 1 | (o.offload_to_cpu as u64) << 2 | (o.with_grads as u64) << 3
+}
+
+/// Compare (flat param, operation, options) across the ranks of `comm`.
+fn agree_op(comm: &Comm, id: u64, op: u64, options: u64) -> Result<()> {
+    let fields = [("flat param (creation order)", id), ("operation (1 unshard_async, 2 reduce_grads_async)", op), ("unshard options", options)];
+    crate::agree::agree(comm, "asynchronous flat-param operation", fields.len(), Ok(&fields))
+}
+
+/// Work that ran during the call (NCCL, HYBRID_SHARD): argument and state
+/// errors are the call's, the others the work's.
+fn ran_now(r: Result<()>) -> Result<Work> {
+    match r {
+        Err(e) if is_call_error(&e) => Err(e),
+        r => Ok(Work::finished(r)),
+    }
+}
+
+impl SharedFlatParam {
+    pub fn new(fp: FlatParam, comm: Arc<Comm>, replicate: Option<Arc<Comm>>) -> SharedFlatParam {
+        let sizes = [fp.numel(), fp.padded_numel(), fp.shard_numel()];
+        let id = comm.next_object_id();
+        SharedFlatParam { fp: Arc::new(Mutex::new(fp)), comm, replicate, inflight: None, id, sizes }
+    }
+
+    pub fn comm(&self) -> &Arc<Comm> {
+        &self.comm
+    }
+    pub fn replicate(&self) -> Option<&Arc<Comm>> {
+        self.replicate.as_ref()
+    }
+    pub fn numel(&self) -> u64 {
+        self.sizes[0]
+    }
+    pub fn padded_numel(&self) -> u64 {
+        self.sizes[1]
+    }
+    pub fn shard_numel(&self) -> u64 {
+        self.sizes[2]
+    }
+
+    /// The flat param, after its in-flight work (if any) finished. Returns
+    /// that work's error if it failed and nobody was told yet (API §7); the
+    /// flat param then is as the failure left it (sharded after a failed
+    /// unshard, gradients unchanged after a failed reduction).
+    pub fn settled(&mut self) -> Result<MutexGuard<'_, FlatParam>> {
+        if let Some(w) = self.inflight.take() {
+            w.settle()?;
+        }
+        Ok(self.fp.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Wait for in-flight work without reporting its status (free).
+    pub fn wait_quiet(&mut self) {
+        if let Some(w) = self.inflight.take() {
+            let _ = w.wait_quiet();
+        }
+    }
+
+    /// Queue an unshard. From now on the flat param counts as unsharded:
+    /// INVALID_STATE if it is, or if an unshard or reduction is in flight.
+    pub fn unshard_async(&mut self, o: UnshardOptions) -> Result<Work> {
+        match &self.inflight {
+            Some(w) if !w.is_finished() => {
+                return Err(Error::invalid_state(format!(
+                    "unshard_async: rank {}: the flat param counts as unsharded (an unshard_async or reduce_grads_async is in flight); reshard it first",
+                    self.comm.rank()
+                )))
+            }
+            _ => {}
+        }
+        let comm = self.comm.clone();
+        let mut g = self.settled()?;
+        g.check_unshard(&comm)?;
+        comm.check_usable()?;
+        let w = if comm.is_device() {
+            // Stream-ordered already: run now, complete on return.
+            let r = g.unshard(&comm, o);
+            drop(g);
+            ran_now(r)?
+        } else {
+            drop(g);
+            let (fp, c, id) = (self.fp.clone(), comm.clone(), self.id);
+            comm.submit(Box::new(move || {
+                agree_op(&c, id, UNSHARD, option_bits(&o))?;
+                fp.lock().unwrap_or_else(|p| p.into_inner()).unshard(&c, o)
+            }))?
+        };
+        self.inflight = Some(w.clone());
+        Ok(w)
+    }
+
+    /// Queue a gradient reduction (after waiting for earlier in-flight work,
+    /// whose error it returns). HYBRID_SHARD and NCCL run it during the call:
+    /// the replicate communicator keeps its own order, NCCL its stream's.
+    pub fn reduce_grads_async(&mut self) -> Result<Work> {
+        let (comm, rep) = (self.comm.clone(), self.replicate.clone());
+        let mut g = self.settled()?;
+        g.check_reduce_grads(&comm, rep.as_deref())?;
+        comm.check_usable()?;
+        let w = if comm.is_device() || rep.is_some() {
+            let r = g.reduce_grads(&comm, rep.as_deref());
+            drop(g);
+            ran_now(r)?
+        } else {
+            drop(g);
+            let (fp, c, id) = (self.fp.clone(), comm.clone(), self.id);
+            comm.submit(Box::new(move || {
+                agree_op(&c, id, REDUCE_GRADS, 0)?;
+                fp.lock().unwrap_or_else(|p| p.into_inner()).reduce_grads(&c, None)
+            }))?
+        };
+        self.inflight = Some(w.clone());
+        Ok(w)
+    }
+}
