@@ -3,6 +3,10 @@
 //!
 //! The Rust API lives in the modules below; `ffi` is the C ABI on top of it.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+// Every unsafe block says why it is sound (clippy -D warnings in the test command).
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod agree;
 pub mod averaging;
 pub mod comm;

@@ -24,6 +24,8 @@
 //! median_s = the largest per-rank median, busbw = algbw × the nccl-tests
 //! factor, peak_rss_bytes = rank 0's peak RSS so far (getrusage).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 #[path = "bench_parts/train_step.rs"]
 mod train_step;
 
@@ -305,7 +307,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
 }
 
 fn peak_rss_bytes() -> u64 {
+    // SAFETY: rusage is plain data; all-zero is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a writable rusage struct.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     ru.ru_maxrss as u64 * 1024 // kilobytes on Linux
 }

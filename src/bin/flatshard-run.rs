@@ -12,6 +12,8 @@
 //! grace period) and the launcher exits with the failed rank's code
 //! (128 + signal for a rank killed by a signal).
 
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -131,6 +133,7 @@ fn signal_all(children: &[Child], done: &[Option<ExitStatus>], sig: libc::c_int)
     for (ch, d) in children.iter().zip(done) {
         if d.is_none() {
             // The rank leads its own process group: reach its children too.
+            // SAFETY: kill takes plain integers; a stale group id only fails.
             unsafe { libc::kill(-(ch.id() as libc::pid_t), sig) };
         }
     }
@@ -153,6 +156,8 @@ fn main() {
         Err(e) => fail(&format!("cannot find a free port: {e}")),
     };
     let token = fresh_token().unwrap_or_else(|e| fail(&format!("cannot read /dev/urandom: {e}")));
+    // SAFETY: on_signal is an extern "C" handler that only stores to an atomic
+    // (async-signal-safe).
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);

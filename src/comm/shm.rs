@@ -84,6 +84,8 @@ struct Seg {
 // SAFETY: the mapping is shared memory that lives as long as `Seg`; all
 // cross-process synchronisation goes through the atomics in its header.
 unsafe impl Send for Seg {}
+// SAFETY: as for Send: shared access only through the header's atomics and
+// the slot protocol (a rank writes its own slot, peers read after its flag).
 unsafe impl Sync for Seg {}
 
 impl Seg {
@@ -170,6 +172,7 @@ fn map_segment(name: &CString, len: usize, create: bool) -> Result<Seg> {
         } else {
             // SAFETY: st is plain data filled by fstat.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: a live fd and a writable stat struct.
             if unsafe { libc::fstat(fd, &mut st) } != 0 {
                 return Err(os_err("fstat", &shown));
             }

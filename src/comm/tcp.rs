@@ -574,10 +574,12 @@ impl RingRun<'_> {
             // SAFETY (both arms): `dst` has `len` writable bytes and got < len;
             // the window offset got % cap is inside `tmp` (cap bytes).
             let (ptr, room) = match r.kind {
+                // SAFETY: as above (got < len).
                 RecvKind::Into(dst) => (unsafe { dst.add(got) }, r.len - got),
                 RecvKind::Reduce { .. } => {
                     let off = got % cap;
                     // never overwrite window bytes not yet reduced
+                    // SAFETY: as above (off < cap).
                     (unsafe { self.tmp.add(off) }, (r.len - got).min(cap - off).min(done + cap - got))
                 }
             };
@@ -688,8 +690,12 @@ impl Backend for TcpBackend {
             let mut sc = self.scratch(nbytes * (w - 1))?;
             let sp = sc.as_mut_ptr();
             let slot_of = |p: usize| if p < r { p } else { p - 1 };
-            self.exchange(&desc, &|_| (bp as *const u8, nbytes), &|p| (unsafe { sp.add(slot_of(p) * nbytes) }, nbytes), "all_reduce")?;
+            // SAFETY (pointer arithmetic below): the scratch holds w - 1 slots of
+            // nbytes; slot_of(p) < w - 1 for every peer p.
+            self.exchange(&desc, &|_| (bp as *const u8, nbytes), &|p| (sp.wrapping_add(slot_of(p) * nbytes), nbytes), "all_reduce")?;
+            // SAFETY: as above.
             let srcs: Vec<*const u8> = (0..w).map(|p| if p == r { bp as *const u8 } else { unsafe { sp.add(slot_of(p) * nbytes) as *const u8 } }).collect();
+            // SAFETY: every source is nbytes of live memory (ours and the peers' slots), bp is ours.
             unsafe { reduce::reduce_n_raw(bp, &srcs, nbytes / es, dt, op, 0.0) };
             return Ok(());
         }
@@ -706,7 +712,9 @@ impl Backend for TcpBackend {
         recv[r * cb..(r + 1) * cb].copy_from_slice(send);
         let rp = recv.as_mut_ptr();
         if cb <= SMALL_BYTES {
+            // SAFETY: recv holds w blocks of cb bytes; r, p < w.
             let own = unsafe { rp.add(r * cb) as *const u8 };
+            // SAFETY: as above.
             return self.exchange(&desc, &|_| (own, cb), &|p| (unsafe { rp.add(p * cb) }, cb), "all_gather");
         }
         self.exchange(&desc, &|_| (std::ptr::null(), 0), &|_| (std::ptr::null_mut(), 0), "all_gather")?;
@@ -723,9 +731,13 @@ impl Backend for TcpBackend {
             let mut sc = self.scratch(cb * (w - 1))?;
             let tp = sc.as_mut_ptr();
             let slot_of = |p: usize| if p < r { p } else { p - 1 };
-            self.exchange(&desc, &|p| (unsafe { sp.add(p * cb) }, cb), &|p| (unsafe { tp.add(slot_of(p) * cb) }, cb), "reduce_scatter")?;
+            // SAFETY (pointer arithmetic below): send holds w blocks of cb bytes,
+            // the scratch w - 1 slots of cb; p < w and slot_of(p) < w - 1.
+            self.exchange(&desc, &|p| (sp.wrapping_add(p * cb), cb), &|p| (tp.wrapping_add(slot_of(p) * cb), cb), "reduce_scatter")?;
             let srcs: Vec<*const u8> =
+                // SAFETY: as above.
                 (0..w).map(|p| if p == r { unsafe { sp.add(r * cb) } } else { unsafe { tp.add(slot_of(p) * cb) as *const u8 } }).collect();
+            // SAFETY: every source is cb bytes of live memory; recv is ours, cb bytes.
             unsafe { reduce::reduce_n_raw(rp, &srcs, cb / es, dt, op, 0.0) };
             return Ok(());
         }
@@ -834,6 +846,7 @@ fn closed(peer: usize, what: &str) -> Error {
 
 fn sys_send(fd: i32, p: *const u8, len: usize) -> io::Result<usize> {
     loop {
+        // SAFETY: the callers pass `len` readable bytes at `p`; send only reads them.
         let r = unsafe { libc::send(fd, p as *const libc::c_void, len, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if r >= 0 {
             return Ok(r as usize);
@@ -847,6 +860,7 @@ fn sys_send(fd: i32, p: *const u8, len: usize) -> io::Result<usize> {
 
 fn sys_recv(fd: i32, p: *mut u8, len: usize) -> io::Result<usize> {
     loop {
+        // SAFETY: the callers pass `len` writable bytes at `p`.
         let r = unsafe { libc::recv(fd, p as *mut libc::c_void, len, libc::MSG_DONTWAIT) };
         if r >= 0 {
             return Ok(r as usize);
@@ -859,6 +873,7 @@ fn sys_recv(fd: i32, p: *mut u8, len: usize) -> io::Result<usize> {
 }
 
 fn sys_poll(pfds: &mut [libc::pollfd], t: i32) -> Result<()> {
+    // SAFETY: a live slice of pollfd structs and its length.
     let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, t) };
     if r < 0 {
         let e = io::Error::last_os_error();

@@ -79,9 +79,9 @@ unsafe fn tensors(params: *const flatshard_tensor, n: u64) -> Result<Vec<TensorR
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm, params: *mut flatshard_tensor, n: u64, flags: u32) -> flatshard_status {
     boundary("flatshard_average_parameters", || {
-        // SAFETY (this block): the C contract of this function (doc above):
-        // handles from this library, `params` holds n tensors.
+        // SAFETY: the C contract of this function (doc above): a handle from this library.
         let c = unsafe { comm_ref(comm, "comm")? };
+        // SAFETY: the C contract: `params` holds n tensors.
         let ts = unsafe { tensors(params, n) }.map_err(|e| e.context(format!("rank {}", c.rank())))?;
         // CUDA tensors take the device path inside.
         // SAFETY: the caller's tensors are valid for numel elements during the
@@ -196,13 +196,14 @@ pub unsafe extern "C" fn flatshard_averager_step(
     averaged_group_size: *mut i32,
 ) -> flatshard_status {
     boundary("flatshard_averager_step", || {
-        // SAFETY (this block): the C contract: `a` is a handle from this library
-        // used by one thread; `params` holds n tensors valid for the call;
-        // `averaged_group_size` is NULL or writable.
+        // SAFETY: the C contract: `a` is a handle from this library used by one thread.
         let avg = unsafe { handle::get_mut::<Averager, _>(a, "a")? };
+        // SAFETY: the C contract: `params` holds n tensors.
         let ts = unsafe { tensors(params, n) }.map_err(|e| e.context(format!("rank {}", avg.rank())))?;
+        // SAFETY: the C contract: the tensors' memory is valid and unaliased for the call.
         let size = unsafe { avg.step(&ts, flags)? };
         if !averaged_group_size.is_null() {
+            // SAFETY: the C contract: NULL or writable.
             unsafe { *averaged_group_size = size as i32 };
         }
         Ok(())

@@ -45,48 +45,66 @@ fn reduce_op(o: ReduceOpArg) -> Result<ReduceOp> {
     ReduceOp::from_raw(o.0 as i64, "op")
 }
 
+/// # Safety
+/// Pointer arguments are NULL or valid as the calling export's C contract says
+/// (handles from this library, structs and strings readable).
 pub(crate) unsafe fn parse_options(o: *const flatshard_comm_options) -> Result<CommOptions> {
-    let mut opts = CommOptions::default();
-    if o.is_null() {
-        return Ok(opts);
+    // SAFETY: this function's contract (# Safety above) is what the unsafe
+    // operations below need; pointers are NULL-checked before they are read.
+    unsafe {
+        let mut opts = CommOptions::default();
+        if o.is_null() {
+            return Ok(opts);
+        }
+        let o = &*o;
+        check_struct_size("flatshard_comm_options", o.struct_size, std::mem::size_of::<flatshard_comm_options>())?;
+        if o.timeout_ms != 0 {
+            opts.timeout = Duration::from_millis(o.timeout_ms as u64);
+        }
+        opts.token = opt_str(o.token, "options.token")?.map(String::into_bytes);
+        opts.bind_addr = opt_str(o.bind_addr, "options.bind_addr")?;
+        opts.transport = match o.transport.0 {
+            0 => Transport::Auto,
+            1 => Transport::Tcp,
+            2 => Transport::Shm,
+            v => return Err(Error::invalid_arg(format!("options.transport: {v} is not a flatshard_transport (0..=2)"))),
+        };
+        Ok(opts)
     }
-    let o = &*o;
-    check_struct_size("flatshard_comm_options", o.struct_size, std::mem::size_of::<flatshard_comm_options>())?;
-    if o.timeout_ms != 0 {
-        opts.timeout = Duration::from_millis(o.timeout_ms as u64);
-    }
-    opts.token = opt_str(o.token, "options.token")?.map(String::into_bytes);
-    opts.bind_addr = opt_str(o.bind_addr, "options.bind_addr")?;
-    opts.transport = match o.transport.0 {
-        0 => Transport::Auto,
-        1 => Transport::Tcp,
-        2 => Transport::Shm,
-        v => return Err(Error::invalid_arg(format!("options.transport: {v} is not a flatshard_transport (0..=2)"))),
-    };
-    Ok(opts)
 }
 
 /// Zero-fill `*o` and set `o->struct_size`. NULL is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_options_init(o: *mut flatshard_comm_options) {
-    if !o.is_null() {
-        o.write(flatshard_comm_options {
-            struct_size: std::mem::size_of::<flatshard_comm_options>() as u32,
-            timeout_ms: 0,
-            token: std::ptr::null(),
-            bind_addr: std::ptr::null(),
-            transport: TransportArg(0),
-        });
+    // SAFETY: `o` is NULL (ignored) or points to a writable options struct
+    // (this function's C contract); write() does not read the old contents.
+    unsafe {
+        if !o.is_null() {
+            o.write(flatshard_comm_options {
+                struct_size: std::mem::size_of::<flatshard_comm_options>() as u32,
+                timeout_ms: 0,
+                token: std::ptr::null(),
+                bind_addr: std::ptr::null(),
+                transport: TransportArg(0),
+            });
+        }
     }
 }
 
 /// `master_addr` as given; a job of one rank may pass NULL (nothing to reach).
+/// # Safety
+/// Pointer arguments are NULL or valid as the calling export's C contract says
+/// (handles from this library, structs and strings readable).
 pub(crate) unsafe fn master_addr_arg(master_addr: *const c_char, world_size: i32) -> Result<String> {
-    if world_size == 1 && master_addr.is_null() {
-        return Ok("127.0.0.1".to_string());
+    // SAFETY: this function's contract (# Safety above) is what the unsafe
+    // operations below need; pointers are NULL-checked before they are read.
+    unsafe {
+        if world_size == 1 && master_addr.is_null() {
+            return Ok("127.0.0.1".to_string());
+        }
+        need(master_addr, "master_addr")?;
+        Ok(opt_str(master_addr, "master_addr")?.unwrap_or_default())
     }
-    need(master_addr, "master_addr")?;
-    Ok(opt_str(master_addr, "master_addr")?.unwrap_or_default())
 }
 
 pub(crate) fn publish(c: Comm, out: *mut *mut flatshard_comm) {
@@ -108,7 +126,10 @@ pub unsafe extern "C" fn flatshard_comm_init(
     opts: *const flatshard_comm_options,
     out: *mut *mut flatshard_comm,
 ) -> flatshard_status {
-    boundary("flatshard_comm_init", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_comm_init", || unsafe {
         need(out, "out")?;
         let addr = master_addr_arg(master_addr, world_size)?;
         let opts = parse_options(opts)?;
@@ -136,7 +157,10 @@ pub unsafe extern "C" fn flatshard_comm_init(
 /// agent's store sent a malformed or oversized reply), IO.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_init_from_env(opts: *const flatshard_comm_options, out: *mut *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_comm_init_from_env", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_comm_init_from_env", || unsafe {
         need(out, "out")?;
         let opts = parse_options(opts)?;
         publish(Comm::init_from_env(opts)?, out);
@@ -154,7 +178,10 @@ pub unsafe extern "C" fn flatshard_comm_from_collectives(
     ops: *const flatshard_collectives,
     out: *mut *mut flatshard_comm,
 ) -> flatshard_status {
-    boundary("flatshard_comm_from_collectives", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_comm_from_collectives", || unsafe {
         need(out, "out")?;
         need(ops, "ops")?;
         let ops = &*ops;
@@ -171,20 +198,29 @@ pub unsafe extern "C" fn flatshard_comm_from_collectives(
 /// This rank's index in the communicator; -1 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_rank(c: *const flatshard_comm) -> i32 {
-    boundary_value(-1, || comm_ref(c, "c").map(|c| c.rank() as i32).unwrap_or(-1))
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value(-1, || unsafe { comm_ref(c, "c").map(|c| c.rank() as i32).unwrap_or(-1) })
 }
 
 /// Number of ranks; -1 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_size(c: *const flatshard_comm) -> i32 {
-    boundary_value(-1, || comm_ref(c, "c").map(|c| c.size() as i32).unwrap_or(-1))
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value(-1, || unsafe { comm_ref(c, "c").map(|c| c.size() as i32).unwrap_or(-1) })
 }
 
 /// Contiguous blocks of `group_size` ranks, like torch.distributed.new_subgroups.
 /// Collective over `parent`. `*out` is owned by the caller (flatshard_comm_free).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_new_subgroups(parent: *mut flatshard_comm, group_size: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_comm_new_subgroups", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_comm_new_subgroups", || unsafe {
         need(out, "out")?;
         let p = comm_ref(parent, "parent")?;
         publish(p.new_subgroups(group_size)?, out);
@@ -197,7 +233,10 @@ pub unsafe extern "C" fn flatshard_comm_new_subgroups(parent: *mut flatshard_com
 /// On an NCCL communicator this is ncclCommSplit (same stream and device).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_split(parent: *mut flatshard_comm, color: i32, key: i32, out: *mut *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_comm_split", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_comm_split", || unsafe {
         need(out, "out")?;
         let p = comm_ref(parent, "parent")?;
         match p.split(color, key)? {
@@ -236,7 +275,10 @@ pub(crate) fn times_size(c: &Comm, count_per_rank: u64) -> Result<u64> {
 /// memory without a usable driver; OUT_OF_MEMORY (staging).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_all_reduce(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, op: ReduceOpArg) -> flatshard_status {
-    boundary("flatshard_all_reduce", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_all_reduce", || unsafe {
         let c = comm_ref(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
         op.check(dt)?;
@@ -258,7 +300,10 @@ pub unsafe extern "C" fn flatshard_all_gather(
     count_per_rank: u64,
     dt: DtypeArg,
 ) -> flatshard_status {
-    boundary("flatshard_all_gather", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_all_gather", || unsafe {
         let c = comm_ref(c, "c")?;
         let dt = dtype(dt, "dt")?;
         let total = times_size(c, count_per_rank)?;
@@ -280,7 +325,10 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
     dt: DtypeArg,
     op: ReduceOpArg,
 ) -> flatshard_status {
-    boundary("flatshard_reduce_scatter", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_reduce_scatter", || unsafe {
         let c = comm_ref(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
         op.check(dt)?;
@@ -296,7 +344,10 @@ pub unsafe extern "C" fn flatshard_reduce_scatter(
 /// [0, size).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c_void, count: u64, dt: DtypeArg, root: i32) -> flatshard_status {
-    boundary("flatshard_broadcast", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_broadcast", || unsafe {
         let c = comm_ref(c, "c")?;
         let dt = dtype(dt, "dt")?;
         if root < 0 || root as usize >= c.size() {
@@ -311,7 +362,10 @@ pub unsafe extern "C" fn flatshard_broadcast(c: *mut flatshard_comm, buf: *mut c
 /// Statuses: OK; INVALID_ARGUMENT (NULL c); TIMEOUT, PEER_LOST, ABORTED.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_barrier(c: *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_barrier", || comm_ref(c, "c")?.barrier())
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_barrier", || unsafe { comm_ref(c, "c")?.barrier() })
 }
 
 /// Unblock any collective in progress (from any thread) and poison the
@@ -319,7 +373,10 @@ pub unsafe extern "C" fn flatshard_barrier(c: *mut flatshard_comm) -> flatshard_
 /// The handle must still be freed with flatshard_comm_free.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatshard_status {
-    boundary("flatshard_comm_abort", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_comm_abort", || unsafe {
         comm_ref(c, "c")?.abort();
         Ok(())
     })
@@ -335,7 +392,10 @@ pub unsafe extern "C" fn flatshard_comm_abort(c: *mut flatshard_comm) -> flatsha
 /// thread-safe with other calls on the same handle.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_free(c: *mut flatshard_comm) {
-    boundary_value((), || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value((), || unsafe {
         // API §7: queued work gets the timeout to finish, then is aborted.
         if let Ok(comm) = comm_ref(c, "c") {
             comm.drain_or_abort();

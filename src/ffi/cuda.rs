@@ -36,6 +36,7 @@ pub unsafe extern "C" fn flatshard_comm_init_nccl(
         // SAFETY: the C contract: opts is NULL or a valid options struct,
         // master_addr NULL (world 1) or a NUL-terminated string.
         let opts = unsafe { super::comm::parse_options(opts)? };
+        // SAFETY: as above.
         let addr = unsafe { super::comm::master_addr_arg(master_addr, world_size)? };
         #[cfg(feature = "cuda")]
         {

@@ -76,8 +76,13 @@ impl Kind for Handle {
     const NAME: &'static str = "flatshard_flat_param";
 }
 
+/// # Safety
+/// Pointer arguments are NULL or valid as the calling export's C contract says
+/// (handles from this library, structs and strings readable).
 pub(crate) unsafe fn fp_mut<'a>(fp: *mut flatshard_flat_param) -> Result<&'a mut Handle> {
-    handle::get_mut::<Handle, _>(fp, "fp")
+    // SAFETY: this function's contract (# Safety above) is what the unsafe
+    // operations below need; pointers are NULL-checked before they are read.
+    unsafe { handle::get_mut::<Handle, _>(fp, "fp") }
 }
 
 fn flag(v: i32, name: &str) -> Result<bool> {
@@ -92,32 +97,40 @@ fn flag(v: i32, name: &str) -> Result<bool> {
 /// off). NULL is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_options_init(o: *mut flatshard_flat_param_options) {
-    if !o.is_null() {
-        o.write(flatshard_flat_param_options {
-            struct_size: std::mem::size_of::<flatshard_flat_param_options>() as u32,
-            sharding: ShardingArg(0),
-            align_params: 0,
-            sync_from_rank0: 0,
-            has_param_dtype: 0,
-            param_dtype: DtypeArg(0),
-            has_reduce_dtype: 0,
-            reduce_dtype: DtypeArg(0),
-            replicate_comm: std::ptr::null_mut(),
-        });
+    // SAFETY: `o` is NULL (ignored) or points to a writable options struct
+    // (this function's C contract); write() does not read the old contents.
+    unsafe {
+        if !o.is_null() {
+            o.write(flatshard_flat_param_options {
+                struct_size: std::mem::size_of::<flatshard_flat_param_options>() as u32,
+                sharding: ShardingArg(0),
+                align_params: 0,
+                sync_from_rank0: 0,
+                has_param_dtype: 0,
+                param_dtype: DtypeArg(0),
+                has_reduce_dtype: 0,
+                reduce_dtype: DtypeArg(0),
+                replicate_comm: std::ptr::null_mut(),
+            });
+        }
     }
 }
 
 /// Zero-fill `*o` and set `o->struct_size` (every flag off). NULL is ignored.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshard_options) {
-    if !o.is_null() {
-        o.write(flatshard_unshard_options {
-            struct_size: std::mem::size_of::<flatshard_unshard_options>() as u32,
-            writeback: 0,
-            rank0_only: 0,
-            offload_to_cpu: 0,
-            with_grads: 0,
-        });
+    // SAFETY: `o` is NULL (ignored) or points to a writable options struct
+    // (this function's C contract); write() does not read the old contents.
+    unsafe {
+        if !o.is_null() {
+            o.write(flatshard_unshard_options {
+                struct_size: std::mem::size_of::<flatshard_unshard_options>() as u32,
+                writeback: 0,
+                rank0_only: 0,
+                offload_to_cpu: 0,
+                with_grads: 0,
+            });
+        }
     }
 }
 
@@ -141,7 +154,10 @@ pub unsafe extern "C" fn flatshard_flat_param_new(
     opts: *const flatshard_flat_param_options,
     out: *mut *mut flatshard_flat_param,
 ) -> flatshard_status {
-    boundary("flatshard_flat_param_new", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_new", || unsafe {
         need(out, "out")?;
         let comm = comm_arc(comm, "comm")?;
         let (inputs, o, replicate) = match parse_new_args(params, n_params, opts) {
@@ -156,57 +172,73 @@ pub unsafe extern "C" fn flatshard_flat_param_new(
 
 type NewArgs<'a> = (Vec<ParamInput<'a>>, FlatParamOptions, Option<Arc<Comm>>);
 
+/// # Safety
+/// Pointer arguments are NULL or valid as the calling export's C contract says
+/// (handles from this library, structs and strings readable).
 unsafe fn parse_new_args<'a>(params: *const flatshard_tensor, n_params: u64, opts: *const flatshard_flat_param_options) -> Result<NewArgs<'a>> {
-    let mut o = FlatParamOptions::default();
-    let mut replicate: *const flatshard_comm = std::ptr::null();
-    if !opts.is_null() {
-        let r = &*opts;
-        check_struct_size("flatshard_flat_param_options", r.struct_size, std::mem::size_of::<flatshard_flat_param_options>())?;
-        o.sharding = Sharding::from_raw(r.sharding.0 as i64, "options.sharding")?;
-        o.align_params = flag(r.align_params, "options.align_params")?;
-        o.sync_from_rank0 = flag(r.sync_from_rank0, "options.sync_from_rank0")?;
-        if flag(r.has_param_dtype, "options.has_param_dtype")? {
-            o.param_dtype = Some(dtype(r.param_dtype, "options.param_dtype")?);
+    // SAFETY: this function's contract (# Safety above) is what the unsafe
+    // operations below need; pointers are NULL-checked before they are read.
+    unsafe {
+        let mut o = FlatParamOptions::default();
+        let mut replicate: *const flatshard_comm = std::ptr::null();
+        if !opts.is_null() {
+            let r = &*opts;
+            check_struct_size("flatshard_flat_param_options", r.struct_size, std::mem::size_of::<flatshard_flat_param_options>())?;
+            o.sharding = Sharding::from_raw(r.sharding.0 as i64, "options.sharding")?;
+            o.align_params = flag(r.align_params, "options.align_params")?;
+            o.sync_from_rank0 = flag(r.sync_from_rank0, "options.sync_from_rank0")?;
+            if flag(r.has_param_dtype, "options.has_param_dtype")? {
+                o.param_dtype = Some(dtype(r.param_dtype, "options.param_dtype")?);
+            }
+            if flag(r.has_reduce_dtype, "options.has_reduce_dtype")? {
+                o.reduce_dtype = Some(dtype(r.reduce_dtype, "options.reduce_dtype")?);
+            }
+            if o.sharding == Sharding::HybridShard {
+                replicate = r.replicate_comm;
+            }
         }
-        if flag(r.has_reduce_dtype, "options.has_reduce_dtype")? {
-            o.reduce_dtype = Some(dtype(r.reduce_dtype, "options.reduce_dtype")?);
+        let rep = if replicate.is_null() { None } else { Some(comm_arc(replicate, "options.replicate_comm")?) };
+        if n_params > 0 {
+            need(params, "params")?;
         }
-        if o.sharding == Sharding::HybridShard {
-            replicate = r.replicate_comm;
+        let n = usize::try_from(n_params).map_err(|_| Error::invalid_arg(format!("n_params: {n_params} is too large")))?;
+        let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(params, n) };
+        let mut inputs = Vec::with_capacity(n);
+        for (i, t) in ts.iter().enumerate() {
+            let t = tensor_from_c(t, &format!("params[{i}]"))?;
+            // The tensor's memory is the caller's; FlatParam::new checks it
+            // (NULL, host vs device) before reading it.
+            inputs.push(ParamInput::raw(t.data, t.numel, t.dtype, t.device));
         }
+        Ok((inputs, o, rep))
     }
-    let rep = if replicate.is_null() { None } else { Some(comm_arc(replicate, "options.replicate_comm")?) };
-    if n_params > 0 {
-        need(params, "params")?;
-    }
-    let n = usize::try_from(n_params).map_err(|_| Error::invalid_arg(format!("n_params: {n_params} is too large")))?;
-    let ts = if n == 0 { &[][..] } else { std::slice::from_raw_parts(params, n) };
-    let mut inputs = Vec::with_capacity(n);
-    for (i, t) in ts.iter().enumerate() {
-        let t = tensor_from_c(t, &format!("params[{i}]"))?;
-        // The tensor's memory is the caller's; FlatParam::new checks it
-        // (NULL, host vs device) before reading it.
-        inputs.push(ParamInput::raw(t.data, t.numel, t.dtype, t.device));
-    }
-    Ok((inputs, o, rep))
 }
 
 /// Σ param numels, no padding; 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_numel(fp: *const flatshard_flat_param) -> u64 {
-    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.numel()).unwrap_or(0))
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value(0, || unsafe { handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.numel()).unwrap_or(0) })
 }
 
 /// c·W: elements of the unsharded buffer (with padding); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_padded_numel(fp: *const flatshard_flat_param) -> u64 {
-    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.padded_numel()).unwrap_or(0))
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value(0, || unsafe { handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.padded_numel()).unwrap_or(0) })
 }
 
 /// c: elements of this rank's shard (SPEC §2); 0 for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_shard_numel(fp: *const flatshard_flat_param) -> u64 {
-    boundary_value(0, || handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.shard_numel()).unwrap_or(0))
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value(0, || unsafe { handle::get::<Handle, _>(fp, "fp").map(|h| h.fp.shard_numel()).unwrap_or(0) })
 }
 
 /// This rank's shard: `out->data` (c elements, library-owned, valid until
@@ -214,7 +246,10 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_numel(fp: *const flatshard_f
 /// valid until free). What an optimizer steps on. INVALID_ARGUMENT for NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_shard(fp: *mut flatshard_flat_param, out: *mut flatshard_tensor) -> flatshard_status {
-    boundary("flatshard_flat_param_shard", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_shard", || unsafe {
         let h = fp_mut(fp)?;
         need(out, "out")?;
         *out = tensor_to_c(&h.fp.settled()?.shard());
@@ -234,7 +269,10 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_view(
     out: *mut flatshard_tensor,
     offset_in_param: *mut u64,
 ) -> flatshard_status {
-    boundary("flatshard_flat_param_shard_view", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_shard_view", || unsafe {
         let h = fp_mut(fp)?;
         need(out, "out")?;
         need(offset_in_param, "offset_in_param")?;
@@ -245,18 +283,25 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_view(
     })
 }
 
+/// # Safety
+/// Pointer arguments are NULL or valid as the calling export's C contract says
+/// (handles from this library, structs and strings readable).
 unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOptions> {
-    if o.is_null() {
-        return Ok(UnshardOptions::default());
+    // SAFETY: this function's contract (# Safety above) is what the unsafe
+    // operations below need; pointers are NULL-checked before they are read.
+    unsafe {
+        if o.is_null() {
+            return Ok(UnshardOptions::default());
+        }
+        let o = &*o;
+        check_struct_size("flatshard_unshard_options", o.struct_size, std::mem::size_of::<flatshard_unshard_options>())?;
+        Ok(UnshardOptions {
+            writeback: flag(o.writeback, "options.writeback")?,
+            rank0_only: flag(o.rank0_only, "options.rank0_only")?,
+            offload_to_cpu: flag(o.offload_to_cpu, "options.offload_to_cpu")?,
+            with_grads: flag(o.with_grads, "options.with_grads")?,
+        })
     }
-    let o = &*o;
-    check_struct_size("flatshard_unshard_options", o.struct_size, std::mem::size_of::<flatshard_unshard_options>())?;
-    Ok(UnshardOptions {
-        writeback: flag(o.writeback, "options.writeback")?,
-        rank0_only: flag(o.rank0_only, "options.rank0_only")?,
-        offload_to_cpu: flag(o.offload_to_cpu, "options.offload_to_cpu")?,
-        with_grads: flag(o.with_grads, "options.with_grads")?,
-    })
 }
 
 /// Materialise the full parameters (PyTorch summon_full_params / the training
@@ -276,7 +321,10 @@ unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOpt
 /// INVALID_ARGUMENT: NULL fp, bad options; TIMEOUT / PEER_LOST from the comm.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_param, opts: *const flatshard_unshard_options) -> flatshard_status {
-    boundary("flatshard_flat_param_unshard", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_unshard", || unsafe {
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
         let comm = h.fp.comm().clone();
@@ -295,7 +343,10 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
 /// INVALID_ARGUMENT: NULL, i >= n_params.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param, i: u64, out: *mut flatshard_tensor) -> flatshard_status {
-    boundary("flatshard_flat_param_view", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_view", || unsafe {
         let h = fp_mut(fp)?;
         need(out, "out")?;
         *out = tensor_to_c(&h.fp.settled()?.view(i)?);
@@ -315,7 +366,10 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
 /// sharded (call flatshard_flat_param_unshard first); INVALID_ARGUMENT: NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_param) -> flatshard_status {
-    boundary("flatshard_flat_param_reshard", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_reshard", || unsafe {
         let h = fp_mut(fp)?;
         let comm = h.fp.comm().clone();
         let mut fp = h.fp.settled()?;
@@ -333,7 +387,10 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
 /// with with_grads / rank0_only (a summon, not training); INVALID_ARGUMENT: NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_flat_param) -> flatshard_status {
-    boundary("flatshard_flat_param_reduce_grads", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_reduce_grads", || unsafe {
         let h = fp_mut(fp)?;
         let (comm, rep) = (h.fp.comm().clone(), h.fp.replicate().cloned());
         let mut fp = h.fp.settled()?;
@@ -345,7 +402,10 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads(fp: *mut flatshard_fl
 /// step; no-op if there is none yet. Local. INVALID_ARGUMENT: NULL.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
-    boundary("flatshard_flat_param_zero_grad", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_zero_grad", || unsafe {
         let h = fp_mut(fp)?;
         let comm = h.fp.comm().clone();
         let mut fp = h.fp.settled()?;
@@ -357,7 +417,10 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
 /// view pointers become invalid). Local, not collective. NULL is a no-op.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param) {
-    boundary_value((), || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value((), || unsafe {
         // In-flight work first (API §7); its status stays with its work handle.
         if let Ok(h) = fp_mut(fp) {
             h.fp.wait_quiet();
@@ -374,7 +437,10 @@ pub unsafe extern "C" fn flatshard_flat_param_free(fp: *mut flatshard_flat_param
 /// one (else INVALID_ARGUMENT). Ranks must pass the same layouts (MISMATCH).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flatshard_comm, fps: *const *mut flatshard_flat_param, n: u64) -> flatshard_status {
-    boundary("flatshard_average_flat_params", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_average_flat_params", || unsafe {
         let rc = comm_ref(replicate_comm, "replicate_comm")?;
         if n > 0 {
             need(fps, "fps")?;
@@ -416,7 +482,10 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
     opts: *const flatshard_unshard_options,
     out: *mut *mut super::work::flatshard_work,
 ) -> flatshard_status {
-    boundary("flatshard_flat_param_unshard_async", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_unshard_async", || unsafe {
         need(out, "out")?;
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
@@ -441,7 +510,10 @@ pub unsafe extern "C" fn flatshard_flat_param_reduce_grads_async(
     fp: *mut flatshard_flat_param,
     out: *mut *mut super::work::flatshard_work,
 ) -> flatshard_status {
-    boundary("flatshard_flat_param_reduce_grads_async", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_reduce_grads_async", || unsafe {
         need(out, "out")?;
         let h = fp_mut(fp)?;
         super::work::publish_work(h.fp.reduce_grads_async()?, out);

@@ -66,7 +66,10 @@ pub unsafe extern "C" fn flatshard_all_reduce_async(
     op: ReduceOpArg,
     out: *mut *mut flatshard_work,
 ) -> flatshard_status {
-    boundary("flatshard_all_reduce_async", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_all_reduce_async", || unsafe {
         need(out, "out")?;
         let c = comm_arc(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
@@ -89,7 +92,10 @@ pub unsafe extern "C" fn flatshard_all_gather_async(
     dt: DtypeArg,
     out: *mut *mut flatshard_work,
 ) -> flatshard_status {
-    boundary("flatshard_all_gather_async", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_all_gather_async", || unsafe {
         need(out, "out")?;
         let c = comm_arc(c, "c")?;
         let dt = dtype(dt, "dt")?;
@@ -113,7 +119,10 @@ pub unsafe extern "C" fn flatshard_reduce_scatter_async(
     op: ReduceOpArg,
     out: *mut *mut flatshard_work,
 ) -> flatshard_status {
-    boundary("flatshard_reduce_scatter_async", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_reduce_scatter_async", || unsafe {
         need(out, "out")?;
         let c = comm_arc(c, "c")?;
         let (dt, op) = (dtype(dt, "dt")?, reduce_op(op)?);
@@ -138,7 +147,10 @@ pub unsafe extern "C" fn flatshard_broadcast_async(
     root: i32,
     out: *mut *mut flatshard_work,
 ) -> flatshard_status {
-    boundary("flatshard_broadcast_async", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_broadcast_async", || unsafe {
         need(out, "out")?;
         let c = comm_arc(c, "c")?;
         let dt = dtype(dt, "dt")?;
@@ -167,7 +179,10 @@ unsafe fn work_ref<'a>(w: *const flatshard_work) -> Result<&'a Work> {
 /// freed.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_wait(w: *mut flatshard_work) -> flatshard_status {
-    boundary("flatshard_work_wait", || work_ref(w)?.wait())
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_work_wait", || unsafe { work_ref(w)?.wait() })
 }
 
 /// Never blocks: OK with `*done = 0` while the work is in flight; once it
@@ -175,7 +190,10 @@ pub unsafe extern "C" fn flatshard_work_wait(w: *mut flatshard_work) -> flatshar
 /// INVALID_ARGUMENT: NULL `w` or `done` (then `*done` is not written).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_test(w: *mut flatshard_work, done: *mut i32) -> flatshard_status {
-    boundary("flatshard_work_test", || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_work_test", || unsafe {
         let w = work_ref(w)?;
         need(done, "done")?;
         match w.test()? {
@@ -197,7 +215,10 @@ pub unsafe extern "C" fn flatshard_work_test(w: *mut flatshard_work, done: *mut 
 /// Statuses as flatshard_work_wait, plus CUDA if the driver refuses.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_wait_stream(w: *mut flatshard_work, cuda_stream: *mut c_void) -> flatshard_status {
-    boundary("flatshard_work_wait_stream", || work_ref(w)?.wait_stream(cuda_stream))
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_work_wait_stream", || unsafe { work_ref(w)?.wait_stream(cuda_stream) })
 }
 
 /// Free a work handle (NULL is a no-op), waiting first if it is still in
@@ -205,7 +226,10 @@ pub unsafe extern "C" fn flatshard_work_wait_stream(w: *mut flatshard_work, cuda
 /// handle, from the thread using it.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_work_free(w: *mut flatshard_work) {
-    boundary_value((), || {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary_value((), || unsafe {
         if let Ok(work) = work_ref(w) {
             let _ = work.wait_quiet();
         }

@@ -537,6 +537,7 @@ impl<'c> Ops<'c> {
                 // SAFETY: live host regions; the shared slice ends before the
                 // mutable one is made.
                 let own = unsafe { r[0].bytes() }.to_vec();
+                // SAFETY: a live host region, no other slice over it now.
                 unsafe { comm.all_gather(&own, r[1].bytes_mut(), dt) }
             } else {
                 // SAFETY: distinct live host regions.
@@ -556,6 +557,7 @@ impl<'c> Ops<'c> {
             } else if r[0].overlaps(r[1]) {
                 // SAFETY: as in all_gather: the copy's shared slice ends first.
                 let send = unsafe { r[0].bytes() }.to_vec();
+                // SAFETY: a live host region, no other slice over it now.
                 unsafe { comm.reduce_scatter(&send, r[1].bytes_mut(), dt, op) }
             } else {
                 // SAFETY: distinct live host regions.

@@ -60,6 +60,7 @@ impl Model {
     fn view(&self, l: usize) -> Result<flatshard_tensor, String> {
         // SAFETY: a zeroed tensor is a valid out-param; fps are live handles.
         let mut t: flatshard_tensor = unsafe { std::mem::zeroed() };
+        // SAFETY: a live flat param handle and a writable out-param.
         check(unsafe { flatshard_flat_param_view(self.fps[l], 0, &mut t) }, "view")?;
         Ok(t)
     }
@@ -82,7 +83,7 @@ impl Model {
 
     fn blocking_step(&self, d: Duration) -> Result<(), String> {
         let n = self.fps.len();
-        // SAFETY (all calls below): live handles; NULL options mean defaults.
+        // SAFETY: live handles; NULL options mean defaults (all calls below).
         unsafe {
             for l in 0..n {
                 check(flatshard_flat_param_unshard(self.fps[l], std::ptr::null()), "unshard")?;
@@ -110,7 +111,7 @@ impl Model {
             Ok(())
         };
         let depth = self.depth;
-        // SAFETY (all calls below): live handles; NULL options mean defaults.
+        // SAFETY: live handles; NULL options mean defaults (all calls below).
         unsafe {
             for l in 0..depth.min(n) {
                 issue(&|w| flatshard_flat_param_unshard_async(self.fps[l], std::ptr::null(), w), "unshard_async")?;
