@@ -546,17 +546,27 @@ flatshard_status flatshard_comm_init(const char *master_addr,
                                      flatshard_comm **out);
 
 /**
- * Join using torchrun's environment (MASTER_ADDR, MASTER_PORT, RANK,
- * WORLD_SIZE; a world of one needs neither address nor port), otherwise as
- * flatshard_comm_init.
+ * Join using the launcher's environment: MASTER_ADDR, MASTER_PORT and RANK,
+ * WORLD_SIZE (torchrun, flatshard-run; LOCAL_RANK when present) or, without
+ * RANK/WORLD_SIZE, Slurm's SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, Open MPI's
+ * OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK or PMI_RANK/PMI_SIZE (MASTER_ADDR and
+ * MASTER_PORT still required; not for a world of one). Under torchrun
+ * (TORCHELASTIC_USE_AGENT_STORE=True) MASTER_ADDR:MASTER_PORT is the agent's
+ * PyTorch TCPStore: flatshard joins it as a client and publishes its
+ * rendezvous there under keys scoped by TORCHELASTIC_RUN_ID and
+ * TORCHELASTIC_RESTART_COUNT (every rdzv backend, --standalone, multi-node);
+ * the ranks then prove the job token (FLATSHARD_TOKEN / options.token) to each
+ * other through it. Otherwise as flatshard_comm_init.
  *
  * Ownership: `*opts` is read during the call only. On success `*out` owns a
  * communicator: free it with flatshard_comm_free.
  *
  * Threads: collective: every rank of the job calls it once. Any thread.
  *
- * Statuses: as flatshard_comm_init; INVALID_ARGUMENT also for a missing or
- * malformed variable (the message names it).
+ * Statuses: as flatshard_comm_init; also INVALID_ARGUMENT (a missing, partial
+ * or malformed variable, naming it and its limit), TIMEOUT (a rank or the
+ * agent's store did not answer in time), AUTH (a rank holds another job
+ * token), PEER_LOST (the agent's store sent a malformed or oversized reply).
  */
 flatshard_status flatshard_comm_init_from_env(const flatshard_comm_options *opts,
                                               flatshard_comm **out);

@@ -5,8 +5,9 @@
 # header check, the launcher), then the Python interop tests in
 # tests/python/test_*.py with the project's PyTorch venv (skipped with a
 # message if there are none). Ends with one summary line.
-# Installs what it needs on first use: the pinned cbindgen (scripts/cbindgen.sh)
-# and, only when Python tests exist, the venv (scripts/venv.sh).
+# Installs what it needs on first use: the pinned cbindgen (scripts/cbindgen.sh),
+# the venv (scripts/venv.sh: its torchrun runs the launcher tests) and, as
+# root, Open MPI, MPICH and Slurm (scripts/launcher-deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG=$(mktemp)
@@ -29,6 +30,11 @@ command -v cmake
 if ! command -v valgrind >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
+
+step "launchers for the launch tests (the venv's torchrun; Open MPI, MPICH, Slurm)"
+FLATSHARD_PYTHON=$(scripts/venv.sh)
+export FLATSHARD_PYTHON
+if [ "$(id -u)" -eq 0 ]; then scripts/launcher-deps.sh; fi
 
 step "cargo fmt --check (rustfmt.toml: 160 columns)"
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt >/dev/null 2>&1 || true

@@ -26,6 +26,9 @@ fn install_then_build_with_pkg_config_and_cmake() {
     run(Command::new("make").current_dir(root).args(["install", "PROFILE=debug", &format!("PREFIX={}", prefix.display()), &format!("TARGET_DIR={target}")]));
     let lib = prefix.join("lib");
     assert!(lib.join("libflatshard.so.0").exists(), "soname link missing");
+    assert!(prefix.join("include/flatshard_mpi.h").exists(), "flatshard_mpi.h not installed");
+    let frun = prefix.join("bin/flatshard-run");
+    assert!(run(Command::new(&frun).args(["-n", "2", "--", "sh", "-c", "echo r$RANK"])).contains("[rank 1] r1"), "installed flatshard-run");
     // Only flatshard_* symbols are exported.
     let syms = run(Command::new("nm").args(["-D", "--defined-only"]).arg(lib.join("libflatshard.so")));
     let foreign: Vec<&str> =

@@ -4,7 +4,8 @@
 //! - `backend`: the `Backend` (host) and `DeviceCollectives` (NCCL) traits;
 //!   the transports `shm`, `tcp` (with `net`, `auth`), `callbacks` (the C
 //!   caller's own collectives and their table type) and `nccl`;
-//! - `rendezvous`: joining a job through the `store`, agreeing on settings,
+//! - `rendezvous`: joining a job through the `store` (or torchrun's agent
+//!   store, `torchstore`; which launcher: `launch`), agreeing on settings,
 //!   building a group's transport;
 //! - `handle`: `Comm`, what the rest of the library uses (argument checks,
 //!   AVG, poisoning, splitting, routing of device pointers);
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod backend;
 pub mod callbacks;
 pub mod handle;
+pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod net;
@@ -25,6 +27,7 @@ pub mod store;
 pub mod tcp;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod torchstore;
 pub mod wire;
 
 pub use backend::{Backend, DeviceCollectives, SelfBackend};

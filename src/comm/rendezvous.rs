@@ -3,7 +3,7 @@
 //! member is on this host, TCP otherwise).
 
 use super::backend::{Backend, SelfBackend};
-use super::{net, shm, store, tcp, Comm, CommOptions, Transport};
+use super::{launch, net, shm, store, tcp, torchstore, Comm, CommOptions, Transport};
 use crate::config::{self, Config};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -35,7 +35,13 @@ fn host_id() -> String {
 
 impl Comm {
     /// Join a job: rank 0 serves the rendezvous store on `master_addr:port`.
-    pub fn init(master_addr: &str, port: u16, rank: i32, world: i32, mut opts: CommOptions) -> Result<Comm> {
+    pub fn init(master_addr: &str, port: u16, rank: i32, world: i32, opts: CommOptions) -> Result<Comm> {
+        Comm::init_via(master_addr, port, rank, world, opts, None)
+    }
+
+    /// `init`, or with `agent_store` = Some(key scope): meet in the PyTorch
+    /// TCPStore that torchrun's agent serves on `master_addr:port`.
+    fn init_via(master_addr: &str, port: u16, rank: i32, world: i32, mut opts: CommOptions, agent_store: Option<&str>) -> Result<Comm> {
         if world < 1 {
             return Err(Error::invalid_arg(format!("world_size: must be >= 1, got {world}")));
         }
@@ -69,13 +75,18 @@ impl Comm {
         let abort = Arc::new(AtomicBool::new(false));
         let what = format!("rank {rank}: rendezvous at {master}");
         let w = Wait::new(opts.timeout, &abort, &what);
-        let server = if rank == 0 {
-            let l = net::listen(master).map_err(|e| e.context("rank 0 serves the rendezvous store on master_addr:master_port"))?;
-            Some(store::StoreServer::start(l, key.clone())?)
-        } else {
-            None
+        let (server, store) = match agent_store {
+            Some(scope) => (None, store::StoreClient::torch(torchstore::TorchStore::connect(master_addr, port, scope, &w)?)),
+            None => {
+                let server = if rank == 0 {
+                    let l = net::listen(master).map_err(|e| e.context("rank 0 serves the rendezvous store on master_addr:master_port"))?;
+                    Some(store::StoreServer::start(l, key.clone())?)
+                } else {
+                    None
+                };
+                (server, store::StoreClient::connect(master, &key, rank, &w)?)
+            }
         };
-        let store = store::StoreClient::connect(master, &key, rank, &w)?;
         let job_id = if rank == 0 {
             let mut b = [0u8; 6];
             net::random_bytes(&mut b)?;
@@ -85,6 +96,9 @@ impl Comm {
         } else {
             String::from_utf8_lossy(&store.get("job_id", &w)?).into_owned()
         };
+        if agent_store.is_some() {
+            torchstore::check_members(&|k, v| store.set(k, v, &w), &|k| store.get(k, &w), &key, &job_id, rank, world)?;
+        }
         let config = Arc::new(agree_on_settings(&store, rank, world, local, &w)?);
         config.apply_process_wide();
         let ctx = Arc::new(JobCtx { opts, key, store: Some(store), server, job_id, host_id: host_id(), bind_ip, config: config.clone() });
@@ -128,31 +142,13 @@ impl Comm {
         Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false)))
     }
 
-    /// torchrun's environment: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE.
+    /// The launcher's environment (launch.rs): torchrun (through its agent's
+    /// store when it hosts one), flatshard-run, Slurm, Open MPI or PMI.
     pub fn init_from_env(opts: CommOptions) -> Result<Comm> {
-        let var = |name: &str| {
-            std::env::var(name)
-                .map_err(|_| Error::invalid_arg(format!("environment: {name} is not set (torchrun sets MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)")))
-        };
-        let num = |name: &str| -> Result<i64> {
-            let v = var(name)?;
-            v.trim().parse::<i64>().map_err(|_| Error::invalid_arg(format!("environment: {name}='{v}' is not an integer")))
-        };
-        let world = num("WORLD_SIZE")?;
-        let rank = num("RANK")?;
-        let (addr, port) = if world == 1 && std::env::var("MASTER_ADDR").is_err() {
-            ("127.0.0.1".to_string(), 0)
-        } else {
-            let p = num("MASTER_PORT")?;
-            if !(1..=65535).contains(&p) {
-                return Err(Error::invalid_arg(format!("environment: MASTER_PORT={p} is not in 1..=65535")));
-            }
-            (var("MASTER_ADDR")?, p as u16)
-        };
-        if world > i32::MAX as i64 || rank > i32::MAX as i64 || rank < i32::MIN as i64 {
-            return Err(Error::invalid_arg(format!("environment: RANK={rank} / WORLD_SIZE={world} out of range")));
-        }
-        Comm::init(&addr, port, rank as i32, world as i32, opts)
+        let env = launch::from_process_env()?;
+        let (addr, port) = env.master.clone().unwrap_or_else(|| ("127.0.0.1".to_string(), 0));
+        crate::log::info(env.rank as usize, &format!("{} launch: rank {} of {}, local rank {:?}", env.source, env.rank, env.world, env.local_rank));
+        Comm::init_via(&addr, port, env.rank, env.world, opts, env.agent_store.as_ref().map(|a| a.prefix.as_str()))
     }
 }
 

@@ -165,10 +165,16 @@ fn serve_requests(s: &mut TcpStream, stop: &AtomicBool, shared: &Shared) -> Resu
     }
 }
 
-/// A rank's connection to the store. Calls are serialised by a mutex.
+/// A rank's connection to the store: flatshard's own (rank 0 serves it) or
+/// torchrun's agent store (super::torchstore). Calls are serialised by a mutex.
 pub struct StoreClient {
-    conn: Mutex<TcpStream>,
+    conn: Conn,
     pub addr: SocketAddr,
+}
+
+enum Conn {
+    Own(Mutex<TcpStream>),
+    Torch(super::torchstore::TorchStore),
 }
 
 impl StoreClient {
@@ -177,15 +183,26 @@ impl StoreClient {
         let ww = Wait { what: &what, ..*w };
         let mut s = net::connect_retry(addr, &ww)?;
         auth::connect(&mut s, key, &format!("store {rank}"), &ww, &format!("store at {addr}"))?;
-        Ok(StoreClient { conn: Mutex::new(s), addr })
+        Ok(StoreClient { conn: Conn::Own(Mutex::new(s)), addr })
+    }
+
+    /// Publish through torchrun's agent store instead.
+    pub fn torch(t: super::torchstore::TorchStore) -> StoreClient {
+        StoreClient { addr: t.addr, conn: Conn::Torch(t) }
     }
 
     pub fn set(&self, key: &str, val: &[u8], w: &Wait) -> Result<()> {
+        if let Conn::Torch(t) = &self.conn {
+            return t.set(key, val, w);
+        }
         self.request(OP_SET, key, val, 0, w).map(|_| ())
     }
 
     /// Wait until `key` exists (or the deadline) and return its value.
     pub fn get(&self, key: &str, w: &Wait) -> Result<Vec<u8>> {
+        if let Conn::Torch(t) = &self.conn {
+            return t.get(key, w);
+        }
         loop {
             let left = w.deadline.saturating_duration_since(Instant::now());
             let slice = left.min(Duration::from_millis(200)).as_millis() as u32;
@@ -200,7 +217,10 @@ impl StoreClient {
         if key.len() > MAX_KEY || val.len() > MAX_VALUE {
             return Err(Error::internal(format!("store key/value too long ({} / {})", key.len(), val.len())));
         }
-        let mut s = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let Conn::Own(conn) = &self.conn else {
+            return Err(Error::internal("flatshard store request on torchrun's store"));
+        };
+        let mut s = conn.lock().unwrap_or_else(|p| p.into_inner());
         let mut msg = Vec::with_capacity(11 + key.len() + val.len());
         msg.push(op);
         msg.extend_from_slice(&(key.len() as u16).to_le_bytes());
