@@ -18,19 +18,8 @@
  *       which must then come before MPI_Finalize).
  *
  * Both are collective over mpi_comm (call them on every rank, after MPI_Init).
- * Ownership: on success *out owns a communicator (flatshard_comm_free);
- * mpi_comm stays the caller's. Thread-safety: as flatshard_comm_init /
- * flatshard_comm_from_collectives; a communicator from flatshard_comm_from_mpi
- * calls MPI from the thread that uses it (MPI_THREAD_FUNNELED suffices when
- * one thread does).
- * Statuses: those of flatshard_comm_init / flatshard_comm_from_collectives
- * (with flatshard_last_error() set), plus, before flatshard is reached and
- * without a message: INVALID_ARGUMENT (MPI_Comm_rank/size refused mpi_comm),
- * OUT_OF_MEMORY, IO (an MPI call failed; on rank 0's side, no address, no
- * free port or no randomness — every rank then returns the same status).
- * MPI's own errors follow mpi_comm's error handler (fatal by default). A
- * failing MPI collective inside a flatshard_comm_from_mpi communicator makes
- * the flatshard call return FLATSHARD_ERR_PEER_LOST and poisons it.
+ * Each function's comment below ends, as in flatshard.h, with who owns what
+ * (Ownership:), the thread rules (Threads:) and its statuses (Statuses:).
  */
 #ifndef FLATSHARD_MPI_H
 #define FLATSHARD_MPI_H
@@ -127,9 +116,28 @@ static inline int flatshard_mpi_token_(char out[65]) {
   return 0;
 }
 
-/* Rendezvous host: opts->bind_addr of rank 0 when given; 127.0.0.1 when every
- * rank runs on rank 0's host (MPI_Get_processor_name, gathered); else the
- * address rank 0's hostname resolves to. */
+/* MPI starts the job, flatshard moves the data. Rank and size come from
+ * mpi_comm. Rank 0 picks the rendezvous host (its opts->bind_addr when given;
+ * 127.0.0.1 when every rank runs on rank 0's host, by MPI_Get_processor_name;
+ * else the address rank 0's hostname resolves to), a free port, and a fresh
+ * random job token (used unless opts->token is set); MPI_Bcast hands them to
+ * every rank, which then calls flatshard_comm_init.
+ *
+ * Ownership: mpi_comm stays the caller's and is used during the call only;
+ * *opts is read during the call only. On success *out owns a normal host
+ * communicator, independent of MPI from then on: free it with
+ * flatshard_comm_free.
+ *
+ * Threads: collective over mpi_comm: every rank calls it, after MPI_Init; the
+ * MPI calls run on the calling thread. The communicator then follows the
+ * rules of flatshard.h like any other.
+ *
+ * Statuses: those of flatshard_comm_init (with flatshard_last_error() set);
+ * and, before flatshard is reached and without a message: INVALID_ARGUMENT
+ * (MPI_Comm_rank/size refused mpi_comm), OUT_OF_MEMORY, IO (an MPI call
+ * failed; on rank 0, no address, no free port or no randomness: every rank
+ * then returns the same status). MPI's own errors follow mpi_comm's error
+ * handler (fatal by default). */
 static inline flatshard_status flatshard_comm_init_mpi(MPI_Comm mpi_comm,
                                                        const flatshard_comm_options *opts,
                                                        flatshard_comm **out) {
@@ -398,6 +406,29 @@ static inline void flatshard_mpi_destroy_(void *ctx) {
   free(m);
 }
 
+/* MPI moves the data: a user-callback communicator
+ * (flatshard_comm_from_collectives) whose collectives are MPI's, on a
+ * duplicate of mpi_comm; f16/bf16 are reduced in f32 as flatshard's own
+ * transports do.
+ *
+ * Ownership: mpi_comm stays the caller's. The communicator owns its duplicate
+ * (MPI_Comm_dup), freed when the communicator closes (flatshard_comm_free and
+ * the frees of the flat params and averagers built on it), which must then
+ * come before MPI_Finalize. On success *out owns the communicator: free it
+ * with flatshard_comm_free.
+ *
+ * Threads: collective over mpi_comm: every rank calls it, after MPI_Init.
+ * Later calls on the communicator call MPI from the thread that makes them,
+ * or from the communicator's progress thread for asynchronous work, never two
+ * at once: MPI_THREAD_SERIALIZED suffices, MPI_THREAD_FUNNELED when one
+ * thread makes every call and no asynchronous work is issued.
+ *
+ * Statuses: those of flatshard_comm_from_collectives (with
+ * flatshard_last_error() set); and, without a message: INVALID_ARGUMENT
+ * (MPI_Comm_rank/size refused mpi_comm), OUT_OF_MEMORY, IO (MPI_Comm_dup
+ * failed). Later, a failing MPI collective makes the flatshard call return
+ * FLATSHARD_ERR_PEER_LOST and poisons the communicator; MPI's own errors
+ * follow mpi_comm's error handler (fatal by default). */
 static inline flatshard_status flatshard_comm_from_mpi(MPI_Comm mpi_comm, flatshard_comm **out) {
   flatshard_collectives ops;
   flatshard_mpi_ctx_ *m;
