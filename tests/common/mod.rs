@@ -2,6 +2,8 @@
 //! rank (real processes, real sockets), with torchrun's variables set.
 #![allow(dead_code)]
 
+pub mod netbed;
+
 use flatshard::{Comm, CommOptions, Transport};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
