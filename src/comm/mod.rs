@@ -6,6 +6,8 @@
 //!   caller's own collectives and their table type) and `nccl`;
 //! - `rendezvous`: joining a job through the `store`, agreeing on settings,
 //!   building a group's transport;
+//! - `hier`: the hierarchical transport for groups that span hosts (shm
+//!   inside a host, TCP between hosts, built from sub-groups of both);
 //! - `handle`: `Comm`, what the rest of the library uses (argument checks,
 //!   AVG, poisoning, splitting, routing of device pointers);
 //! - `progress`: one order per communicator for blocking and asynchronous
@@ -15,6 +17,7 @@ pub mod auth;
 pub mod backend;
 pub mod callbacks;
 pub mod handle;
+pub mod hier;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod net;
