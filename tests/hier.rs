@@ -189,7 +189,7 @@ fn mismatch_body(h: &Comm) {
 
 /// Groups whose ranks sit on one host use shared memory alone; groups
 /// across hosts stay hierarchical.
-fn splits_body(h: &Comm) {
+fn splits_body(h: &Comm, t: &Comm) {
     let r = h.rank();
     let host: usize = std::env::var("FLATSHARD_TEST_HOST").unwrap().parse().unwrap();
     let local: usize = std::env::var("LOCAL_RANK").unwrap().parse().unwrap();
@@ -207,6 +207,10 @@ fn splits_body(h: &Comm) {
     let mut b = f32_bytes(&vec![1.0; 300_000]);
     across.all_reduce(&mut b, DType::F32, ReduceOp::Sum).unwrap();
     assert!(bytes_f32(&b).iter().all(|x| *x == across.size() as f32));
+    // hosts interleaved in rank order (not torchrun's host-major order)
+    let key = (local * 10 + host) as i32;
+    let (hi, ti) = (h.split(0, key).unwrap().unwrap(), t.split(0, key).unwrap().unwrap());
+    collectives_body(&hi, &ti);
     h.barrier().unwrap();
 }
 
@@ -251,17 +255,17 @@ fn hier_collectives_2_1_2() {
 #[test]
 fn hier_mismatch_and_splits_2x2() {
     in_bed("hier_mismatch_and_splits_2x2", &[2, 2], None, || {
-        let (h, _t) = both();
+        let (h, t) = both();
         mismatch_body(&h);
-        splits_body(&h);
+        splits_body(&h, &t);
     });
 }
 
 #[test]
 fn hier_mismatch_and_splits_2_1_2() {
     in_bed("hier_mismatch_and_splits_2_1_2", &[2, 1, 2], None, || {
-        let (h, _t) = both();
+        let (h, t) = both();
         mismatch_body(&h);
-        splits_body(&h);
+        splits_body(&h, &t);
     });
 }

@@ -124,6 +124,16 @@ impl HierBackend {
         self.scratch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every host's ranks are consecutive group ranks (torchrun's order).
+    fn contiguous(&self) -> bool {
+        self.members.iter().all(|m| m.windows(2).all(|w| w[1] == w[0] + 1))
+    }
+
+    /// One rank per host, host h = group rank h.
+    fn identity(&self) -> bool {
+        self.members.iter().enumerate().all(|(h, m)| m[..] == [h])
+    }
+
     fn describe_host(&self, h: usize) -> String {
         format!("host {h} (ranks {:?})", self.members[h])
     }
@@ -277,11 +287,22 @@ impl Backend for HierBackend {
         let hn = self.nhosts();
         let mut g = self.scratch();
         let (s1, s2) = &mut *g;
+        if self.equal && self.nlocal() == 1 && self.identity() {
+            return self.cross()?.all_gather(send, recv, dt);
+        }
         if self.equal {
             let l = self.nlocal();
             // ring `local` gathers block (h, local) of every host h ...
             let mid = grow(s1, hn * s, "the all_gather host blocks")?;
             self.cross()?.all_gather(send, mid, dt)?;
+            if self.contiguous() {
+                // ... and each host's blocks meet in place (H intra steps)
+                for h in 0..hn {
+                    let r0 = self.members[h][0];
+                    self.intra.all_gather(&mid[h * s..(h + 1) * s], &mut recv[r0 * s..(r0 + l) * s], dt)?;
+                }
+                return Ok(());
+            }
             // ... and the host's ranks share theirs: full[(l, h)]
             let full = grow(s2, l * hn * s, "the all_gather buffer")?;
             self.intra.all_gather(mid, full, dt)?;
@@ -315,6 +336,20 @@ impl Backend for HierBackend {
         let hn = self.nhosts();
         let mut g = self.scratch();
         let (s1, s2) = &mut *g;
+        if self.equal && self.nlocal() == 1 && self.identity() {
+            return self.cross()?.reduce_scatter(send, recv, dt, op);
+        }
+        if self.equal && self.contiguous() && self.nlocal() > 1 {
+            let l = self.nlocal();
+            // host h's ranks reduce its L blocks in place (H intra steps),
+            // then ring `local` reduces block (h, local) across hosts
+            let mid = grow(s1, hn * s, "the reduce_scatter host blocks")?;
+            for h in 0..hn {
+                let r0 = self.members[h][0];
+                self.intra.reduce_scatter(&send[r0 * s..(r0 + l) * s], &mut mid[h * s..(h + 1) * s], dt, op)?;
+            }
+            return self.cross()?.reduce_scatter(mid, recv, dt, op);
+        }
         if self.equal {
             let l = self.nlocal();
             // local-major order: block (l, h) = rank (h, l)'s part
@@ -371,18 +406,16 @@ impl Backend for HierBackend {
         }
         let l = self.nlocal();
         let c = n.div_ceil(l);
-        let (lo, hi) = ((self.local * c).min(n) * es, ((self.local + 1) * c).min(n) * es);
+        let range = |j: usize| ((j * c).min(n) * es, ((j + 1) * c).min(n) * es);
+        let (lo, hi) = range(self.local);
         self.cross()?.broadcast(&mut buf[lo..hi], dt, rh)?;
-        if self.host == rh || l == 1 {
-            return Ok(());
+        if self.host != rh {
+            // the slices meet in place: local j hands slice j to the others
+            for j in 0..l {
+                let (lo, hi) = range(j);
+                self.intra.broadcast(&mut buf[lo..hi], dt, j)?;
+            }
         }
-        let mut g = self.scratch();
-        let (s1, s2) = &mut *g;
-        let mine = grow(s1, c * es, "the broadcast slice")?;
-        mine[..hi - lo].copy_from_slice(&buf[lo..hi]);
-        let all = grow(s2, l * c * es, "the broadcast buffer")?;
-        self.intra.all_gather(mine, all, dt)?;
-        buf.copy_from_slice(&all[..n * es]);
         Ok(())
     }
 
