@@ -45,7 +45,7 @@ fn loop_until_failure(timeout: Duration) {
     let c = Comm::init_from_env(CommOptions { timeout, ..Default::default() }).unwrap();
     let r = c.rank();
     assert_eq!(c.transport_name(), "hier");
-    let mut big = vec![0u8; 4 << 20];
+    let mut big = vec![0u8; 24 << 20]; // three pipeline pieces
     let mut small = vec![0u8; 4096];
     for i in 0u64.. {
         let res = match i % 3 {

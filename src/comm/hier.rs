@@ -37,11 +37,14 @@ use super::{Backend, OpDesc, OpKind, Transport};
 use crate::dtype::{DType, ReduceOp};
 use crate::error::{try_zeroed, Error, ErrorKind, Result};
 use crate::reduce;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex, MutexGuard};
 
 /// all_reduce payloads up to this size take the two-step small path.
 pub(crate) const SMALL_BYTES: usize = 16 << 10;
 const DESC: usize = 32;
+/// Large all_reduce runs in pieces of this size, the cross-host step of one
+/// piece overlapping the intra-host steps of its neighbours.
+pub(crate) const PIPE_BYTES: usize = 8 << 20;
 
 /// Builds a sub-group: (sub-group id, rank in it, its size, transport).
 pub type MakeGroup<'a> = dyn Fn(&str, usize, usize, Transport) -> Result<Box<dyn Backend>> + 'a;
@@ -61,6 +64,12 @@ pub fn layout(hosts: &[String]) -> Vec<Vec<usize>> {
         }
     }
     members
+}
+
+/// Is the hierarchical transport worth it for ranks on `hosts`? Not when
+/// every host has a single rank: then it is the flat TCP ring.
+pub fn worthwhile(hosts: &[String]) -> bool {
+    layout(hosts).iter().any(|m| m.len() > 1)
 }
 
 pub struct HierBackend {
@@ -261,24 +270,85 @@ impl Backend for HierBackend {
         if l == 1 {
             return x.all_reduce(buf, dt, op);
         }
-        let c = n.div_ceil(l);
+        // Pieces of PIPE_BYTES (a multiple of L elements; a ragged last one
+        // goes through a padded buffer, its pad values reduced but never
+        // read). The cross-host all-reduce of piece k runs on a second thread
+        // while this one does the intra-host steps of its neighbours, in the
+        // same order on every rank: rs(0), rs(1), ag(0), rs(2), ag(1), ...
+        let per = ((PIPE_BYTES / es) / l).max(1) * l;
+        let pieces: Vec<(usize, usize)> = (0..n).step_by(per).map(|a| (a, (a + per).min(n))).collect();
+        let total: usize = pieces.iter().map(|(a, b)| (b - a).div_ceil(l)).sum();
         let mut g = self.scratch();
         let (s1, s2) = &mut *g;
-        let slice = grow(s1, c * es, "the all_reduce slice")?;
-        if n == c * l {
-            self.intra.reduce_scatter(buf, slice, dt, op)?;
-            x.all_reduce(slice, dt, op)?;
-            self.intra.all_gather(slice, buf, dt)
-        } else {
-            // pad to L equal slices (pad values are reduced but never read)
-            let padded = grow(s2, c * l * es, "the padded all_reduce buffer")?;
-            padded[..buf.len()].copy_from_slice(buf);
-            self.intra.reduce_scatter(padded, slice, dt, op)?;
-            x.all_reduce(slice, dt, op)?;
-            self.intra.all_gather(slice, padded, dt)?;
-            buf.copy_from_slice(&padded[..buf.len()]);
-            Ok(())
+        let mut rest = grow(s1, total * es, "the all_reduce slices")?;
+        let mut slices = Vec::with_capacity(pieces.len());
+        for (a, b) in &pieces {
+            let (s, r) = rest.split_at_mut((b - a).div_ceil(l) * es);
+            slices.push(Some(s));
+            rest = r;
         }
+        let mut rest: &mut [u8] = buf;
+        let mut parts = Vec::with_capacity(pieces.len());
+        for (a, b) in &pieces {
+            let (p, r) = rest.split_at_mut((b - a) * es);
+            parts.push(p);
+            rest = r;
+        }
+        let last = pieces.len() - 1;
+        let ragged = (pieces[last].1 - pieces[last].0) % l != 0;
+        let pad: &mut [u8] = if ragged { grow(s2, (pieces[last].1 - pieces[last].0).div_ceil(l) * l * es, "the padded all_reduce piece")? } else { &mut [] };
+        let intra = self.intra.as_ref();
+        std::thread::scope(|sc| {
+            let (to_x, from_main) = mpsc::channel::<&mut [u8]>();
+            let (to_main, from_x) = mpsc::channel::<Result<&mut [u8]>>();
+            let xt = sc.spawn(move || {
+                for s in from_main {
+                    let r = x.all_reduce(s, dt, op).map(|_| s);
+                    let failed = r.is_err();
+                    if to_main.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let lost = || Error::internal("hier: the cross-host thread stopped");
+            let res = (|| -> Result<()> {
+                let gather = |s: &mut [u8], part: &mut [u8], pad: &mut [u8], padded: bool| -> Result<()> {
+                    if padded {
+                        intra.all_gather(s, pad, dt)?;
+                        let len = part.len();
+                        part.copy_from_slice(&pad[..len]);
+                        Ok(())
+                    } else {
+                        intra.all_gather(s, part, dt)
+                    }
+                };
+                for k in 0..pieces.len() {
+                    let s = slices[k].take().ok_or_else(lost)?;
+                    if ragged && k == last {
+                        pad[..parts[k].len()].copy_from_slice(parts[k]);
+                        intra.reduce_scatter(pad, s, dt, op)?;
+                    } else {
+                        intra.reduce_scatter(parts[k], s, dt, op)?;
+                    }
+                    to_x.send(s).map_err(|_| lost())?;
+                    if k >= 1 {
+                        let s = from_x.recv().map_err(|_| lost())??;
+                        gather(s, parts[k - 1], pad, ragged && k - 1 == last)?;
+                    }
+                }
+                let s = from_x.recv().map_err(|_| lost())??;
+                gather(s, parts[last], pad, ragged)
+            })();
+            if res.is_err() {
+                // unblock the cross-host thread; the group is poisoned anyway
+                x.abort();
+            }
+            drop(to_x);
+            if xt.join().is_err() {
+                return Err(Error::internal("hier: the cross-host thread panicked"));
+            }
+            res
+        })
     }
 
     fn all_gather(&self, send: &[u8], recv: &mut [u8], dt: DType) -> Result<()> {
@@ -440,5 +510,7 @@ mod tests {
         let h = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(layout(&h(&["a", "b", "a", "b"])), vec![vec![0, 2], vec![1, 3]]);
         assert_eq!(layout(&h(&["b", "b", "a", "c", "c"])), vec![vec![0, 1], vec![2], vec![3, 4]]);
+        assert!(super::worthwhile(&h(&["a", "b", "a"])));
+        assert!(!super::worthwhile(&h(&["a", "b", "c"])));
     }
 }

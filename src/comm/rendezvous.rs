@@ -221,9 +221,12 @@ fn create_group_as(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort
         hosts.push(parts[1].to_string());
     }
     let one_host = hosts.iter().all(|h| *h == hosts[0]);
-    if transport == Transport::Auto && !one_host {
+    if transport == Transport::Auto && !one_host && super::hier::worthwhile(&hosts) {
         drop(listener);
-        let make = |g: &str, r: usize, n: usize, t: Transport| create_group_as(ctx, g, r, n, abort, t);
+        // the sub-groups' own flag: the backend may stop them itself
+        // without marking the communicator aborted (HierBackend::abort)
+        let sub_abort = Arc::new(AtomicBool::new(false));
+        let make = |g: &str, r: usize, n: usize, t: Transport| create_group_as(ctx, g, r, n, &sub_abort, t);
         return super::hier::connect(gid, rank, &hosts, &make);
     }
     let use_shm = match transport {
