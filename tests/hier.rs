@@ -112,6 +112,9 @@ fn collectives_body(h: &Comm, t: &Comm) {
     h.barrier().unwrap();
 }
 
+/// To and from the bits of a half-precision type.
+type Conv = (fn(f64) -> u16, fn(u16) -> f64);
+
 /// Every dtype, exact small-integer data, small and large; f16/bf16 of reals
 /// against the flat ring within the one-rounding-per-hop rule.
 fn dtypes_body(h: &Comm, t: &Comm) {
@@ -148,7 +151,7 @@ fn dtypes_body(h: &Comm, t: &Comm) {
     let n = 100_000;
     for dt in [DType::F16, DType::BF16] {
         let x = |q: usize, i: usize| (i as f64 * 0.37 + q as f64).sin() * 4.0;
-        let (to, from): (fn(f64) -> u16, fn(u16) -> f64) = if dt == DType::F16 {
+        let (to, from): Conv = if dt == DType::F16 {
             (|v| half::f16::from_f64(v).to_bits(), |b| half::f16::from_bits(b).to_f64())
         } else {
             (|v| half::bf16::from_f64(v).to_bits(), |b| half::bf16::from_bits(b).to_f64())

@@ -161,12 +161,12 @@ fn job_under_attack() {
         if stop[0] == 1 {
             break;
         }
-        let n = if i % 10 == 0 { 300_000 } else { 1000 };
+        let n = if i.is_multiple_of(10) { 300_000 } else { 1000 };
         let mut buf = f32_bytes(&vec![(r + i) as f32; n]);
         c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
         let want = (0..w).map(|q| (q + i) as f32).sum::<f32>();
         assert!(bytes_f32(&buf).iter().all(|x| *x == want), "iteration {i}");
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             // a new group across hosts: new listeners, new handshakes
             let sub = c.split(local, r as i32).unwrap().unwrap();
             let mut b = f32_bytes(&[1.0; 64]);

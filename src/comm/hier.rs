@@ -295,7 +295,7 @@ impl Backend for HierBackend {
             rest = r;
         }
         let last = pieces.len() - 1;
-        let ragged = (pieces[last].1 - pieces[last].0) % l != 0;
+        let ragged = !(pieces[last].1 - pieces[last].0).is_multiple_of(l);
         let pad: &mut [u8] = if ragged { grow(s2, (pieces[last].1 - pieces[last].0).div_ceil(l) * l * es, "the padded all_reduce piece")? } else { &mut [] };
         let intra = self.intra.as_ref();
         std::thread::scope(|sc| {
