@@ -9,15 +9,23 @@
 //! Hosts are numbered by their lowest group rank, local indices by group rank
 //! within a host. With the same number L of ranks on every host:
 //! - all_reduce: intra reduce-scatter into L slices, cross all-reduce of slice
-//!   `local` on ring `local`, intra all-gather. Up to `SMALL_BYTES`, one intra
-//!   all-gather of every local buffer, a local reduction, and one cross
-//!   all-gather of the host sums, reduced in host order on every rank.
-//! - all_gather: cross all-gather of the own block on ring `local`, intra
-//!   all-gather of those, reordered to rank-major.
-//! - reduce_scatter: reordered (local-major) intra reduce-scatter, cross
-//!   reduce-scatter on ring `local`.
+//!   `local` on ring `local`, intra all-gather, in pieces of `PIPE_BYTES`
+//!   whose cross step runs on a second thread (overlapping the intra steps of
+//!   the neighbouring pieces). Up to `SMALL_BYTES`, one intra all-gather of
+//!   every local buffer, a local reduction, and one cross all-gather of the
+//!   host sums, reduced in host order on every rank (so f16/bf16 round once
+//!   per level, SPEC §3).
+//! - all_gather: cross all-gather of the own block on ring `local`, then per
+//!   host an intra all-gather straight into the output (ranks of a host
+//!   consecutive, torchrun's order; otherwise through a reordering buffer).
+//! - reduce_scatter: per host an intra reduce-scatter of its ranks' blocks,
+//!   then a cross reduce-scatter on ring `local`.
 //! - broadcast: intra broadcast on the root's host, cross broadcast of slice
-//!   `local` on ring `local`, intra all-gather of the slices on the others.
+//!   `local` on ring `local`, then L intra broadcasts of the slices in place.
+//!
+//! Deadlines: each step is a collective of a sub-group with the
+//! communicator's timeout. Memory: one scratch buffer per communicator, kept
+//! between calls, sized by the largest call (all_reduce: n/L elements).
 //!
 //! With unequal numbers of ranks per host a leader per host (local 0) carries
 //! all cross-host traffic: intra step, leaders' cross step, intra broadcast.
