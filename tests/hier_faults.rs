@@ -142,10 +142,6 @@ const TOKEN: &str = "s3cret-job-token";
 /// Worker: small and large collectives, and new cross-host groups (fresh
 /// data listeners) while an intruder attacks; everything must be right.
 fn job_under_attack() {
-    // the last rank joins late: the others' data listeners wait open
-    if env_rank() == 3 {
-        std::thread::sleep(Duration::from_millis(1500));
-    }
     let c = Comm::init_from_env(CommOptions { timeout: Duration::from_secs(60), ..Default::default() }).unwrap();
     let (r, w) = (c.rank(), c.size());
     assert_eq!(c.transport_name(), "hier");
@@ -166,7 +162,7 @@ fn job_under_attack() {
         c.all_reduce(&mut buf, DType::F32, ReduceOp::Sum).unwrap();
         let want = (0..w).map(|q| (q + i) as f32).sum::<f32>();
         assert!(bytes_f32(&buf).iter().all(|x| *x == want), "iteration {i}");
-        if i.is_multiple_of(5) {
+        if i.is_multiple_of(2) {
             // a new group across hosts: new listeners, new handshakes
             let sub = c.split(local, r as i32).unwrap().unwrap();
             let mut b = f32_bytes(&[1.0; 64]);
@@ -187,42 +183,53 @@ fn listeners(bed: &NetBed, h: usize) -> Vec<SocketAddr> {
     String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().nth(3)?.parse().ok()).collect()
 }
 
-/// Intruder (runs on a host of its own): attack every target (address:port)
-/// it reads from stdin, as they arrive, until stdin closes.
-fn intruder() {
+/// One intruder's attacks on `t`: garbage, a wrong token, then a half-open
+/// connection it returns (to hold). (reached, refused, held).
+fn attack(t: SocketAddr) -> (usize, usize, Option<TcpStream>) {
     let abort = AtomicBool::new(false);
     let w = net::Wait::new(Duration::from_secs(10), &abort, "intruder");
-    let (mut refused, mut reached) = (0, 0);
-    let mut held = Vec::new();
-    for line in std::io::stdin().lines() {
-        let t: SocketAddr = line.unwrap().trim().parse().unwrap();
-        let conn = || TcpStream::connect_timeout(&t, Duration::from_secs(5));
-        // garbage
-        if let Ok(mut s) = conn() {
-            reached += 1;
-            let _ = s.write_all(&[0xAB; 4096]);
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut b = [0u8; 256];
-            loop {
-                match s.read(&mut b) {
-                    Ok(0) => break,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-                    Err(e) => panic!("{t}: garbage was not refused: {e}"),
-                }
+    let conn = || TcpStream::connect_timeout(&t, Duration::from_secs(5));
+    let (mut reached, mut refused) = (0, 0);
+    // garbage: the peer must close on us
+    if let Ok(mut s) = conn() {
+        reached = 1;
+        println!("REACHED {t}");
+        let _ = s.write_all(&[0xAB; 4096]);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 256];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => break,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("{t}: garbage was not refused: {e}"),
             }
         }
-        refused += 1;
-        // wrong token
-        if let Ok(mut s) = conn() {
-            let e = auth::connect(&mut s, b"wrong token", "store 9", &w, "target").unwrap_err();
-            assert!(matches!(e.kind, ErrorKind::Auth | ErrorKind::PeerLost), "{t}: {e}");
-        }
-        refused += 1;
-        // half-open: connect and say nothing
-        if let Ok(s) = conn() {
-            held.push(s);
-        }
+    }
+    refused += 1;
+    // wrong token
+    if let Ok(mut s) = conn() {
+        let e = auth::connect(&mut s, b"wrong token", "store 9", &w, "target").unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::Auth | ErrorKind::PeerLost), "{t}: {e}");
+    }
+    refused += 1;
+    (reached, refused, conn().ok())
+}
+
+/// Intruder (runs on a host of its own): attack every target (address:port)
+/// it reads from stdin at once, as they arrive, until stdin closes.
+fn intruder() {
+    let mut attacks = Vec::new();
+    for line in std::io::stdin().lines() {
+        let t: SocketAddr = line.unwrap().trim().parse().unwrap();
+        attacks.push(std::thread::spawn(move || attack(t)));
+    }
+    let (mut reached, mut refused, mut held) = (0, 0, Vec::new());
+    for a in attacks {
+        let (r, f, h) = a.join().expect("an attack panicked (see above)");
+        reached += r;
+        refused += f;
+        held.extend(h);
     }
     println!("INTRUDER {refused} attempts refused, {reached} ports reached, {} half-open held", held.len());
 }
@@ -255,23 +262,58 @@ fn hostile_peers_from_another_host_are_refused() {
     let mut seen = std::collections::BTreeSet::new();
     let t = Instant::now();
     let mut stdin = intruder.stdin.take().unwrap();
-    while t.elapsed() < Duration::from_secs(4) {
+    // A data listener lives only while its group forms (the job forms one
+    // every other iteration). Rank 3 is frozen (SIGSTOP) for 300 ms out of
+    // every 400: a group forming then waits for it, its listeners open, while
+    // they are found (ss) and attacked.
+    let rank3 = kids[3].id().to_string();
+    let signal = |sig: &str| {
+        let _ = Command::new("kill").args([sig, &rank3]).status();
+    };
+    let (mut frozen, mut since) = (false, Instant::now());
+    // the intruder reports each port it reached
+    let reached_data = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut out = intruder.stdout.take().unwrap();
+    let counter = reached_data.clone();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let data = text.lines().filter(|l| l.contains("REACHED ") && !l.ends_with(":29500")).count();
+            counter.store(data, std::sync::atomic::Ordering::SeqCst);
+        }
+        text
+    });
+    while t.elapsed() < Duration::from_secs(40) && reached_data.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        if frozen && since.elapsed() >= Duration::from_millis(300) {
+            signal("-CONT");
+            (frozen, since) = (false, Instant::now());
+        } else if !frozen && since.elapsed() >= Duration::from_millis(100) {
+            signal("-STOP");
+            (frozen, since) = (true, Instant::now());
+        }
         for a in listeners(&bed, 0).into_iter().chain(listeners(&bed, 1)) {
             if a.ip().to_string().starts_with("198.18.") && seen.insert(a) {
                 writeln!(stdin, "{a}").unwrap();
             }
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
+    std::thread::sleep(Duration::from_millis(300));
+    signal("-CONT");
     drop(stdin);
     wait_ready(&dir, 4, Duration::from_secs(120));
-    let out = intruder.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("INTRUDER "), "intruder failed:\n{text}");
+    let status = intruder.wait().unwrap();
+    let mut text = reader.join().unwrap();
+    let _ = intruder.stderr.take().unwrap().read_to_string(&mut text);
+    assert!(status.success() && text.contains("INTRUDER "), "intruder failed:\n{text}");
     let summary = text.lines().find_map(|l| l.find("INTRUDER ").map(|i| l[i..].to_string())).unwrap_or_default();
     assert!(seen.len() >= 2, "only {} listening ports seen (the store and at least one data listener expected)", seen.len());
     let reached: usize = summary.split(", ").find_map(|p| p.strip_suffix(" ports reached")?.parse().ok()).unwrap_or(0);
-    assert!(reached >= 2, "the intruder reached {reached} ports (the store and data listeners expected): {summary}");
+    assert!(reached >= 3, "the intruder reached {reached} ports (the store and at least 2 data listeners expected): {summary}");
     std::fs::write(dir.join("done"), b"1").unwrap();
     let res = wait_all(kids, Duration::from_secs(180));
     let _ = std::fs::remove_dir_all(&dir);
