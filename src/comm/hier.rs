@@ -338,7 +338,10 @@ impl Backend for HierBackend {
                     } else {
                         intra.reduce_scatter(parts[k], s, dt, op)?;
                     }
-                    to_x.send(s).map_err(|_| lost())?;
+                    if to_x.send(s).is_err() {
+                        // it stopped on an error: report that error
+                        return Err(from_x.iter().find_map(Result::err).unwrap_or_else(lost));
+                    }
                     if k >= 1 {
                         let s = from_x.recv().map_err(|_| lost())??;
                         gather(s, parts[k - 1], pad, ragged && k - 1 == last)?;
