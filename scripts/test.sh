@@ -50,6 +50,22 @@ cargo clippy --all-targets -- -D warnings
 step "cargo test"
 status=0
 cargo test --no-fail-fast 2>&1 | tee "$LOG" || status=$?
+
+step "multi-host test bed (scripts/netbed.sh): collectives, flat-param and averaging tests over simulated hosts"
+# tests/netbed.rs, tests/hier.rs and tests/hier_faults.rs ran above (they skip
+# with a reason without network namespaces); here the multi-process tests run
+# again with their ranks spread over hosts (hierarchical transport)
+if [ "$(id -u)" -eq 0 ] && ! command -v tc >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2) >/dev/null
+fi
+if bed=$(scripts/netbed.sh check); then
+  for layout in 2,2 2,1,2; do
+    echo "-- FLATSHARD_TEST_BED=$layout (ranks per host)"
+    FLATSHARD_TEST_BED=$layout cargo test --no-fail-fast --test collectives --test flat_param --test averaging -- --skip shm_ 2>&1 | tee -a "$LOG" || status=$?
+  done
+else
+  echo "$bed"
+fi
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$LOG" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$LOG" | awk '{s+=$1} END {print s+0}')
 skipped=$(grep -Eo '[0-9]+ ignored;' "$LOG" | awk '{s+=$1} END {print s+0}')

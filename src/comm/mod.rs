@@ -7,6 +7,8 @@
 //! - `rendezvous`: joining a job through the `store` (or torchrun's agent
 //!   store, `torchstore`; which launcher: `launch`), agreeing on settings,
 //!   building a group's transport;
+//! - `hier`: the hierarchical transport for groups that span hosts (shm
+//!   inside a host, TCP between hosts, built from sub-groups of both);
 //! - `handle`: `Comm`, what the rest of the library uses (argument checks,
 //!   AVG, poisoning, splitting, routing of device pointers);
 //! - `progress`: one order per communicator for blocking and asynchronous
@@ -16,6 +18,7 @@ pub mod auth;
 pub mod backend;
 pub mod callbacks;
 pub mod handle;
+pub mod hier;
 pub mod launch;
 #[cfg(feature = "cuda")]
 pub mod nccl;

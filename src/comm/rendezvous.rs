@@ -189,6 +189,12 @@ fn agree_on_settings(store: &store::StoreClient, rank: usize, world: usize, loca
 
 /// Rendezvous for one group and pick its transport.
 pub(super) fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &Arc<AtomicBool>) -> Result<Box<dyn Backend>> {
+    create_group_as(ctx, gid, rank, size, abort, ctx.opts.transport)
+}
+
+/// `create_group` with the transport given (the hierarchical backend builds
+/// its intra- and cross-host sub-groups with it).
+fn create_group_as(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usize, abort: &Arc<AtomicBool>, transport: Transport) -> Result<Box<dyn Backend>> {
     if size == 1 {
         return Ok(Box::new(SelfBackend));
     }
@@ -211,7 +217,15 @@ pub(super) fn create_group(ctx: &Arc<JobCtx>, gid: &str, rank: usize, size: usiz
         hosts.push(parts[1].to_string());
     }
     let one_host = hosts.iter().all(|h| *h == hosts[0]);
-    let use_shm = match ctx.opts.transport {
+    if transport == Transport::Auto && !one_host && super::hier::worthwhile(&hosts) {
+        drop(listener);
+        // the sub-groups' own flag: the backend may stop them itself
+        // without marking the communicator aborted (HierBackend::abort)
+        let sub_abort = Arc::new(AtomicBool::new(false));
+        let make = |g: &str, r: usize, n: usize, t: Transport| create_group_as(ctx, g, r, n, &sub_abort, t);
+        return super::hier::connect(gid, rank, &hosts, &make);
+    }
+    let use_shm = match transport {
         Transport::Tcp => false,
         Transport::Auto => one_host && shm::available(),
         Transport::Shm => {

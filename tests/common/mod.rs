@@ -36,6 +36,9 @@ pub fn spawn_on_port(name: &str, world: usize, port: u16, extra: &[(&str, String
 
 /// Spawn only the given ranks of a `world`-rank job on `port`.
 pub fn spawn_on_port_ranks(name: &str, world: usize, port: u16, extra: &[(&str, String)], which: &[usize]) -> Vec<Child> {
+    if let Some(kids) = netbed::spawn_from_env(name, world, port, extra, which) {
+        return kids;
+    }
     let exe = std::env::current_exe().unwrap();
     which
         .iter()
@@ -61,6 +64,13 @@ pub fn spawn_on_port_ranks(name: &str, world: usize, port: u16, extra: &[(&str, 
 
 /// Wait for every child (killing all after `limit`); return (exit codes, outputs).
 pub fn wait_all(children: Vec<Child>, limit: Duration) -> Vec<(Option<i32>, String)> {
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let res = wait_all_inner(children, limit);
+    netbed::release(&pids);
+    res
+}
+
+fn wait_all_inner(children: Vec<Child>, limit: Duration) -> Vec<(Option<i32>, String)> {
     let start = Instant::now();
     let mut children: Vec<Option<Child>> = children.into_iter().map(Some).collect();
     let mut codes: Vec<Option<Option<i32>>> = vec![None; children.len()];

@@ -14,6 +14,7 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/netbed.sh")
@@ -182,4 +183,52 @@ pub fn ranks_on_hosts(name: &str, per_host: &[usize], rate: Option<&str>, extra:
             println!("{l}");
         }
     }
+}
+
+/// Beds of ranks spawned by `spawn_from_env`, by child pid (a bed lives until
+/// `release` has seen all its ranks finish).
+static LIVE: Mutex<Vec<(u32, Arc<NetBed>)>> = Mutex::new(Vec::new());
+
+/// FLATSHARD_TEST_BED="2,2" (ranks per host): how `world` ranks spread over
+/// hosts. The pattern itself when it sums to `world`, otherwise `world`
+/// split into contiguous blocks over as many of its hosts as there are ranks
+/// (first hosts get the extra rank).
+pub fn layout_from_env(world: usize) -> Option<Vec<usize>> {
+    let v = std::env::var("FLATSHARD_TEST_BED").ok().filter(|v| !v.trim().is_empty())?;
+    let pattern: Vec<usize> = v.split(',').map(|x| x.trim().parse().expect("FLATSHARD_TEST_BED: ranks per host, e.g. 2,1,2")).collect();
+    if world < 2 {
+        return None;
+    }
+    if pattern.iter().sum::<usize>() == world {
+        return Some(pattern);
+    }
+    let h = pattern.len().min(world);
+    Some((0..h).map(|i| world / h + usize::from(i < world % h)).collect())
+}
+
+/// With FLATSHARD_TEST_BED set (and namespaces available), spawn all ranks
+/// of a job on simulated hosts instead of this host: the multi-process tests
+/// then run over the hierarchical transport. None: spawn locally.
+pub fn spawn_from_env(name: &str, world: usize, port: u16, extra: &[(&str, String)], which: &[usize]) -> Option<Vec<Child>> {
+    let layout = layout_from_env(world)?;
+    if which.len() != world {
+        return None;
+    }
+    let bed = match NetBed::new(layout.len(), None) {
+        Ok(b) => Arc::new(b),
+        Err(why) => {
+            println!("{name}: FLATSHARD_TEST_BED: {why}; ranks run on this host");
+            return None;
+        }
+    };
+    println!("{name}: ranks {layout:?} per host on bed {}", bed.name());
+    let kids = bed.spawn_ranks(name, &layout, port, extra);
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.extend(kids.iter().map(|k| (k.id(), bed.clone())));
+    Some(kids)
+}
+
+/// The ranks `pids` finished: drop their beds' references.
+pub fn release(pids: &[u32]) {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, _)| !pids.contains(p));
 }
