@@ -52,7 +52,9 @@ fn two_nodes(name: &str, args_for: impl Fn(&NetBed, usize) -> Vec<String>) {
         assert_eq!(count(&r.out, "ok, mode env, restart 0,"), 2, "{out}");
         assert_eq!(count(&r.out, "joined job"), 2, "{out}");
     }
-    assert_eq!(count(&out, "(4 ranks, tcp transport)"), 4, "ranks on two hosts meet over TCP:\n{out}");
+    // Two ranks per host on two hosts: the hierarchical transport (shared
+    // memory inside each host, TCP between them).
+    assert_eq!(count(&out, "(4 ranks, hier transport)"), 4, "ranks on two hosts meet over the hierarchical transport:\n{out}");
     assert_eq!(hashes(&out, 4), native_hashes(4), "{out}");
     drop(bed);
 }
