@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Bytes of the one I/O buffer a rank uses to convert dtypes and copy files.
-pub const IO_BUF: usize = 8 << 20;
+pub(crate) const IO_BUF: usize = 8 << 20;
 
 pub fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::io(format!("{what} {}: {e}", path.display()))

@@ -32,6 +32,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::flat_param::FlatParam;
 use crate::tensor::Device;
 use safetensors::{Entry, Header};
+use CallKind as Call;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -47,15 +48,16 @@ pub struct ParamInfo {
 }
 
 /// The index file rank 0 writes beside the shards (save order, for consolidation).
-pub const INDEX_FILE: &str = "flatshard_checkpoint.json";
+pub(crate) const INDEX_FILE: &str = "flatshard_checkpoint.json";
 /// Hugging Face's index of a consolidated checkpoint.
-pub const HF_INDEX_FILE: &str = "model.safetensors.index.json";
+pub(crate) const HF_INDEX_FILE: &str = "model.safetensors.index.json";
 
 // ------------------------------------------------------------- agreement
 
+/// The collective checkpoint calls (what ranks agree they are making).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u64)]
-enum Call {
+pub enum CallKind {
     SaveBegin = 1,
     SaveFlatParam,
     SaveTensor,
@@ -400,6 +402,13 @@ impl Checkpoint {
         }
     }
 
+    /// Take part in `call` for a rank whose C arguments were unusable: the
+    /// peers get MISMATCH, this rank `e` (or INVALID_STATE after an earlier
+    /// failure), and the object is failed.
+    pub fn reject(&mut self, comm: &Comm, call: CallKind, e: Error) -> Result<()> {
+        self.open_call::<()>(comm, call, Err(e))
+    }
+
     /// After the data moved: every rank learns whether all succeeded.
     fn close_call(&mut self, comm: &Comm, r: Result<()>) -> Result<()> {
         let local = if r.is_ok() { Local::Ok } else { Local::Bad };
@@ -431,6 +440,12 @@ impl Checkpoint {
     /// directories left by earlier saves and creates this save's temporary
     /// sibling directory.
     pub fn save_begin(comm: &Comm, dir: &str) -> Result<Checkpoint> {
+        Self::save_begin_arg(comm, Ok(dir.to_string()))
+    }
+
+    /// `save_begin` with a `dir` argument that may have failed to convert
+    /// (this rank then still takes part, so its peers get MISMATCH).
+    pub fn save_begin_arg(comm: &Comm, dir: Result<String>) -> Result<Checkpoint> {
         let rank = comm.rank();
         let mut ck = Checkpoint {
             rank,
@@ -447,7 +462,7 @@ impl Checkpoint {
             failed: false,
             committed: false,
         };
-        let local = resolve_dir(dir).map(|r| {
+        let local = dir.and_then(|d| resolve_dir(&d)).map(|r| {
             let d = Digest::new().str(&r.0.to_string_lossy());
             (r, d)
         });
@@ -641,13 +656,18 @@ impl Checkpoint {
     /// Open a checkpoint directory (collective): every rank reads and checks
     /// every file's header (not the data).
     pub fn load_begin(comm: &Comm, dir: &str) -> Result<Checkpoint> {
+        Self::load_begin_arg(comm, Ok(dir.to_string()))
+    }
+
+    /// `load_begin` with a `dir` argument that may have failed to convert.
+    pub fn load_begin_arg(comm: &Comm, dir: Result<String>) -> Result<Checkpoint> {
         let mut ck = Checkpoint {
             rank: comm.rank(),
             mode: Mode::Load(LoadState { dir: PathBuf::new(), files: vec![], tensors: HashMap::new() }),
             failed: false,
             committed: false,
         };
-        let local = resolve_dir(dir).and_then(|(abs, _, _)| {
+        let local = dir.and_then(|d| resolve_dir(&d)).and_then(|(abs, _, _)| {
             let d = Digest::new().str(&abs.to_string_lossy());
             index_dir(&abs).map(|st| (st, d))
         });
@@ -736,8 +756,9 @@ impl Checkpoint {
 }
 
 impl Drop for Checkpoint {
-    /// An uncommitted save is discarded: this rank's files go, and rank 0
-    /// removes the temporary directory.
+    /// An uncommitted save is discarded: each rank removes its own files and
+    /// then the temporary directory if it is empty, so the last rank to free
+    /// removes it (a rank that died leaves it to the next save).
     fn drop(&mut self) {
         if let Mode::Save(s) = &self.mode {
             if self.committed || s.tmp.as_os_str().is_empty() {
@@ -747,8 +768,9 @@ impl Drop for Checkpoint {
                 let _ = std::fs::remove_file(f);
             }
             if self.rank == 0 {
-                let _ = std::fs::remove_dir_all(&s.tmp);
+                let _ = std::fs::remove_file(s.tmp.join(INDEX_FILE));
             }
+            let _ = std::fs::remove_dir(&s.tmp);
         }
     }
 }
@@ -1013,12 +1035,18 @@ impl<'a> Reader<'a> {
 /// headers at full size; then every rank copies its share of the saved boxes
 /// into place with positioned I/O; rank 0 writes the index last.
 pub fn consolidate(comm: &Comm, src: &str, dst: &str, max_file_bytes: u64) -> Result<()> {
+    consolidate_arg(comm, Ok((src.to_string(), dst.to_string())), max_file_bytes)
+}
+
+/// `consolidate` with (src, dst) arguments that may have failed to convert.
+pub fn consolidate_arg(comm: &Comm, dirs: Result<(String, String)>, max_file_bytes: u64) -> Result<()> {
     let rank = comm.rank();
     let max = if max_file_bytes == 0 { 5 << 30 } else { max_file_bytes };
     let mut ck = Checkpoint { rank, mode: Mode::Load(LoadState { dir: PathBuf::new(), files: vec![], tensors: HashMap::new() }), failed: false, committed: false };
     let local = (|| {
-        let (sabs, _, _) = resolve_dir(src)?;
-        let (dabs, dparent, _) = resolve_dir(dst)?;
+        let (src, dst) = dirs?;
+        let (sabs, _, _) = resolve_dir(&src)?;
+        let (dabs, dparent, _) = resolve_dir(&dst)?;
         if sabs == dabs {
             return Err(Error::invalid_arg("dst_dir: must differ from src_dir"));
         }

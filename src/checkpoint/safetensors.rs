@@ -21,11 +21,11 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 
 /// The reference implementation's limit on the header length.
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
+pub(crate) const MAX_HEADER_LEN: u64 = 100_000_000;
 /// flatshard_param_info.ndim limit (API §8).
-pub const MAX_NDIM: usize = 8;
+pub(crate) const MAX_NDIM: usize = 8;
 /// Longest tensor name accepted.
-pub const MAX_NAME_LEN: usize = 4096;
+pub(crate) const MAX_NAME_LEN: usize = 4096;
 /// Nesting depth of JSON the header needs (object → entry → array).
 const MAX_DEPTH: usize = 4;
 
