@@ -218,7 +218,8 @@ fn rchar() -> u64 {
 fn run_ranks(name: &str, world: usize, dir: &Path) {
     let extra = [(DIR_ENV, dir.to_string_lossy().to_string()), transport_env("tcp")];
     let res = wait_all(spawn(name, world, &extra), Duration::from_secs(240));
-    let failed: Vec<String> = res.iter().enumerate().filter(|(_, (c, _))| *c != Some(0)).map(|(r, (c, out))| format!("--- rank {r} (exit {c:?}):\n{out}")).collect();
+    let failed: Vec<String> =
+        res.iter().enumerate().filter(|(_, (c, _))| *c != Some(0)).map(|(r, (c, out))| format!("--- rank {r} (exit {c:?}):\n{out}")).collect();
     assert!(failed.is_empty(), "{name}: {} of {world} ranks failed:\n{}", failed.len(), failed.join("\n"));
     for (r, (_, out)) in res.iter().enumerate() {
         assert!(out.contains("running 1 test"), "{name}: rank {r} ran no test:\n{out}");
@@ -245,7 +246,8 @@ fn save_at_4_load_at_4_3_1() {
     let hf = d.join("hf");
     let index = std::fs::read_to_string(hf.join("model.safetensors.index.json")).unwrap();
     assert!(index.contains("\"total_size\": "), "{index}");
-    let files: Vec<_> = std::fs::read_dir(&hf).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".safetensors")).collect();
+    let files: Vec<_> =
+        std::fs::read_dir(&hf).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.ends_with(".safetensors")).collect();
     assert!(files.len() >= 3, "max_file_bytes 256 splits the tensors: {files:?}");
     std::fs::remove_dir_all(&d).unwrap();
 }

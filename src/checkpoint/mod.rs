@@ -32,10 +32,10 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::flat_param::FlatParam;
 use crate::tensor::Device;
 use safetensors::{Entry, Header};
-use CallKind as Call;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use CallKind as Call;
 
 #[cfg(target_endian = "big")]
 compile_error!("checkpoints are little-endian files written straight from memory: big-endian hosts are not supported");
@@ -490,7 +490,15 @@ impl Checkpoint {
     /// Save a flat param's shard (or a shard-shaped buffer), one tensor per
     /// param. `replicate`: the flat param's HYBRID_SHARD replicate comm (only
     /// its rank 0 writes; the replicas hold the same shard).
-    pub fn save_flat_param(&mut self, comm: &Comm, fp: &FlatParam, replicate: Option<&Comm>, infos: &[ParamInfo], prefix: Option<&str>, data: ShardData<'_>) -> Result<()> {
+    pub fn save_flat_param(
+        &mut self,
+        comm: &Comm,
+        fp: &FlatParam,
+        replicate: Option<&Comm>,
+        infos: &[ParamInfo],
+        prefix: Option<&str>,
+        data: ShardData<'_>,
+    ) -> Result<()> {
         let what = "checkpoint_save_flat_param";
         let local = (|| {
             let s = self.save_state(what)?;
@@ -524,7 +532,15 @@ impl Checkpoint {
         r.or_else(|e| self.fail(e))
     }
 
-    fn write_flat_param(&mut self, comm: &Comm, fp: &FlatParam, replicate: Option<&Comm>, infos: &[ParamInfo], names: Vec<String>, data: ShardData<'_>) -> Result<()> {
+    fn write_flat_param(
+        &mut self,
+        comm: &Comm,
+        fp: &FlatParam,
+        replicate: Option<&Comm>,
+        infos: &[ParamInfo],
+        names: Vec<String>,
+        data: ShardData<'_>,
+    ) -> Result<()> {
         let rank = comm.rank();
         let layout = fp.layout();
         let (dt, es) = (fp.dtype(), fp.dtype().size());
@@ -807,19 +823,12 @@ fn finalize(s: &SaveState) -> Result<()> {
 
 /// A saved tensor by name, checked against what the caller expects.
 fn lookup<'a>(st: &'a LoadState, name: &str, shape: &[u64], dtype: DType) -> Result<&'a Stored> {
-    let t = st
-        .tensors
-        .get(name)
-        .ok_or_else(|| Error::invalid_arg(format!("tensor {name:?} is not in the checkpoint {}", st.dir.display())))?;
+    let t = st.tensors.get(name).ok_or_else(|| Error::invalid_arg(format!("tensor {name:?} is not in the checkpoint {}", st.dir.display())))?;
     if t.shape != shape {
         return Err(Error::invalid_arg(format!("tensor {name:?}: the checkpoint has shape {:?}, the caller's info says {shape:?}", t.shape)));
     }
     if t.dtype != dtype && !(t.dtype.is_float() && dtype.is_float()) {
-        return Err(Error::invalid_arg(format!(
-            "tensor {name:?}: saved as {} but loaded as {} (only floating dtypes convert)",
-            t.dtype.name(),
-            dtype.name()
-        )));
+        return Err(Error::invalid_arg(format!("tensor {name:?}: saved as {} but loaded as {} (only floating dtypes convert)", t.dtype.name(), dtype.name())));
     }
     Ok(t)
 }
@@ -849,9 +858,10 @@ fn index_dir(dir: &Path) -> Result<LoadState> {
         for e in h.entries {
             let file = path.display();
             let offsets = match &info {
-                Some(m) => m.get(&e.name).cloned().ok_or_else(|| {
-                    Error::invalid_arg(format!("{file}: __metadata__.DCP_SHARDING_INFO has no entry for tensor {:?}", e.name))
-                })?,
+                Some(m) => m
+                    .get(&e.name)
+                    .cloned()
+                    .ok_or_else(|| Error::invalid_arg(format!("{file}: __metadata__.DCP_SHARDING_INFO has no entry for tensor {:?}", e.name)))?,
                 None => vec![0; e.shape.len()],
             };
             if offsets.len() != e.shape.len() {
@@ -864,9 +874,11 @@ fn index_dir(dir: &Path) -> Result<LoadState> {
             }
             let mut ext = Vec::with_capacity(offsets.len());
             for (o, s) in offsets.iter().zip(&e.shape) {
-                ext.push(o.checked_add(*s).filter(|x| safetensors::numel(&[*x]).is_some()).ok_or_else(|| {
-                    Error::invalid_arg(format!("{file}: DCP_SHARDING_INFO[{:?}].saved_offsets {offsets:?} + shape overflows", e.name))
-                })?);
+                ext.push(
+                    o.checked_add(*s)
+                        .filter(|x| safetensors::numel(&[*x]).is_some())
+                        .ok_or_else(|| Error::invalid_arg(format!("{file}: DCP_SHARDING_INFO[{:?}].saved_offsets {offsets:?} + shape overflows", e.name)))?,
+                );
             }
             let chunk = Chunk { file: fi, offsets, sizes: e.shape.clone(), data: h.data_start + e.begin };
             match tensors.get_mut(&e.name) {
@@ -1042,7 +1054,8 @@ pub fn consolidate(comm: &Comm, src: &str, dst: &str, max_file_bytes: u64) -> Re
 pub fn consolidate_arg(comm: &Comm, dirs: Result<(String, String)>, max_file_bytes: u64) -> Result<()> {
     let rank = comm.rank();
     let max = if max_file_bytes == 0 { 5 << 30 } else { max_file_bytes };
-    let mut ck = Checkpoint { rank, mode: Mode::Load(LoadState { dir: PathBuf::new(), files: vec![], tensors: HashMap::new() }), failed: false, committed: false };
+    let mut ck =
+        Checkpoint { rank, mode: Mode::Load(LoadState { dir: PathBuf::new(), files: vec![], tensors: HashMap::new() }), failed: false, committed: false };
     let local = (|| {
         let (src, dst) = dirs?;
         let (sabs, _, _) = resolve_dir(&src)?;
@@ -1066,12 +1079,7 @@ pub fn consolidate_arg(comm: &Comm, dirs: Result<(String, String)>, max_file_byt
             remove_hf_files(&dabs)?;
             for (k, f) in plan.iter().enumerate() {
                 let p = dabs.join(name_of(k));
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&p)
-                    .map_err(|e| io::io_err("cannot create", &p, e))?;
+                let file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&p).map_err(|e| io::io_err("cannot create", &p, e))?;
                 io::pwrite_all(&file, &f.header, 0, &p)?;
                 file.set_len(f.header.len() as u64 + f.data_len).map_err(|e| io::io_err("cannot size", &p, e))?;
             }
@@ -1117,9 +1125,8 @@ pub fn consolidate_arg(comm: &Comm, dirs: Result<(String, String)>, max_file_byt
             let es = t.dtype.size() as u64;
             let (k, base) = where_[*name];
             let dpath = dabs.join(name_of(k));
-            if !out_files.contains_key(&k) {
-                let f = std::fs::OpenOptions::new().write(true).open(&dpath).map_err(|e| io::io_err("cannot open", &dpath, e))?;
-                out_files.insert(k, f);
+            if let std::collections::hash_map::Entry::Vacant(slot) = out_files.entry(k) {
+                slot.insert(std::fs::OpenOptions::new().write(true).open(&dpath).map_err(|e| io::io_err("cannot open", &dpath, e))?);
             }
             let spath = st.files[c.file].clone();
             let mut runs = Vec::new();

@@ -430,9 +430,7 @@ pub fn header_len(prefix: &[u8; 8], file_len: u64, file: &str) -> Result<u64> {
         )));
     }
     if n.saturating_add(8) > file_len {
-        return Err(Error::invalid_arg(format!(
-            "{file}: header length field is {n} bytes but the file has only {file_len} bytes (truncated?)"
-        )));
+        return Err(Error::invalid_arg(format!("{file}: header length field is {n} bytes but the file has only {file_len} bytes (truncated?)")));
     }
     Ok(n)
 }
@@ -476,9 +474,9 @@ pub fn parse(json: &[u8], file_len: u64, file: &str) -> Result<Header> {
             match k.as_str() {
                 "dtype" => {
                     let Json::Str(s) = &v else { return Err(bad(format!("tensor {name:?}: dtype is not a string"))) };
-                    dtype = Some(dtype_from_code(s).ok_or_else(|| {
-                        bad(format!("tensor {name:?}: dtype {s:?} is not supported (F32, F64, F16, BF16, I32, I64, U8)"))
-                    })?);
+                    dtype = Some(
+                        dtype_from_code(s).ok_or_else(|| bad(format!("tensor {name:?}: dtype {s:?} is not supported (F32, F64, F16, BF16, I32, I64, U8)")))?,
+                    );
                 }
                 "shape" => shape = Some(u64s(&v, file, &format!("tensor {name:?}: shape"))?),
                 "data_offsets" => offs = Some(u64s(&v, file, &format!("tensor {name:?}: data_offsets"))?),
@@ -498,9 +496,9 @@ pub fn parse(json: &[u8], file_len: u64, file: &str) -> Result<Header> {
         if begin > end {
             return Err(bad(format!("tensor {name:?}: data_offsets [{begin}, {end}] end before they begin")));
         }
-        let nbytes = numel(&shape).and_then(|n| n.checked_mul(dtype.size() as u64)).ok_or_else(|| {
-            bad(format!("tensor {name:?}: shape {shape:?} of {} overflows 64 bits", dtype_code(dtype)))
-        })?;
+        let nbytes = numel(&shape)
+            .and_then(|n| n.checked_mul(dtype.size() as u64))
+            .ok_or_else(|| bad(format!("tensor {name:?}: shape {shape:?} of {} overflows 64 bits", dtype_code(dtype))))?;
         if end - begin != nbytes {
             return Err(bad(format!(
                 "tensor {name:?}: data_offsets [{begin}, {end}] span {} bytes but shape {shape:?} of {} needs {nbytes}",
@@ -509,9 +507,7 @@ pub fn parse(json: &[u8], file_len: u64, file: &str) -> Result<Header> {
             )));
         }
         if end > data_len {
-            return Err(bad(format!(
-                "tensor {name:?}: data_offsets [{begin}, {end}] reach past the data section of {data_len} bytes (truncated file?)"
-            )));
+            return Err(bad(format!("tensor {name:?}: data_offsets [{begin}, {end}] reach past the data section of {data_len} bytes (truncated file?)")));
         }
         entries.push(Entry { name, dtype, shape, begin, end });
     }
@@ -579,11 +575,7 @@ mod tests {
             (r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#, 0, "overflows"),
             (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551616]}}"#, 8, "non-negative integers"),
             (r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, 8, "shape must be"),
-            (
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
-                12,
-                "overlaps",
-            ),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#, 12, "overlaps"),
             (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#, 8, "gap"),
             (r#"{"../x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#, 4, "path separators"),
             (r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{}}"#, 4, "duplicate key"),

@@ -1,11 +1,10 @@
 //! C API §8: sharded checkpoints. Converts pointers and infos, then calls
 //! `crate::checkpoint::Checkpoint`.
 //!
-//! Lifetime rule: a checkpoint remembers the `comm` it was begun on and uses
-//! it in every call; the comm must stay alive until
-//! `flatshard_checkpoint_free`.
+//! Ownership: a checkpoint keeps its own reference to the comm it was begun
+//! on (as flat params do), so the comm handle may be freed before it.
 
-use super::comm::{comm_ref, flatshard_comm};
+use super::comm::{comm_arc, comm_ref, flatshard_comm};
 use super::flat_param::{flat_param_parts, flatshard_flat_param};
 use super::handle::{self, Kind};
 use super::{boundary, need, types::*};
@@ -13,6 +12,7 @@ use crate::checkpoint::{self, Checkpoint, ParamInfo, ShardData, ShardDest};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
 use std::ffi::{c_char, c_void, CStr};
+use std::sync::Arc;
 
 /// Opaque checkpoint handle: one save or one load.
 pub struct flatshard_checkpoint {
@@ -34,7 +34,7 @@ pub struct flatshard_param_info {
 
 struct Handle {
     ck: Checkpoint,
-    comm: *const flatshard_comm,
+    comm: Arc<Comm>,
 }
 
 impl Kind for Handle {
@@ -44,8 +44,7 @@ impl Kind for Handle {
 
 unsafe fn ck_parts<'a>(ck: *mut flatshard_checkpoint) -> Result<(&'a mut Checkpoint, &'a Comm)> {
     let h = handle::get_mut::<Handle, _>(ck, "ck")?;
-    let c = comm_ref(h.comm, "the checkpoint's comm (must outlive the checkpoint)")?;
-    Ok((&mut h.ck, c))
+    Ok((&mut h.ck, &*h.comm))
 }
 
 unsafe fn c_str(p: *const c_char, what: &str) -> Result<String> {
@@ -61,6 +60,7 @@ unsafe fn info_from_c(i: &flatshard_param_info, what: &str) -> Result<ParamInfo>
     if i.ndim > 0 {
         need(i.shape, &format!("{what}.shape"))?;
     }
+    // SAFETY: the C contract: shape holds ndim entries (checked non-NULL).
     let shape = if i.ndim == 0 { vec![] } else { std::slice::from_raw_parts(i.shape, i.ndim as usize).to_vec() };
     Ok(ParamInfo { name, shape })
 }
@@ -70,12 +70,13 @@ unsafe fn infos_from_c(infos: *const flatshard_param_info, n: u64) -> Result<Vec
         need(infos, "infos")?;
     }
     let n = usize::try_from(n).map_err(|_| Error::invalid_arg(format!("n: {n} is too large")))?;
+    // SAFETY: the C contract: infos holds n entries (checked non-NULL).
     let s = if n == 0 { &[][..] } else { std::slice::from_raw_parts(infos, n) };
     s.iter().enumerate().map(|(i, x)| info_from_c(x, &format!("infos[{i}]"))).collect()
 }
 
 /// Hand a new checkpoint to C.
-fn publish(ck: Checkpoint, comm: *mut flatshard_comm, out: *mut *mut flatshard_checkpoint) {
+fn publish(ck: Checkpoint, comm: Arc<Comm>, out: *mut *mut flatshard_checkpoint) {
     // SAFETY: `out` was checked non-NULL by the caller before any work.
     unsafe { *out = handle::into_raw::<Handle, flatshard_checkpoint>(Handle { ck, comm }) };
 }
@@ -85,7 +86,7 @@ fn publish(ck: Checkpoint, comm: *mut flatshard_comm, out: *mut *mut flatshard_c
 /// the same save calls in the same order, then flatshard_checkpoint_commit.
 /// Rank 0 removes temporary directories left by earlier saves to `dir` and
 /// creates this save's temporary sibling (".<name>.flatshard-tmp-<id>").
-/// `comm` is borrowed and must outlive the checkpoint. On success `*out`
+/// The checkpoint keeps its own reference to `comm`. On success `*out`
 /// owns the checkpoint; free it with flatshard_checkpoint_free (which
 /// discards the save unless it was committed). Not thread-safe.
 /// INVALID_ARGUMENT: NULL, dir empty or without a final component;
@@ -93,12 +94,16 @@ fn publish(ck: Checkpoint, comm: *mut flatshard_comm, out: *mut *mut flatshard_c
 /// created (every rank); MISMATCH: ranks passed different dirs;
 /// TIMEOUT / PEER_LOST from the comm.
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_checkpoint_save_begin(comm: *mut flatshard_comm, dir: *const c_char, out: *mut *mut flatshard_checkpoint) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_checkpoint_save_begin(
+    comm: *mut flatshard_comm,
+    dir: *const c_char,
+    out: *mut *mut flatshard_checkpoint,
+) -> flatshard_status {
     boundary("flatshard_checkpoint_save_begin", || {
         need(out, "out")?;
-        let c = comm_ref(comm, "comm")?;
-        let ck = Checkpoint::save_begin_arg(c, c_str(dir, "dir"))?;
-        publish(ck, comm, out);
+        let c = comm_arc(comm, "comm")?;
+        let ck = Checkpoint::save_begin_arg(&c, c_str(dir, "dir"))?;
+        publish(ck, c, out);
         Ok(())
     })
 }
@@ -140,6 +145,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
             Err(e) => return ck.reject(comm, checkpoint::CallKind::SaveFlatParam, e),
         };
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
+        // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
+        // elements of the flat param's dtype, readable during the call.
         let data = if shard_data.is_null() { ShardData::Params } else { ShardData::Buffer(std::slice::from_raw_parts(shard_data as *const u8, bytes)) };
         ck.save_flat_param(comm, fp, rep, &infos, prefix.as_deref(), data)
     })
@@ -152,7 +159,11 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
 /// bad or duplicate name; UNSUPPORTED: a CUDA tensor; INVALID_STATE,
 /// MISMATCH, IO, TIMEOUT / PEER_LOST as for save_flat_param.
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(ck: *mut flatshard_checkpoint, info: *const flatshard_param_info, t: *const flatshard_tensor) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(
+    ck: *mut flatshard_checkpoint,
+    info: *const flatshard_param_info,
+    t: *const flatshard_tensor,
+) -> flatshard_status {
     boundary("flatshard_checkpoint_save_tensor", || {
         let (ck, comm) = ck_parts(ck)?;
         let args = (|| {
@@ -168,6 +179,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(ck: *mut flatshard_che
             Err(e) => return ck.reject(comm, checkpoint::CallKind::SaveTensor, e),
         };
         let len = tr.bytes()?;
+        // SAFETY: tensor_from_c checked data non-NULL for numel > 0 and the
+        // byte count; the caller's tensor is host memory (check_host).
         let data = if len == 0 { &[][..] } else { std::slice::from_raw_parts(tr.data as *const u8, len) };
         ck.save_tensor(comm, &i, data, tr.dtype)
     })
@@ -194,20 +207,24 @@ pub unsafe extern "C" fn flatshard_checkpoint_commit(ck: *mut flatshard_checkpoi
 /// Begin a load of the checkpoint in `dir` (written by flatshard at any
 /// world size, or by PyTorch's HuggingFaceStorageWriter, or consolidated).
 /// Collective over `comm`: every rank reads and checks every
-/// `*.safetensors` header in `dir` (not the data). `comm` must outlive the
-/// checkpoint; free `*out` with flatshard_checkpoint_free.
+/// `*.safetensors` header in `dir` (not the data). The checkpoint keeps its
+/// own reference to `comm`; free `*out` with flatshard_checkpoint_free.
 /// INVALID_ARGUMENT: NULL, no `*.safetensors` in dir, a truncated or
 /// malformed file (the message names the file and the field: header length,
 /// dtype, shape, data_offsets, DCP_SHARDING_INFO, name), boxes that miss or
 /// repeat elements; IO: dir or a file cannot be read; MISMATCH: ranks passed
 /// different dirs or another rank failed; TIMEOUT / PEER_LOST.
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_checkpoint_load_begin(comm: *mut flatshard_comm, dir: *const c_char, out: *mut *mut flatshard_checkpoint) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_checkpoint_load_begin(
+    comm: *mut flatshard_comm,
+    dir: *const c_char,
+    out: *mut *mut flatshard_checkpoint,
+) -> flatshard_status {
     boundary("flatshard_checkpoint_load_begin", || {
         need(out, "out")?;
-        let c = comm_ref(comm, "comm")?;
-        let ck = Checkpoint::load_begin_arg(c, c_str(dir, "dir"))?;
-        publish(ck, comm, out);
+        let c = comm_arc(comm, "comm")?;
+        let ck = Checkpoint::load_begin_arg(&c, c_str(dir, "dir"))?;
+        publish(ck, c, out);
         Ok(())
     })
 }
@@ -245,6 +262,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
             Err(e) => return ck.reject(comm, checkpoint::CallKind::LoadFlatParam, e),
         };
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
+        // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
+        // elements of the flat param's dtype, writable during the call.
         let dest = if shard_data.is_null() { ShardDest::Params } else { ShardDest::Buffer(std::slice::from_raw_parts_mut(shard_data as *mut u8, bytes)) };
         ck.load_flat_param(comm, fp, &infos, prefix.as_deref(), dest)
     })
@@ -254,7 +273,11 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
 /// product); every rank reads it. Floating dtypes convert; integer dtypes
 /// must match. Collective. Errors as for load_flat_param.
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(ck: *mut flatshard_checkpoint, info: *const flatshard_param_info, t: *mut flatshard_tensor) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
+    ck: *mut flatshard_checkpoint,
+    info: *const flatshard_param_info,
+    t: *mut flatshard_tensor,
+) -> flatshard_status {
     boundary("flatshard_checkpoint_load_tensor", || {
         let (ck, comm) = ck_parts(ck)?;
         let args = (|| {
@@ -270,6 +293,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(ck: *mut flatshard_che
             Err(e) => return ck.reject(comm, checkpoint::CallKind::LoadTensor, e),
         };
         let len = tr.bytes()?;
+        // SAFETY: as for save_tensor; the caller's buffer is writable.
         let data = if len == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(tr.data, len) };
         ck.load_tensor(comm, &i, data, tr.dtype)
     })
@@ -297,7 +321,12 @@ pub unsafe extern "C" fn flatshard_checkpoint_free(ck: *mut flatshard_checkpoint
 /// MISMATCH: ranks passed different arguments or another rank failed;
 /// TIMEOUT / PEER_LOST.
 #[no_mangle]
-pub unsafe extern "C" fn flatshard_checkpoint_consolidate(comm: *mut flatshard_comm, src_dir: *const c_char, dst_dir: *const c_char, max_file_bytes: u64) -> flatshard_status {
+pub unsafe extern "C" fn flatshard_checkpoint_consolidate(
+    comm: *mut flatshard_comm,
+    src_dir: *const c_char,
+    dst_dir: *const c_char,
+    max_file_bytes: u64,
+) -> flatshard_status {
     boundary("flatshard_checkpoint_consolidate", || {
         let c = comm_ref(comm, "comm")?;
         let dirs = c_str(src_dir, "src_dir").and_then(|s| Ok((s, c_str(dst_dir, "dst_dir")?)));
