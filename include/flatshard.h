@@ -473,7 +473,7 @@ void flatshard_averager_free(flatshard_averager *a);
  * the same save calls in the same order, then flatshard_checkpoint_commit.
  * Rank 0 removes temporary directories left by earlier saves to `dir` and
  * creates this save's temporary sibling (".<name>.flatshard-tmp-<id>").
- * `comm` is borrowed and must outlive the checkpoint. On success `*out`
+ * The checkpoint keeps its own reference to `comm`. On success `*out`
  * owns the checkpoint; free it with flatshard_checkpoint_free (which
  * discards the save unless it was committed). Not thread-safe.
  * INVALID_ARGUMENT: NULL, dir empty or without a final component;
@@ -539,8 +539,8 @@ flatshard_status flatshard_checkpoint_commit(flatshard_checkpoint *ck);
  * Begin a load of the checkpoint in `dir` (written by flatshard at any
  * world size, or by PyTorch's HuggingFaceStorageWriter, or consolidated).
  * Collective over `comm`: every rank reads and checks every
- * `*.safetensors` header in `dir` (not the data). `comm` must outlive the
- * checkpoint; free `*out` with flatshard_checkpoint_free.
+ * `*.safetensors` header in `dir` (not the data). The checkpoint keeps its
+ * own reference to `comm`; free `*out` with flatshard_checkpoint_free.
  * INVALID_ARGUMENT: NULL, no `*.safetensors` in dir, a truncated or
  * malformed file (the message names the file and the field: header length,
  * dtype, shape, data_offsets, DCP_SHARDING_INFO, name), boxes that miss or
