@@ -188,6 +188,33 @@ fn ckpt_w_load_variants() {
             let mut ck = Checkpoint::load_begin(&comm, &path).unwrap();
             ck.load_flat_param(&comm, &mut fa, &infos_a(), None, ShardDest::Params).unwrap();
             check_shard(&fa, fa.shard_bytes(), DType::F32, |i, j| value(i, j, 0), &format!("rank {r} HYBRID"));
+            drop(ck);
+            // HYBRID_SHARD and NO_SHARD saves: one holder of each shard writes
+            // it (commit checks every element was written exactly once)
+            let hdir = format!("{path}-hybrid");
+            let fh = build(&shard, Some(&rep), &infos_a(), 0, 5, DType::F32, &opts);
+            let fnos = build(&comm, None, &infos_b(), B_BASE, 5, DType::F32, &FlatParamOptions { sharding: Sharding::NoShard, ..Default::default() });
+            let mut ck = Checkpoint::save_begin(&comm, &hdir).unwrap();
+            ck.save_flat_param(&comm, &fh, Some(&rep), &infos_a(), None, ShardData::Params).unwrap();
+            ck.save_flat_param(&comm, &fnos, None, &infos_b(), None, ShardData::Params).unwrap();
+            ck.commit(&comm).unwrap();
+            let mut fa = build_zero(&comm, None, &infos_a(), DType::F32, &FlatParamOptions::default());
+            let mut fb = build_zero(&comm, None, &infos_b(), DType::F32, &FlatParamOptions::default());
+            let mut ck = Checkpoint::load_begin(&comm, &hdir).unwrap();
+            ck.load_flat_param(&comm, &mut fa, &infos_a(), None, ShardDest::Params).unwrap();
+            ck.load_flat_param(&comm, &mut fb, &infos_b(), None, ShardDest::Params).unwrap();
+            check_shard(&fa, fa.shard_bytes(), DType::F32, |i, j| value(i, j, 5), &format!("rank {r} saved HYBRID"));
+            check_shard(&fb, fb.shard_bytes(), DType::F32, |i, j| value(B_BASE + i, j, 5), &format!("rank {r} saved NO_SHARD"));
+            // a HYBRID flat param saved without its replicate comm: every replica writes → MISMATCH at commit
+            let mut ck = Checkpoint::save_begin(&comm, &hdir).unwrap();
+            ck.save_flat_param(&comm, &fh, None, &infos_a(), None, ShardData::Params).unwrap();
+            let e = ck.commit(&comm).unwrap_err();
+            assert!(e.kind == ErrorKind::Mismatch && e.msg.contains("exactly one rank"), "{e}");
+            drop(ck);
+            comm.barrier().unwrap();
+            if r == 0 {
+                std::fs::remove_dir_all(&hdir).unwrap();
+            }
         }
         // Bytes: each rank reads exactly the bytes of its shard's real
         // elements. The kernel counts every read on this thread, the

@@ -397,6 +397,7 @@ impl Checkpoint {
             },
             Err(e) => {
                 let _ = agree(comm, call, Local::Bad, 0);
+                let e = if e.msg.starts_with("rank ") { e } else { e.context(format!("rank {}", self.rank)) };
                 self.fail(e)
             }
         }
