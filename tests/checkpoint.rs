@@ -610,3 +610,77 @@ fn rss_of_a_1gib_save_on_4_ranks() {
     run_ranks("ckpt_w_rss_1gib", 4, &d.join("ckpt"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+// ------------------------------------------------------------ C boundary
+
+/// The C entry points: NULL arguments, a bad info, state errors, and a round
+/// trip through the C types (world of 1).
+#[test]
+fn c_api_arguments_and_states() {
+    use flatshard::ffi::checkpoint::*;
+    use flatshard::ffi::comm::*;
+    use flatshard::ffi::flat_param::*;
+    use flatshard::ffi::flatshard_status::*;
+    use flatshard::ffi::*;
+    use std::ffi::CString;
+    use std::ptr::{null, null_mut};
+    let d = tmp_dir("capi");
+    let dir = CString::new(d.join("ckpt").to_str().unwrap()).unwrap();
+    unsafe {
+        let mut comm = null_mut();
+        assert_eq!(flatshard_comm_init(null(), free_port(), 0, 1, null(), &mut comm), FLATSHARD_OK);
+        let mut ck = null_mut();
+        assert_eq!(flatshard_checkpoint_save_begin(null_mut(), dir.as_ptr(), &mut ck), FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert_eq!(flatshard_checkpoint_save_begin(comm, null(), &mut ck), FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert_eq!(flatshard_checkpoint_save_begin(comm, dir.as_ptr(), null_mut()), FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert_eq!(flatshard_checkpoint_commit(null_mut()), FLATSHARD_ERR_INVALID_ARGUMENT);
+        flatshard_checkpoint_free(null_mut());
+        // a flat param of one 2x3 param
+        let mut vals: Vec<f32> = (0..6).map(|k| k as f32).collect();
+        let t = flatshard_tensor {
+            data: vals.as_mut_ptr() as *mut _,
+            grad: null_mut(),
+            numel: 6,
+            dtype: DtypeArg(0),
+            device: flatshard_device { r#type: DeviceTypeArg(0), index: 0 },
+        };
+        let mut fp = null_mut();
+        assert_eq!(flatshard_flat_param_new(comm, &t, 1, null(), &mut fp), FLATSHARD_OK);
+        let name = CString::new("w").unwrap();
+        let shape = [2u64, 3];
+        let info = flatshard_param_info { name: name.as_ptr(), ndim: 2, shape: shape.as_ptr() };
+        assert_eq!(flatshard_checkpoint_save_begin(comm, dir.as_ptr(), &mut ck), FLATSHARD_OK);
+        let bad = flatshard_param_info { name: name.as_ptr(), ndim: 2, shape: null() };
+        assert_eq!(flatshard_checkpoint_save_flat_param(ck, fp, &bad, 1, null(), null()), FLATSHARD_ERR_INVALID_ARGUMENT);
+        let msg = std::ffi::CStr::from_ptr(flatshard_last_error()).to_string_lossy().to_string();
+        assert!(msg.contains("infos[0].shape is NULL"), "{msg}");
+        // after an error: INVALID_STATE until free
+        assert_eq!(flatshard_checkpoint_save_flat_param(ck, fp, &info, 1, null(), null()), FLATSHARD_ERR_INVALID_STATE);
+        assert_eq!(flatshard_checkpoint_commit(ck), FLATSHARD_ERR_INVALID_STATE);
+        flatshard_checkpoint_free(ck);
+        // a clean save; the comm handle freed before the checkpoint (it keeps a reference)
+        assert_eq!(flatshard_checkpoint_save_begin(comm, dir.as_ptr(), &mut ck), FLATSHARD_OK);
+        assert_eq!(flatshard_checkpoint_save_flat_param(ck, fp, &info, 1, null(), null()), FLATSHARD_OK);
+        let mut ck2 = null_mut();
+        assert_eq!(flatshard_checkpoint_load_begin(comm, dir.as_ptr(), &mut ck2), FLATSHARD_ERR_IO, "nothing committed yet");
+        assert_eq!(flatshard_checkpoint_commit(ck), FLATSHARD_OK);
+        assert_eq!(flatshard_checkpoint_commit(ck), FLATSHARD_ERR_INVALID_STATE, "committed twice");
+        flatshard_checkpoint_free(ck);
+        // load into an unsharded flat param: INVALID_STATE; sharded: the values
+        assert_eq!(flatshard_checkpoint_load_begin(comm, dir.as_ptr(), &mut ck), FLATSHARD_OK);
+        assert_eq!(flatshard_flat_param_unshard(fp, null()), FLATSHARD_OK);
+        assert_eq!(flatshard_checkpoint_load_flat_param(ck, fp, &info, 1, null(), null_mut()), FLATSHARD_ERR_INVALID_STATE);
+        flatshard_checkpoint_free(ck);
+        assert_eq!(flatshard_flat_param_reshard(fp), FLATSHARD_OK);
+        let mut sh = std::mem::zeroed::<flatshard_tensor>();
+        assert_eq!(flatshard_flat_param_shard(fp, &mut sh), FLATSHARD_OK);
+        std::slice::from_raw_parts_mut(sh.data as *mut f32, 6).fill(-1.0);
+        assert_eq!(flatshard_checkpoint_load_begin(comm, dir.as_ptr(), &mut ck), FLATSHARD_OK);
+        flatshard_comm_free(comm);
+        assert_eq!(flatshard_checkpoint_load_flat_param(ck, fp, &info, 1, null(), null_mut()), FLATSHARD_OK);
+        assert_eq!(std::slice::from_raw_parts(sh.data as *const f32, 6), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        flatshard_checkpoint_free(ck);
+        flatshard_flat_param_free(fp);
+    }
+    std::fs::remove_dir_all(&d).unwrap();
+}

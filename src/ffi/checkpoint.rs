@@ -88,7 +88,9 @@ fn publish(ck: Checkpoint, comm: Arc<Comm>, out: *mut *mut flatshard_checkpoint)
 /// creates this save's temporary sibling (".<name>.flatshard-tmp-<id>").
 /// The checkpoint keeps its own reference to `comm`. On success `*out`
 /// owns the checkpoint; free it with flatshard_checkpoint_free (which
-/// discards the save unless it was committed). Not thread-safe.
+/// discards the save unless it was committed).
+/// Thread-safety: a checkpoint object is used by one thread at a time; `comm`
+/// may not run another collective concurrently.
 /// INVALID_ARGUMENT: NULL, dir empty or without a final component;
 /// IO: the parent directory is missing or the temporary directory cannot be
 /// created (every rank); MISMATCH: ranks passed different dirs;
@@ -117,6 +119,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_begin(
 /// boxes, straight from memory (under HYBRID_SHARD only the replicate
 /// group's rank 0 writes; NO_SHARD: rank 0 of the fp's comm). Collective
 /// over the checkpoint's comm. The buffers are only read during the call.
+/// Thread-safety: `ck` (and `fp`) may not be used from another thread during the call.
 /// INVALID_ARGUMENT: NULL, n differs from the fp's param count, a shape
 /// whose product differs from the param's numel, ndim > 8, a bad or
 /// duplicate name; INVALID_STATE: fp is unsharded, the checkpoint is a load,
@@ -155,7 +158,9 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
 /// Save a tensor every rank holds identically (step counters, replicated
 /// params): written whole, once, by rank 0 of the checkpoint's comm. Any
 /// dtype; `t` must be in host memory and is only read during the call.
-/// Collective. INVALID_ARGUMENT: NULL, shape product ≠ t->numel, ndim > 8, a
+/// Collective.
+/// Thread-safety: `ck` (and `fp`) may not be used from another thread during the call.
+/// INVALID_ARGUMENT: NULL, shape product ≠ t->numel, ndim > 8, a
 /// bad or duplicate name; UNSUPPORTED: a CUDA tensor; INVALID_STATE,
 /// MISMATCH, IO, TIMEOUT / PEER_LOST as for save_flat_param.
 #[no_mangle]
@@ -192,6 +197,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(
 /// flatshard_checkpoint.json, fsyncs the directory and swaps it into place
 /// (renameat2 RENAME_EXCHANGE, or rename when `dir` is new) and removes the
 /// previous checkpoint. At every instant `dir` is one complete checkpoint.
+/// Ownership: the checkpoint stays owned by the caller (free it afterwards).
+/// Thread-safety: `ck` (and `fp`) may not be used from another thread during the call.
 /// INVALID_STATE: not a save, already committed, or an earlier call failed
 /// (the call still tells the other ranks, which get MISMATCH); MISMATCH:
 /// ranks made different calls, or a shard was saved by no rank or by two;
@@ -209,6 +216,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_commit(ck: *mut flatshard_checkpoi
 /// Collective over `comm`: every rank reads and checks every
 /// `*.safetensors` header in `dir` (not the data). The checkpoint keeps its
 /// own reference to `comm`; free `*out` with flatshard_checkpoint_free.
+/// Thread-safety: `comm` may not run another collective concurrently.
 /// INVALID_ARGUMENT: NULL, no `*.safetensors` in dir, a truncated or
 /// malformed file (the message names the file and the field: header length,
 /// dtype, shape, data_offsets, DCP_SHARDING_INFO, name), boxes that miss or
@@ -234,6 +242,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_begin(
 /// world size, sharding, align_params or floating dtype (converted, rounding
 /// to nearest-even): each rank reads only the byte ranges its shard needs.
 /// Padding is left as it was. Collective over the checkpoint's comm.
+/// `shard_data` is the caller's; it is only written during the call.
+/// Thread-safety: `ck` (and `fp`) may not be used from another thread during the call.
 /// INVALID_ARGUMENT: NULL, bad infos, a name not in the checkpoint, a
 /// different shape, an integer/floating dtype change, missing boxes;
 /// INVALID_STATE: fp is unsharded, the checkpoint is a save, or an earlier
@@ -271,7 +281,10 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
 
 /// Load a whole tensor into `t` (host memory, t->numel = the shape's
 /// product); every rank reads it. Floating dtypes convert; integer dtypes
-/// must match. Collective. Errors as for load_flat_param.
+/// must match. `t` stays the caller's. Collective.
+/// Thread-safety: `ck` (and `fp`) may not be used from another thread during the call.
+/// Statuses: as for flatshard_checkpoint_load_flat_param (INVALID_ARGUMENT
+/// also for an integer dtype that differs from the saved one).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
     ck: *mut flatshard_checkpoint,
@@ -301,8 +314,9 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
 
 /// Free a checkpoint. A save that was not committed is discarded: this
 /// rank's files are removed and rank 0 removes the temporary directory (so
-/// `dir` keeps the previous checkpoint). Local, not collective. NULL is a
-/// no-op.
+/// `dir` keeps the previous checkpoint); the checkpoint's reference to its
+/// comm is released. Local, not collective; not concurrently with another
+/// call on `ck`. NULL is a no-op. No status.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_checkpoint_free(ck: *mut flatshard_checkpoint) {
     super::boundary_value((), || handle::free::<Handle, _>(ck));
@@ -316,6 +330,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_free(ck: *mut flatshard_checkpoint
 /// dst_dir are replaced. Rank 0 creates the files; every rank copies its
 /// share of the saved boxes into place (no gather); rank 0 writes the index
 /// last. Collective over `comm`.
+/// Ownership: nothing is retained after the call. Thread-safety: `comm` may
+/// not run another collective concurrently.
 /// INVALID_ARGUMENT: NULL, src_dir = dst_dir, a malformed or incomplete
 /// checkpoint; IO: a file could not be read, created or written;
 /// MISMATCH: ranks passed different arguments or another rank failed;
