@@ -4,6 +4,8 @@
 //! Ownership: a checkpoint keeps its own reference to the comm it was begun
 //! on (as flat params do), so the comm handle may be freed before it.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use super::comm::{comm_arc, comm_ref, flatshard_comm};
 use super::flat_param::{flat_param_parts, flatshard_flat_param};
 use super::handle::{self, Kind};
@@ -43,17 +45,21 @@ impl Kind for Handle {
 }
 
 unsafe fn ck_parts<'a>(ck: *mut flatshard_checkpoint) -> Result<(&'a mut Checkpoint, &'a Comm)> {
-    let h = handle::get_mut::<Handle, _>(ck, "ck")?;
+    // SAFETY: `ck` comes from the C caller; `handle::get_mut` checks NULL and
+    // the tag before touching the object.
+    let h = unsafe { handle::get_mut::<Handle, _>(ck, "ck") }?;
     Ok((&mut h.ck, &*h.comm))
 }
 
 unsafe fn c_str(p: *const c_char, what: &str) -> Result<String> {
     need(p, what)?;
-    CStr::from_ptr(p).to_str().map(str::to_string).map_err(|_| Error::invalid_arg(format!("{what} is not valid UTF-8")))
+    // SAFETY: non-NULL, and the C contract: a NUL-terminated string.
+    unsafe { CStr::from_ptr(p) }.to_str().map(str::to_string).map_err(|_| Error::invalid_arg(format!("{what} is not valid UTF-8")))
 }
 
 unsafe fn info_from_c(i: &flatshard_param_info, what: &str) -> Result<ParamInfo> {
-    let name = c_str(i.name, &format!("{what}.name"))?;
+    // SAFETY: the name pointer is the C caller's (c_str checks NULL).
+    let name = unsafe { c_str(i.name, &format!("{what}.name")) }?;
     if i.ndim as usize > checkpoint::safetensors::MAX_NDIM {
         return Err(Error::invalid_arg(format!("{what} ({name}): ndim {} is over the limit of 8", i.ndim)));
     }
@@ -61,7 +67,7 @@ unsafe fn info_from_c(i: &flatshard_param_info, what: &str) -> Result<ParamInfo>
         need(i.shape, &format!("{what}.shape"))?;
     }
     // SAFETY: the C contract: shape holds ndim entries (checked non-NULL).
-    let shape = if i.ndim == 0 { vec![] } else { std::slice::from_raw_parts(i.shape, i.ndim as usize).to_vec() };
+    let shape = if i.ndim == 0 { vec![] } else { unsafe { std::slice::from_raw_parts(i.shape, i.ndim as usize) }.to_vec() };
     Ok(ParamInfo { name, shape })
 }
 
@@ -71,8 +77,9 @@ unsafe fn infos_from_c(infos: *const flatshard_param_info, n: u64) -> Result<Vec
     }
     let n = usize::try_from(n).map_err(|_| Error::invalid_arg(format!("n: {n} is too large")))?;
     // SAFETY: the C contract: infos holds n entries (checked non-NULL).
-    let s = if n == 0 { &[][..] } else { std::slice::from_raw_parts(infos, n) };
-    s.iter().enumerate().map(|(i, x)| info_from_c(x, &format!("infos[{i}]"))).collect()
+    let s = if n == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(infos, n) } };
+    // SAFETY: each entry's pointers are the C caller's, checked inside.
+    s.iter().enumerate().map(|(i, x)| unsafe { info_from_c(x, &format!("infos[{i}]")) }).collect()
 }
 
 /// Hand a new checkpoint to C.
@@ -103,8 +110,10 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_begin(
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_save_begin", || {
         need(out, "out")?;
-        let c = comm_arc(comm, "comm")?;
-        let ck = Checkpoint::save_begin_arg(&c, c_str(dir, "dir"))?;
+        // SAFETY: `comm` and `dir` come from the C caller; both helpers check NULL
+        // (and the handle tag) before reading.
+        let (c, dir) = unsafe { (comm_arc(comm, "comm")?, c_str(dir, "dir")) };
+        let ck = Checkpoint::save_begin_arg(&c, dir)?;
         publish(ck, c, out);
         Ok(())
     })
@@ -136,8 +145,12 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
     shard_data: *const c_void,
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_save_flat_param", || {
-        let (ck, comm) = ck_parts(ck)?;
-        let args = (|| {
+        // SAFETY: `ck` comes from the C caller; ck_parts checks NULL and the tag.
+        let (ck, comm) = unsafe { ck_parts(ck) }?;
+        // SAFETY: every pointer comes from the C caller; the helpers check NULL
+        // (and the flat param's tag) before reading, and read only what the C
+        // contract says is there (n infos, NUL-terminated strings).
+        let args = (|| unsafe {
             let (fp, rep) = flat_param_parts(fp, "fp")?;
             let infos = infos_from_c(infos, n)?;
             let prefix = if prefix.is_null() { None } else { Some(c_str(prefix, "prefix")?) };
@@ -150,7 +163,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
         // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
         // elements of the flat param's dtype, readable during the call.
-        let data = if shard_data.is_null() { ShardData::Params } else { ShardData::Buffer(std::slice::from_raw_parts(shard_data as *const u8, bytes)) };
+        let data =
+            if shard_data.is_null() { ShardData::Params } else { ShardData::Buffer(unsafe { std::slice::from_raw_parts(shard_data as *const u8, bytes) }) };
         ck.save_flat_param(comm, fp, rep, &infos, prefix.as_deref(), data)
     })
 }
@@ -170,12 +184,15 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(
     t: *const flatshard_tensor,
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_save_tensor", || {
-        let (ck, comm) = ck_parts(ck)?;
+        // SAFETY: `ck` comes from the C caller; ck_parts checks NULL and the tag.
+        let (ck, comm) = unsafe { ck_parts(ck) }?;
         let args = (|| {
             need(info, "info")?;
             need(t, "t")?;
-            let i = info_from_c(&*info, "info")?;
-            let tr = tensor_from_c(&*t, "t")?;
+            // SAFETY: both checked non-NULL; the C contract: valid structs whose
+            // pointers info_from_c / tensor_from_c check before use.
+            let i = unsafe { info_from_c(&*info, "info") }?;
+            let tr = tensor_from_c(unsafe { &*t }, "t")?;
             tr.check_host("t")?;
             Ok((i, tr))
         })();
@@ -186,7 +203,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(
         let len = tr.bytes()?;
         // SAFETY: tensor_from_c checked data non-NULL for numel > 0 and the
         // byte count; the caller's tensor is host memory (check_host).
-        let data = if len == 0 { &[][..] } else { std::slice::from_raw_parts(tr.data as *const u8, len) };
+        let data = if len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(tr.data as *const u8, len) } };
         ck.save_tensor(comm, &i, data, tr.dtype)
     })
 }
@@ -206,7 +223,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_checkpoint_commit(ck: *mut flatshard_checkpoint) -> flatshard_status {
     boundary("flatshard_checkpoint_commit", || {
-        let (ck, comm) = ck_parts(ck)?;
+        // SAFETY: `ck` comes from the C caller; ck_parts checks NULL and the tag.
+        let (ck, comm) = unsafe { ck_parts(ck) }?;
         ck.commit(comm)
     })
 }
@@ -230,8 +248,9 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_begin(
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_load_begin", || {
         need(out, "out")?;
-        let c = comm_arc(comm, "comm")?;
-        let ck = Checkpoint::load_begin_arg(&c, c_str(dir, "dir"))?;
+        // SAFETY: as in flatshard_checkpoint_save_begin.
+        let (c, dir) = unsafe { (comm_arc(comm, "comm")?, c_str(dir, "dir")) };
+        let ck = Checkpoint::load_begin_arg(&c, dir)?;
         publish(ck, c, out);
         Ok(())
     })
@@ -260,8 +279,10 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
     shard_data: *mut c_void,
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_load_flat_param", || {
-        let (ck, comm) = ck_parts(ck)?;
-        let args = (|| {
+        // SAFETY: `ck` comes from the C caller; ck_parts checks NULL and the tag.
+        let (ck, comm) = unsafe { ck_parts(ck) }?;
+        // SAFETY: as in flatshard_checkpoint_save_flat_param.
+        let args = (|| unsafe {
             let (fp, _) = flat_param_parts(fp, "fp")?;
             let infos = infos_from_c(infos, n)?;
             let prefix = if prefix.is_null() { None } else { Some(c_str(prefix, "prefix")?) };
@@ -274,7 +295,8 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
         // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
         // elements of the flat param's dtype, writable during the call.
-        let dest = if shard_data.is_null() { ShardDest::Params } else { ShardDest::Buffer(std::slice::from_raw_parts_mut(shard_data as *mut u8, bytes)) };
+        let dest =
+            if shard_data.is_null() { ShardDest::Params } else { ShardDest::Buffer(unsafe { std::slice::from_raw_parts_mut(shard_data as *mut u8, bytes) }) };
         ck.load_flat_param(comm, fp, &infos, prefix.as_deref(), dest)
     })
 }
@@ -292,12 +314,15 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
     t: *mut flatshard_tensor,
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_load_tensor", || {
-        let (ck, comm) = ck_parts(ck)?;
+        // SAFETY: `ck` comes from the C caller; ck_parts checks NULL and the tag.
+        let (ck, comm) = unsafe { ck_parts(ck) }?;
         let args = (|| {
             need(info, "info")?;
             need(t, "t")?;
-            let i = info_from_c(&*info, "info")?;
-            let tr = tensor_from_c(&*t, "t")?;
+            // SAFETY: both checked non-NULL; the C contract: valid structs whose
+            // pointers info_from_c / tensor_from_c check before use.
+            let i = unsafe { info_from_c(&*info, "info") }?;
+            let tr = tensor_from_c(unsafe { &*t }, "t")?;
             tr.check_host("t")?;
             Ok((i, tr))
         })();
@@ -307,7 +332,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
         };
         let len = tr.bytes()?;
         // SAFETY: as for save_tensor; the caller's buffer is writable.
-        let data = if len == 0 { &mut [][..] } else { std::slice::from_raw_parts_mut(tr.data, len) };
+        let data = if len == 0 { &mut [][..] } else { unsafe { std::slice::from_raw_parts_mut(tr.data, len) } };
         ck.load_tensor(comm, &i, data, tr.dtype)
     })
 }
@@ -319,7 +344,9 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
 /// call on `ck`. NULL is a no-op. No status.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_checkpoint_free(ck: *mut flatshard_checkpoint) {
-    super::boundary_value((), || handle::free::<Handle, _>(ck));
+    // SAFETY: `ck` comes from the C caller; `handle::free` ignores NULL and
+    // handles whose tag is gone.
+    super::boundary_value((), || unsafe { handle::free::<Handle, _>(ck) });
 }
 
 /// Write the Hugging Face form of the checkpoint in `src_dir` into `dst_dir`
@@ -344,8 +371,9 @@ pub unsafe extern "C" fn flatshard_checkpoint_consolidate(
     max_file_bytes: u64,
 ) -> flatshard_status {
     boundary("flatshard_checkpoint_consolidate", || {
-        let c = comm_ref(comm, "comm")?;
-        let dirs = c_str(src_dir, "src_dir").and_then(|s| Ok((s, c_str(dst_dir, "dst_dir")?)));
+        // SAFETY: the pointers come from the C caller; the helpers check NULL
+        // (and the handle tag) before reading.
+        let (c, dirs) = unsafe { (comm_ref(comm, "comm")?, c_str(src_dir, "src_dir").and_then(|s| Ok((s, c_str(dst_dir, "dst_dir")?)))) };
         checkpoint::consolidate_arg(c, dirs, max_file_bytes)
     })
 }
