@@ -347,6 +347,14 @@ def check_consolidated(dst, ck):
         fn, t = seen.get(k, (None, None))
         ck.check(f"safetensors.torch.load_file reproduces {k} (file per index)",
                  t is not None and wm.get(k) == fn and np.array_equal(t.numpy(), v), f"{fn} {wm.get(k)}")
+    # HuggingFaceStorageReader reads the consolidated directory too (whole tensors, no DCP_SHARDING_INFO)
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    sd = {k: torch.zeros(v.shape, dtype=torch.int64 if v.dtype == np.int64 else torch.float32) for k, v in ref.items()}
+    dcp.load(sd, storage_reader=HuggingFaceStorageReader(dst))
+    ck.check("dcp.load (HuggingFaceStorageReader) reads the consolidated files exactly",
+             all(np.array_equal(sd[k].numpy(), v) for k, v in ref.items()))
     # save order, greedy packing at 300 bytes of data per file
     order = [n for n, _ in A] + [MOMENT + n for n, _ in A] + [n for n, _ in B] + ["step", "rope.freqs"]
     files_in_order = [wm[k] for k in order]
