@@ -545,9 +545,13 @@ fn status_kib(field: &str) -> u64 {
     s.lines().find_map(|l| l.strip_prefix(field)).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
 }
 
-/// Reset the peak RSS (VmHWM) to the current RSS (Linux ≥ 4.0).
+/// Reset the peak RSS (VmHWM) to the current RSS (Linux ≥ 4.0). Where the
+/// kernel refuses, the peak since the start counts (only stricter: nothing
+/// before the save allocated more than the shard).
 fn reset_peak() {
-    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        println!("#: cannot reset the peak RSS ({e}): measuring against the peak since the start");
+    }
 }
 
 #[test]
