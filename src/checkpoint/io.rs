@@ -1,8 +1,7 @@
 //! File system helpers for checkpoints: positioned reads and writes, fsync of
-//! files and directories, the atomic directory swap, and floating-point
-//! conversion of what was read. Every error is IO naming the path.
+//! files and directories, the atomic directory swap. Every error is IO naming
+//! the path. (Floating-point conversion of what is read: `crate::convert`.)
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -86,64 +85,13 @@ fn aside(tmp: &Path) -> std::path::PathBuf {
     s.into()
 }
 
-// ------------------------------------------------------- dtype conversion
-
-fn to_f64(src: &[u8], dt: DType, i: usize) -> f64 {
-    let b = &src[i * dt.size()..(i + 1) * dt.size()];
-    match dt {
-        DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-        DType::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-        DType::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
-        DType::BF16 => half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
-        _ => 0.0,
-    }
-}
-
-/// f64 → f32 rounding to odd: the result is exact, or the neighbour with an
-/// odd last bit. A later round-to-nearest-even to a format with at least two
-/// fewer significand bits (f16: 11, bf16: 8, against 24) then equals a
-/// single correct rounding of the f64 (no double-rounding error).
-fn f64_to_f32_odd(v: f64) -> f32 {
-    if v.is_nan() {
-        return f32::NAN;
-    }
-    let t = v as f32;
-    if t as f64 == v {
-        return t;
-    }
-    let mut bits = t.to_bits();
-    if (t as f64).abs() > v.abs() {
-        bits -= 1; // the neighbour toward zero (also turns ±inf into ±MAX)
-    }
-    f32::from_bits(bits | 1)
-}
-
-/// Convert `n` floating elements from `src` (dtype `sd`) into `dst` (dtype
-/// `dd`), rounding to nearest-even once: every source value is exact in f64;
-/// f32 and f64 targets round from it directly, f16/bf16 through f32 rounded
-/// to odd (`half`'s f64 conversions round twice, through f32).
-pub fn convert(src: &[u8], sd: DType, dst: &mut [u8], dd: DType, n: usize) {
-    if sd == dd {
-        dst[..n * sd.size()].copy_from_slice(&src[..n * sd.size()]);
-        return;
-    }
-    for i in 0..n {
-        let v = to_f64(src, sd, i);
-        let o = &mut dst[i * dd.size()..(i + 1) * dd.size()];
-        match dd {
-            DType::F32 => o.copy_from_slice(&(v as f32).to_le_bytes()),
-            DType::F64 => o.copy_from_slice(&v.to_le_bytes()),
-            DType::F16 => o.copy_from_slice(&half::f16::from_f32(f64_to_f32_odd(v)).to_bits().to_le_bytes()),
-            DType::BF16 => o.copy_from_slice(&half::bf16::from_f32(f64_to_f32_odd(v)).to_bits().to_le_bytes()),
-            _ => {}
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::convert::convert_host as convert;
+    use crate::dtype::DType;
 
+    /// Checkpoint loads convert through `crate::convert`: f64 → bf16 / f16
+    /// must round once (not through f32 to nearest first).
     #[test]
     fn conversion_rounds_to_nearest_even_once() {
         // 1 + 2^-8 + 2^-30 in f64: bf16 (8 significant bits) must round up;
@@ -153,15 +101,15 @@ mod tests {
         let above = tie + 2f64.powi(-40);
         let src: Vec<u8> = [tie, above].iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut dst = vec![0u8; 4];
-        convert(&src, DType::F64, &mut dst, DType::BF16, 2);
+        convert(&src, DType::F64, &mut dst, DType::BF16);
         let got: Vec<f32> = dst.chunks(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect();
         assert_eq!(got, vec![1.0, 1.0 + 2f32.powi(-7)]);
         // f32 → f16 and back
         let src: Vec<u8> = [0.1f32, 65504.0, -2.5].iter().flat_map(|x| x.to_le_bytes()).collect();
         let mut h = vec![0u8; 6];
-        convert(&src, DType::F32, &mut h, DType::F16, 3);
+        convert(&src, DType::F32, &mut h, DType::F16);
         let mut back = vec![0u8; 12];
-        convert(&h, DType::F16, &mut back, DType::F32, 3);
+        convert(&h, DType::F16, &mut back, DType::F32);
         let b: Vec<f32> = back.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(b, vec![half::f16::from_f32(0.1).to_f32(), 65504.0, -2.5]);
     }

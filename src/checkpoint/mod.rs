@@ -1030,7 +1030,7 @@ impl<'a> Reader<'a> {
                 buf.resize((n * ss) as usize, 0);
                 let f = self.file(s.file)?;
                 io::pread_exact(f, &mut buf, s.file_off + done * ss, &path)?;
-                io::convert(&buf, sd, &mut out[(done * ds) as usize..], dd, n as usize);
+                crate::convert::convert_host(&buf, sd, &mut out[(done * ds) as usize..((done + n) * ds) as usize], dd);
                 self.buf = buf;
                 done += n;
             }
