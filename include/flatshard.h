@@ -595,10 +595,11 @@ flatshard_status flatshard_checkpoint_load_tensor(flatshard_checkpoint *ck,
 
 /**
  * Free a checkpoint. A save that was not committed is discarded: this
- * rank's files are removed and rank 0 removes the temporary directory (so
- * `dir` keeps the previous checkpoint); the checkpoint's reference to its
- * comm is released. Local, not collective; not concurrently with another
- * call on `ck`. NULL is a no-op. No status.
+ * rank's files are removed, then the temporary directory if it is empty (so
+ * the last rank to free removes it; leftovers of a rank that died are
+ * removed by the next save), and `dir` keeps the previous checkpoint. The
+ * checkpoint's reference to its comm is released. Local, not collective;
+ * not concurrently with another call on `ck`. NULL is a no-op. No status.
  */
 void flatshard_checkpoint_free(flatshard_checkpoint *ck);
 
