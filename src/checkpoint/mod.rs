@@ -130,40 +130,16 @@ fn bytes_to_u64s(b: &[u8]) -> Vec<u64> {
     b.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
 
-/// All-gather (call, local status, digest): returns Ok when every rank made
-/// the same call, with the same digest, and none failed; MISMATCH otherwise
-/// (a rank that itself failed gets Ok back and reports its own error).
+/// The agreement step of every collective call (`crate::agree`): each rank
+/// states which call it is making and a digest of its arguments, or refuses
+/// when its own arguments were bad or its object failed earlier. Ok when all
+/// agree; MISMATCH otherwise (a refusing rank gets Ok back and reports its
+/// own error).
 fn agree(comm: &Comm, call: Call, local: Local, digest: u64) -> Result<()> {
-    let me = comm.rank();
-    let send = u64s_to_bytes(&[call as u64, local as u64, digest]);
-    let mut recv = vec![0u8; send.len() * comm.size()];
-    comm.all_gather(&send, &mut recv, DType::I64)?;
-    let all = bytes_to_u64s(&recv);
-    let rows: Vec<&[u64]> = all.chunks_exact(3).collect();
-    let name = call_name(call as u64);
-    if let Some((r, row)) = rows.iter().enumerate().find(|(_, row)| row[0] != call as u64) {
-        return Err(Error::mismatch(format!(
-            "rank {me}: {name}: rank {r} called {} at the same point (every rank must make the same checkpoint calls in the same order)",
-            call_name(row[0])
-        )));
-    }
-    if local != Local::Ok {
-        return Ok(());
-    }
-    if let Some((r, row)) = rows.iter().enumerate().find(|(_, row)| row[1] != Local::Ok as u64) {
-        let why = if row[1] == Local::FailedBefore as u64 {
-            "its checkpoint object had failed in an earlier call"
-        } else {
-            "it failed there (see that rank's error)"
-        };
-        return Err(Error::mismatch(format!("rank {me}: {name}: rank {r} could not take part: {why}")));
-    }
-    if let Some((r, _)) = rows.iter().enumerate().find(|(_, row)| row[2] != rows[0][2]) {
-        return Err(Error::mismatch(format!(
-            "rank {me}: {name}: ranks passed different arguments (names, shapes, dtypes or paths): rank {r} differs from rank 0"
-        )));
-    }
-    Ok(())
+    let fields: [crate::agree::Field; 2] =
+        [("checkpoint call (1 = save_begin .. 9 = end of a call)", call as u64), ("arguments (names, shapes, dtypes, paths)", digest)];
+    let mine = if local == Local::Ok { Ok(&fields[..]) } else { Err(()) };
+    crate::agree::agree(comm, call_name(call as u64), fields.len(), mine)
 }
 
 /// Broadcast rank 0's outcome of a step only it performs; other ranks turn a
@@ -174,7 +150,7 @@ fn share_outcome(comm: &Comm, mine: Result<()>, what: &str) -> Result<()> {
         Err(e) => 1 + e.kind as u64,
     };
     let mut buf = code.to_le_bytes();
-    comm.broadcast(&mut buf, DType::I64, 0)?;
+    crate::mem::collective(comm, |ops| ops.broadcast_host(comm, &mut buf, DType::I64, 0))?;
     let code = u64::from_le_bytes(buf);
     if comm.rank() == 0 {
         return mine;
@@ -479,7 +455,7 @@ impl Checkpoint {
         };
         share_outcome(comm, made, "create the temporary checkpoint directory").or_else(|e| ck.fail(e))?;
         let mut buf = n.to_le_bytes();
-        comm.broadcast(&mut buf, DType::I64, 0).or_else(|e| ck.fail(e))?;
+        crate::mem::collective(comm, |ops| ops.broadcast_host(comm, &mut buf, DType::I64, 0)).or_else(|e| ck.fail(e))?;
         let n = u64::from_le_bytes(buf);
         if let Mode::Save(s) = &mut ck.mode {
             s.tmp = parent.join(format!("{}{n:016x}", tmp_prefix(&base)));
@@ -649,7 +625,7 @@ impl Checkpoint {
         // Every element of every call written exactly once, across ranks.
         let mut sums = u64s_to_bytes(&s.written);
         if !sums.is_empty() {
-            comm.all_reduce(&mut sums, DType::I64, ReduceOp::Sum).or_else(|e| self.fail(e))?;
+            crate::mem::collective(comm, |ops| ops.all_reduce_host(comm, &mut sums, DType::I64, ReduceOp::Sum)).or_else(|e| self.fail(e))?;
         }
         let me = self.rank;
         let s = self.save_state(what)?;
