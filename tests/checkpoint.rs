@@ -684,7 +684,17 @@ fn c_api_arguments_and_states() {
         assert_eq!(flatshard_checkpoint_load_flat_param(ck, fp, &info, 1, null(), null_mut()), FLATSHARD_OK);
         assert_eq!(std::slice::from_raw_parts(sh.data as *const f32, 6), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
         flatshard_checkpoint_free(ck);
+        // an in-flight unshard_async is waited for, and then the flat param is unsharded
+        let mut work = null_mut();
+        assert_eq!(flatshard_flat_param_unshard_async(fp, null(), &mut work), FLATSHARD_OK);
+        let mut comm2 = null_mut();
+        assert_eq!(flatshard_comm_init(null(), free_port(), 0, 1, null(), &mut comm2), FLATSHARD_OK);
+        assert_eq!(flatshard_checkpoint_save_begin(comm2, dir.as_ptr(), &mut ck), FLATSHARD_OK);
+        assert_eq!(flatshard_checkpoint_save_flat_param(ck, fp, &info, 1, null(), null()), FLATSHARD_ERR_INVALID_STATE);
+        flatshard_checkpoint_free(ck);
+        flatshard::ffi::work::flatshard_work_free(work);
         flatshard_flat_param_free(fp);
+        flatshard_comm_free(comm2);
     }
     std::fs::remove_dir_all(&d).unwrap();
 }

@@ -7,7 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use super::comm::{comm_arc, comm_ref, flatshard_comm};
-use super::flat_param::{flat_param_parts, flatshard_flat_param};
+use super::flat_param::{flatshard_flat_param, shared_flat_param};
 use super::handle::{self, Kind};
 use super::{boundary, need, types::*};
 use crate::checkpoint::{self, Checkpoint, ParamInfo, ShardData, ShardDest};
@@ -151,13 +151,19 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
         // (and the flat param's tag) before reading, and read only what the C
         // contract says is there (n infos, NUL-terminated strings).
         let args = (|| unsafe {
-            let (fp, rep) = flat_param_parts(fp, "fp")?;
+            let fp = shared_flat_param(fp, "fp")?;
             let infos = infos_from_c(infos, n)?;
             let prefix = if prefix.is_null() { None } else { Some(c_str(prefix, "prefix")?) };
-            Ok((fp, rep, infos, prefix))
+            Ok((fp, infos, prefix))
         })();
-        let (fp, rep, infos, prefix) = match args {
+        let (shared, infos, prefix) = match args {
             Ok(a) => a,
+            Err(e) => return ck.reject(comm, checkpoint::CallKind::SaveFlatParam, e),
+        };
+        let rep = shared.replicate().cloned();
+        // Waits for the flat param's in-flight asynchronous work (API §7).
+        let fp = match shared.settled() {
+            Ok(g) => g,
             Err(e) => return ck.reject(comm, checkpoint::CallKind::SaveFlatParam, e),
         };
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
@@ -165,7 +171,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
         // elements of the flat param's dtype, readable during the call.
         let data =
             if shard_data.is_null() { ShardData::Params } else { ShardData::Buffer(unsafe { std::slice::from_raw_parts(shard_data as *const u8, bytes) }) };
-        ck.save_flat_param(comm, fp, rep, &infos, prefix.as_deref(), data)
+        ck.save_flat_param(comm, &fp, rep.as_deref(), &infos, prefix.as_deref(), data)
     })
 }
 
@@ -283,13 +289,18 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
         let (ck, comm) = unsafe { ck_parts(ck) }?;
         // SAFETY: as in flatshard_checkpoint_save_flat_param.
         let args = (|| unsafe {
-            let (fp, _) = flat_param_parts(fp, "fp")?;
+            let fp = shared_flat_param(fp, "fp")?;
             let infos = infos_from_c(infos, n)?;
             let prefix = if prefix.is_null() { None } else { Some(c_str(prefix, "prefix")?) };
             Ok((fp, infos, prefix))
         })();
-        let (fp, infos, prefix) = match args {
+        let (shared, infos, prefix) = match args {
             Ok(a) => a,
+            Err(e) => return ck.reject(comm, checkpoint::CallKind::LoadFlatParam, e),
+        };
+        // Waits for the flat param's in-flight asynchronous work (API §7).
+        let mut fp = match shared.settled() {
+            Ok(g) => g,
             Err(e) => return ck.reject(comm, checkpoint::CallKind::LoadFlatParam, e),
         };
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
@@ -297,7 +308,7 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
         // elements of the flat param's dtype, writable during the call.
         let dest =
             if shard_data.is_null() { ShardDest::Params } else { ShardDest::Buffer(unsafe { std::slice::from_raw_parts_mut(shard_data as *mut u8, bytes) }) };
-        ck.load_flat_param(comm, fp, &infos, prefix.as_deref(), dest)
+        ck.load_flat_param(comm, &mut fp, &infos, prefix.as_deref(), dest)
     })
 }
 
