@@ -167,10 +167,13 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_flat_param(
             Err(e) => return ck.reject(comm, checkpoint::CallKind::SaveFlatParam, e),
         };
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
-        // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
-        // elements of the flat param's dtype, readable during the call.
-        let data =
-            if shard_data.is_null() { ShardData::Params } else { ShardData::Buffer(unsafe { std::slice::from_raw_parts(shard_data as *const u8, bytes) }) };
+        let data = if shard_data.is_null() {
+            ShardData::Params
+        } else {
+            // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
+            // elements of the flat param's dtype, readable during the call.
+            ShardData::Buffer(unsafe { std::slice::from_raw_parts(shard_data as *const u8, bytes) })
+        };
         ck.save_flat_param(comm, &fp, rep.as_deref(), &infos, prefix.as_deref(), data)
     })
 }
@@ -195,10 +198,13 @@ pub unsafe extern "C" fn flatshard_checkpoint_save_tensor(
         let args = (|| {
             need(info, "info")?;
             need(t, "t")?;
-            // SAFETY: both checked non-NULL; the C contract: valid structs whose
-            // pointers info_from_c / tensor_from_c check before use.
+            // SAFETY: checked non-NULL; the C contract: a valid struct whose
+            // pointers info_from_c checks before use.
             let i = unsafe { info_from_c(&*info, "info") }?;
-            let tr = tensor_from_c(unsafe { &*t }, "t")?;
+            // SAFETY: checked non-NULL; the C contract: a valid tensor struct
+            // (tensor_from_c validates its enums and pointers).
+            let t = unsafe { &*t };
+            let tr = tensor_from_c(t, "t")?;
             tr.check_host("t")?;
             Ok((i, tr))
         })();
@@ -304,10 +310,13 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_flat_param(
             Err(e) => return ck.reject(comm, checkpoint::CallKind::LoadFlatParam, e),
         };
         let bytes = fp.shard_numel() as usize * fp.dtype().size();
-        // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
-        // elements of the flat param's dtype, writable during the call.
-        let dest =
-            if shard_data.is_null() { ShardDest::Params } else { ShardDest::Buffer(unsafe { std::slice::from_raw_parts_mut(shard_data as *mut u8, bytes) }) };
+        let dest = if shard_data.is_null() {
+            ShardDest::Params
+        } else {
+            // SAFETY: the C contract: a non-NULL shard_data holds shard_numel
+            // elements of the flat param's dtype, writable during the call.
+            ShardDest::Buffer(unsafe { std::slice::from_raw_parts_mut(shard_data as *mut u8, bytes) })
+        };
         ck.load_flat_param(comm, &mut fp, &infos, prefix.as_deref(), dest)
     })
 }
@@ -330,10 +339,13 @@ pub unsafe extern "C" fn flatshard_checkpoint_load_tensor(
         let args = (|| {
             need(info, "info")?;
             need(t, "t")?;
-            // SAFETY: both checked non-NULL; the C contract: valid structs whose
-            // pointers info_from_c / tensor_from_c check before use.
+            // SAFETY: checked non-NULL; the C contract: a valid struct whose
+            // pointers info_from_c checks before use.
             let i = unsafe { info_from_c(&*info, "info") }?;
-            let tr = tensor_from_c(unsafe { &*t }, "t")?;
+            // SAFETY: checked non-NULL; the C contract: a valid tensor struct
+            // (tensor_from_c validates its enums and pointers).
+            let t = unsafe { &*t };
+            let tr = tensor_from_c(t, "t")?;
             tr.check_host("t")?;
             Ok((i, tr))
         })();
