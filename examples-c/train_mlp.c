@@ -14,7 +14,13 @@
  * At the end rank 0 exports the full model (rank0_only + offload_to_cpu) as a
  * .safetensors file.
  *
- * Run: flatshard-run -n 4 -- ./train_mlp [out.safetensors]
+ * Checkpoints (--ckpt DIR --save-every N): a sharded checkpoint that PyTorch
+ * loads, saved after every N-th step (N a multiple of 4, from step 12 on: the
+ * steps right after the head's all-rank averaging, so every rank holds the
+ * same head). --resume DIR continues from one, with any number of ranks.
+ *
+ * Run: flatshard-run -n 4 -- ./train_mlp [--steps N] [--ckpt DIR --save-every N]
+ *                                       [--resume DIR] [out.safetensors]
  *  or: torchrun --no-python --nproc-per-node 4 ./train_mlp
  */
 #define _POSIX_C_SOURCE 200809L
@@ -30,7 +36,7 @@
 #define H 64
 #define C 4
 #define BATCH 64
-#define STEPS 300
+#define STEPS 300 /* default of --steps */
 #define LR 0.05f
 
 #define CHECK(call)                                                              \
@@ -166,8 +172,58 @@ static int write_safetensors(const char *path, const char **names, float **data,
   return fclose(f);
 }
 
+/* ---- checkpoints: names and shapes of everything a resume needs ---- */
+static const uint64_t S_W1[2] = {H, D}, S_W2[2] = {H, H}, S_B[1] = {H}, S_WH[2] = {C, H}, S_BH[1] = {C};
+static const flatshard_param_info L1[2] = {{"layer1.weight", 2, S_W1}, {"layer1.bias", 1, S_B}};
+static const flatshard_param_info L2[2] = {{"layer2.weight", 2, S_W2}, {"layer2.bias", 1, S_B}};
+static const flatshard_param_info HW = {"head.weight", 2, S_WH}, HB = {"head.bias", 1, S_BH};
+static const flatshard_param_info STEP = {"train.step", 0, NULL}, AVG_STEP = {"averager.step", 0, NULL};
+
+/* Save (load = 0) or restore (load = 1) the sharded layers, the head and the steps. */
+static void checkpoint(flatshard_comm *comm, const char *dir, int load, flatshard_flat_param *fp1,
+                       flatshard_flat_param *fp2, flatshard_tensor *head, int64_t *steps) {
+  flatshard_checkpoint *ck;
+  int64_t *train_step = &steps[0], *avg_step = &steps[1];
+  flatshard_tensor st = cpu_tensor(NULL, NULL, 1), av = st;
+  st.dtype = av.dtype = FLATSHARD_I64;
+  st.data = train_step;
+  av.data = avg_step;
+  if (load) {
+    CHECK(flatshard_checkpoint_load_begin(comm, dir, &ck));
+    CHECK(flatshard_checkpoint_load_flat_param(ck, fp1, L1, 2, NULL, NULL));
+    CHECK(flatshard_checkpoint_load_flat_param(ck, fp2, L2, 2, NULL, NULL));
+    CHECK(flatshard_checkpoint_load_tensor(ck, &HW, &head[0]));
+    CHECK(flatshard_checkpoint_load_tensor(ck, &HB, &head[1]));
+    CHECK(flatshard_checkpoint_load_tensor(ck, &STEP, &st));
+    CHECK(flatshard_checkpoint_load_tensor(ck, &AVG_STEP, &av));
+  } else {
+    CHECK(flatshard_checkpoint_save_begin(comm, dir, &ck));
+    CHECK(flatshard_checkpoint_save_flat_param(ck, fp1, L1, 2, NULL, NULL));
+    CHECK(flatshard_checkpoint_save_flat_param(ck, fp2, L2, 2, NULL, NULL));
+    CHECK(flatshard_checkpoint_save_tensor(ck, &HW, &head[0]));
+    CHECK(flatshard_checkpoint_save_tensor(ck, &HB, &head[1]));
+    CHECK(flatshard_checkpoint_save_tensor(ck, &STEP, &st));
+    CHECK(flatshard_checkpoint_save_tensor(ck, &AVG_STEP, &av));
+    CHECK(flatshard_checkpoint_commit(ck));
+  }
+  flatshard_checkpoint_free(ck);
+}
+
 int main(int argc, char **argv) {
-  const char *out_path = argc > 1 ? argv[1] : "mlp.safetensors";
+  const char *out_path = "mlp.safetensors", *ckpt_dir = NULL, *resume_dir = NULL;
+  int steps = STEPS, save_every = 0, start = 0;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--steps") && i + 1 < argc) steps = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--save-every") && i + 1 < argc) save_every = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--ckpt") && i + 1 < argc) ckpt_dir = argv[++i];
+    else if (!strcmp(argv[i], "--resume") && i + 1 < argc) resume_dir = argv[++i];
+    else if (argv[i][0] != '-') out_path = argv[i];
+    else { fprintf(stderr, "unknown or incomplete option %s\n", argv[i]); return 2; }
+  }
+  if (save_every % 4 != 0 || save_every < 0 || (save_every && !ckpt_dir)) {
+    fprintf(stderr, "--save-every needs a multiple of 4 and --ckpt DIR\n");
+    return 2;
+  }
   flatshard_comm *comm;
   CHECK(flatshard_comm_init_from_env(NULL, &comm));
   int rank = flatshard_comm_rank(comm), world = flatshard_comm_size(comm);
@@ -200,6 +256,13 @@ int main(int argc, char **argv) {
   flatshard_averager *avg;
   CHECK(flatshard_hierarchical_averager_new(comm, periods, groups, 2, 10, &avg));
   flatshard_tensor head[2] = {cpu_tensor(wh, gwh, C * H), cpu_tensor(bh, gbh, C)};
+  if (resume_dir) { /* any number of ranks: each loads only its own shard */
+    int64_t st[2];
+    checkpoint(comm, resume_dir, 1, fp1, fp2, head, st);
+    CHECK(flatshard_averager_set_step(avg, (uint64_t)st[1]));
+    start = (int)st[0];
+    if (rank == 0) printf("resumed from %s at step %d\n", resume_dir, start);
+  }
 
   if (rank == 0)
     printf("flatshard %s: %d ranks, layer1+layer2 FULL_SHARD (%llu + %llu params, %llu + %llu per rank), "
@@ -210,7 +273,6 @@ int main(int argc, char **argv) {
            (unsigned long long)flatshard_flat_param_shard_numel(fp2), "step", "loss", "accuracy",
            "time_s");
 
-  rng_state = 1000 + (uint64_t)rank; /* each rank its own data shard */
   static float x[BATCH * D], h1[BATCH * H], h2[BATCH * H], logits[BATCH * C], dlog[BATCH * C],
       dh2[BATCH * H], dh1[BATCH * H];
   int y[BATCH];
@@ -220,7 +282,8 @@ int main(int argc, char **argv) {
   flatshard_unshard_options_init(&train); /* training gather: no writeback */
   float first_loss = -1, last_loss = 0, last_acc = 0;
 
-  for (int step = 0; step < STEPS; step++) {
+  for (int step = start; step < steps; step++) {
+    rng_state = 0x9E3779B97F4A7C15ULL * (uint64_t)(step + 1) + 1000 + (uint64_t)rank; /* each rank its own data */
     make_batch(x, y);
     flatshard_tensor v1w, v1b, v2w, v2b;
     flatshard_work *w[4];
@@ -284,7 +347,12 @@ int main(int argc, char **argv) {
     if (first_loss < 0) first_loss = stats[0];
     last_loss = stats[0];
     last_acc = stats[1];
-    if (rank == 0 && (step % 25 == 0 || step == STEPS - 1)) {
+    if (save_every && step >= 12 && step % save_every == 0) { /* right after the all-rank head average */
+      int64_t st[2] = {step + 1, (int64_t)flatshard_averager_get_step(avg)};
+      checkpoint(comm, ckpt_dir, 0, fp1, fp2, head, st);
+      if (rank == 0) printf("checkpoint after step %d in %s (loss %.9g)\n", step, ckpt_dir, stats[0]);
+    }
+    if (rank == 0 && (step % 25 == 0 || step == steps - 1)) {
       clock_gettime(CLOCK_MONOTONIC, &t1);
       printf("%6d %9.4f %8.1f%% %9.2f\n", step, stats[0], 100 * stats[1],
              (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec));
@@ -318,8 +386,8 @@ int main(int argc, char **argv) {
       for (uint64_t k = 0; k < numel; k++) checksum += (double)data[i][k] * (double)((k % 7) + 1);
     }
     if (rc == 0)
-      printf("loss %.4f -> %.4f, accuracy %.1f%%; wrote %s (checksum %.6f)\n", first_loss,
-             last_loss, 100 * last_acc, out_path, checksum);
+      printf("loss %.4f -> %.4f, accuracy %.1f%%; wrote %s (checksum %.6f)\nfinal loss %.9g\n",
+             first_loss, last_loss, 100 * last_acc, out_path, checksum, last_loss);
     else
       fprintf(stderr, "could not write %s\n", out_path);
   }
@@ -330,5 +398,5 @@ int main(int argc, char **argv) {
   flatshard_flat_param_free(fp1);
   flatshard_flat_param_free(fp2);
   flatshard_comm_free(comm);
-  return rc == 0 && last_loss < first_loss ? 0 : 1;
+  return rc == 0 && (resume_dir || last_loss < first_loss) ? 0 : 1;
 }

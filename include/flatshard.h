@@ -120,6 +120,11 @@ typedef enum {
 typedef struct flatshard_averager flatshard_averager;
 
 /**
+ * Opaque checkpoint handle: one save or one load.
+ */
+typedef struct flatshard_checkpoint flatshard_checkpoint;
+
+/**
  * Opaque communicator handle.
  */
 typedef struct flatshard_comm flatshard_comm;
@@ -158,6 +163,25 @@ typedef struct {
   flatshard_dtype dtype;
   flatshard_device device;
 } flatshard_tensor;
+
+/**
+ * A tensor's name and shape in a checkpoint.
+ */
+typedef struct {
+  /**
+   * Unique, e.g. "layers.0.attn.weight" (UTF-8, no '/' or '\\', no
+   * control characters, at most 4096 bytes with the prefix).
+   */
+  const char *name;
+  /**
+   * 0..8.
+   */
+  uint32_t ndim;
+  /**
+   * ndim entries; their product is the param's numel (NULL allowed when ndim is 0).
+   */
+  const uint64_t *shape;
+} flatshard_param_info;
 
 /**
  * Options for `flatshard_comm_init*`. NULL or zero-filled = defaults.
@@ -499,6 +523,222 @@ flatshard_status flatshard_averager_set_step(flatshard_averager *a, uint64_t ste
  * Returns: nothing. NULL is a no-op.
  */
 void flatshard_averager_free(flatshard_averager *a);
+
+/**
+ * Begin a save into `dir` (a directory path; its parent must exist). Rank 0
+ * removes temporary directories left by earlier saves to `dir` and creates
+ * this save's temporary sibling (".<name>.flatshard-tmp-<id>"). Every rank
+ * then makes the same save calls in the same order, then
+ * flatshard_checkpoint_commit.
+ *
+ * Ownership: `dir` is read during the call only. The checkpoint keeps its own
+ * reference to `comm` (whose handle may be freed first). On success `*out`
+ * owns the checkpoint: free it with flatshard_checkpoint_free, which discards
+ * the save unless it was committed.
+ *
+ * Threads: collective over `comm`: every rank calls it with the same dir. Not
+ * concurrently with other calls on `comm`. A checkpoint is used from one
+ * thread at a time.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL out; NULL or freed comm; NULL dir, not
+ * UTF-8, empty or without a final component); MISMATCH (ranks passed different
+ * dirs, or another rank's dir was invalid); IO (the parent directory is
+ * missing or the temporary directory cannot be created: on every rank);
+ * TIMEOUT, PEER_LOST, ABORTED (from comm).
+ */
+flatshard_status flatshard_checkpoint_save_begin(flatshard_comm *comm,
+                                                 const char *dir,
+                                                 flatshard_checkpoint **out);
+
+/**
+ * Save the flat param's shard: one tensor per param, named `prefix` +
+ * `infos[i].name` (prefix may be NULL) with shape `infos[i].shape`. With
+ * `shard_data` NULL the shard's parameters are saved; otherwise `shard_data`
+ * is a host buffer of flatshard_flat_param_shard_numel(fp) elements of the
+ * flat param's dtype laid out like the shard (an optimizer moment, the shard
+ * gradient). Each rank writes only its own shard, as N-d boxes, straight from
+ * memory (under HYBRID_SHARD only the replicate group's rank 0 writes;
+ * NO_SHARD: rank 0 of the fp's comm). Waits for the flat param's in-flight
+ * asynchronous work first.
+ *
+ * Ownership: `infos` (n entries, with their names and shapes), `prefix` and
+ * `shard_data` are read during the call only; `fp` stays the caller's.
+ *
+ * Threads: collective over the checkpoint's comm: every rank makes the same
+ * call. Not concurrently with other calls on `ck`, `fp` or the comm.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed ck or fp; NULL infos with n >
+ * 0; n differs from the fp's param count; a shape whose product differs from
+ * the param's numel; ndim > 8; a bad or duplicate name); INVALID_STATE (fp is
+ * unsharded; the checkpoint is a load, was committed, or an earlier call on it
+ * failed); UNSUPPORTED (a CUDA flat param); MISMATCH (another rank's arguments
+ * differ or were invalid); IO (a file could not be written; the other ranks
+ * learn at commit); TIMEOUT, PEER_LOST, ABORTED (from the comm); the error of
+ * the flat param's failed asynchronous work. After any error the checkpoint
+ * accepts only flatshard_checkpoint_free.
+ */
+flatshard_status flatshard_checkpoint_save_flat_param(flatshard_checkpoint *ck,
+                                                      flatshard_flat_param *fp,
+                                                      const flatshard_param_info *infos,
+                                                      uint64_t n,
+                                                      const char *prefix,
+                                                      const void *shard_data);
+
+/**
+ * Save a tensor every rank holds identically (step counters, replicated
+ * params): written whole, once, by rank 0 of the checkpoint's comm. Any dtype;
+ * `t` must be in host memory.
+ *
+ * Ownership: `info` (with its name and shape) and `t` (and its memory) are
+ * read during the call only.
+ *
+ * Threads: collective over the checkpoint's comm: every rank makes the same
+ * call. Not concurrently with other calls on `ck` or the comm.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed ck; NULL info or t; shape
+ * product ≠ t->numel; ndim > 8; a bad or duplicate name; a bad dtype or device
+ * enum); UNSUPPORTED (a CUDA tensor); INVALID_STATE, MISMATCH, IO, TIMEOUT,
+ * PEER_LOST, ABORTED as for flatshard_checkpoint_save_flat_param.
+ */
+flatshard_status flatshard_checkpoint_save_tensor(flatshard_checkpoint *ck,
+                                                  const flatshard_param_info *info,
+                                                  const flatshard_tensor *t);
+
+/**
+ * Make the save durable and visible: every rank fsyncs its files; the ranks
+ * check that they made the same calls and that every element was written
+ * exactly once; then rank 0 writes flatshard_checkpoint.json, fsyncs the
+ * directory and swaps it into place (renameat2 RENAME_EXCHANGE, or rename when
+ * `dir` is new) and removes the previous checkpoint. At every instant `dir` is
+ * one complete checkpoint.
+ *
+ * Ownership: the checkpoint stays the caller's: free it afterwards.
+ *
+ * Threads: collective over the checkpoint's comm. Not concurrently with other
+ * calls on `ck` or the comm.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed ck); INVALID_STATE (not a
+ * save, already committed, or an earlier call failed; the call still tells the
+ * other ranks, which get MISMATCH); MISMATCH (ranks made different calls, or a
+ * shard was saved by no rank or by two); IO (fsync or rename failed: on every
+ * rank); TIMEOUT, PEER_LOST, ABORTED (from the comm).
+ */
+flatshard_status flatshard_checkpoint_commit(flatshard_checkpoint *ck);
+
+/**
+ * Begin a load of the checkpoint in `dir` (written by flatshard at any world
+ * size, or by PyTorch's HuggingFaceStorageWriter, or consolidated): every rank
+ * reads and checks every `*.safetensors` header in `dir` (not the data).
+ *
+ * Ownership: `dir` is read during the call only. The checkpoint keeps its own
+ * reference to `comm` (whose handle may be freed first). On success `*out`
+ * owns the checkpoint: free it with flatshard_checkpoint_free.
+ *
+ * Threads: collective over `comm`: every rank calls it with the same dir. Not
+ * concurrently with other calls on `comm`. A checkpoint is used from one
+ * thread at a time.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL out; NULL or freed comm; NULL dir; no
+ * `*.safetensors` in dir; a truncated or malformed file, the message naming
+ * the file and the field: header length, dtype, shape, data_offsets,
+ * DCP_SHARDING_INFO, name; boxes that miss or repeat elements); IO (dir or a
+ * file cannot be read); OUT_OF_MEMORY (a header); MISMATCH (ranks passed
+ * different dirs, or another rank failed); TIMEOUT, PEER_LOST, ABORTED (from
+ * comm).
+ */
+flatshard_status flatshard_checkpoint_load_begin(flatshard_comm *comm,
+                                                 const char *dir,
+                                                 flatshard_checkpoint **out);
+
+/**
+ * Load the flat param's shard (shard_data NULL) or a shard-shaped host buffer
+ * of shard_numel elements (`shard_data`) from the checkpoint, at any world
+ * size, sharding, align_params or floating dtype (converted, rounding to
+ * nearest-even): each rank reads only the byte ranges its shard needs. Padding
+ * is left as it was. Waits for the flat param's in-flight asynchronous work
+ * first.
+ *
+ * Ownership: `infos`, `prefix` are read and `shard_data` is written during the
+ * call only; all stay the caller's. `fp`'s shard is written in place (its
+ * pointer does not change).
+ *
+ * Threads: collective over the checkpoint's comm: every rank makes the same
+ * call. Not concurrently with other calls on `ck`, `fp` or the comm.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed ck or fp; bad infos; a name
+ * not in the checkpoint; a different shape; an integer/floating dtype change;
+ * missing boxes); INVALID_STATE (fp is unsharded; the checkpoint is a save, or
+ * an earlier call failed); UNSUPPORTED (a CUDA flat param); IO (a read
+ * failed); MISMATCH (another rank's arguments differ or its read failed);
+ * TIMEOUT, PEER_LOST, ABORTED (from the comm); the error of the flat param's
+ * failed asynchronous work. After any error the checkpoint accepts only
+ * flatshard_checkpoint_free.
+ */
+flatshard_status flatshard_checkpoint_load_flat_param(flatshard_checkpoint *ck,
+                                                      flatshard_flat_param *fp,
+                                                      const flatshard_param_info *infos,
+                                                      uint64_t n,
+                                                      const char *prefix,
+                                                      void *shard_data);
+
+/**
+ * Load a whole tensor into `t` (host memory, t->numel = the shape's product);
+ * every rank reads it. Floating dtypes convert; integer dtypes must match.
+ *
+ * Ownership: `info` is read and `t`'s memory written during the call only;
+ * both stay the caller's.
+ *
+ * Threads: collective over the checkpoint's comm: every rank makes the same
+ * call. Not concurrently with other calls on `ck` or the comm.
+ *
+ * Statuses: as flatshard_checkpoint_load_flat_param (INVALID_ARGUMENT also for
+ * NULL info or t, or an integer dtype that differs from the saved one;
+ * UNSUPPORTED for a CUDA tensor).
+ */
+flatshard_status flatshard_checkpoint_load_tensor(flatshard_checkpoint *ck,
+                                                  const flatshard_param_info *info,
+                                                  flatshard_tensor *t);
+
+/**
+ * Free a checkpoint. A save that was not committed is discarded: this rank's
+ * files are removed, then the temporary directory if it is empty (so the last
+ * rank to free removes it; leftovers of a rank that died are removed by the
+ * next save), and `dir` keeps the previous checkpoint.
+ *
+ * Ownership: `ck` is invalid afterwards; its reference to the comm is released
+ * (a comm whose handle was already freed closes here).
+ *
+ * Threads: not concurrently with any other call on `ck`. Local, not
+ * collective.
+ *
+ * Returns: nothing. NULL is a no-op.
+ */
+void flatshard_checkpoint_free(flatshard_checkpoint *ck);
+
+/**
+ * Write the Hugging Face form of the checkpoint in `src_dir` into `dst_dir`
+ * (created if missing): model-0000k-of-0000N.safetensors, each holding at most
+ * `max_file_bytes` of tensor data (0 = 5 GiB; a larger tensor gets a file of
+ * its own), tensors whole in save order, and model.safetensors.index.json.
+ * Earlier model-*-of-*.safetensors files in dst_dir are replaced. Rank 0
+ * creates the files; every rank copies its share of the saved boxes into place
+ * (no gather); rank 0 writes the index last.
+ *
+ * Ownership: `src_dir` and `dst_dir` are read during the call only; nothing is
+ * retained.
+ *
+ * Threads: collective over `comm`: every rank calls it with the same
+ * arguments. Not concurrently with other calls on `comm`.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed comm; NULL src_dir or dst_dir;
+ * src_dir = dst_dir; a malformed or incomplete checkpoint); IO (a file could
+ * not be read, created or written); MISMATCH (ranks passed different
+ * arguments, or another rank failed); TIMEOUT, PEER_LOST, ABORTED (from comm).
+ */
+flatshard_status flatshard_checkpoint_consolidate(flatshard_comm *comm,
+                                                  const char *src_dir,
+                                                  const char *dst_dir,
+                                                  uint64_t max_file_bytes);
 
 /**
  * Zero-fill `*o` and set `o->struct_size` (every option at its default).

@@ -2,7 +2,7 @@
  * flatshard.hpp: header-only C++17 RAII wrapper over flatshard.h.
  *
  * - Handles are move-only classes that free themselves (Comm, FlatParam, Averager,
- *   Work: one asynchronous operation).
+ *   Checkpoint, Work: one asynchronous operation).
  * - Every failing call throws flatshard::Error carrying the status and the
  *   library's message (flatshard_last_error()).
  * - Tensors are described with flatshard::cpu_tensor(ptr, n) / Span<T>.
@@ -307,6 +307,71 @@ class Averager {
  private:
   explicit Averager(flatshard_averager *a) : a_(a) {}
   detail::Owned<flatshard_averager, flatshard_averager_free> a_;
+};
+
+/** A tensor's name and shape in a checkpoint (owning). */
+struct ParamInfo {
+  std::string name;
+  std::vector<uint64_t> shape;
+};
+
+/**
+ * One checkpoint save or load (owning, move-only), API section 8. Every call is
+ * collective over the comm it was begun on. A save that is not committed is
+ * discarded when the Checkpoint is destroyed.
+ *
+ *   auto ck = flatshard::Checkpoint::save(comm, "ckpt/step100");
+ *   ck.save_flat_param(layer, {{"l.weight", {7, 3}}, {"l.bias", {7}}});
+ *   ck.commit();
+ */
+class Checkpoint {
+ public:
+  static Checkpoint save(Comm &comm, const std::string &dir) {
+    flatshard_checkpoint *c = nullptr;
+    check(flatshard_checkpoint_save_begin(comm.get(), dir.c_str(), &c));
+    return Checkpoint(c);
+  }
+  static Checkpoint load(Comm &comm, const std::string &dir) {
+    flatshard_checkpoint *c = nullptr;
+    check(flatshard_checkpoint_load_begin(comm.get(), dir.c_str(), &c));
+    return Checkpoint(c);
+  }
+  /** The shard (shard_data null) or a shard-shaped buffer such as an optimizer moment. */
+  void save_flat_param(FlatParam &fp, const std::vector<ParamInfo> &infos, const char *prefix = nullptr,
+                       const void *shard_data = nullptr) {
+    auto c = c_infos(infos);
+    check(flatshard_checkpoint_save_flat_param(ck_.get(), fp.get(), c.data(), c.size(), prefix, shard_data));
+  }
+  /** A tensor every rank holds identically (rank 0 writes it). */
+  void save_tensor(const ParamInfo &info, const flatshard_tensor &t) {
+    auto c = c_infos({info});
+    check(flatshard_checkpoint_save_tensor(ck_.get(), c.data(), &t));
+  }
+  void commit() { check(flatshard_checkpoint_commit(ck_.get())); }
+  void load_flat_param(FlatParam &fp, const std::vector<ParamInfo> &infos, const char *prefix = nullptr,
+                       void *shard_data = nullptr) {
+    auto c = c_infos(infos);
+    check(flatshard_checkpoint_load_flat_param(ck_.get(), fp.get(), c.data(), c.size(), prefix, shard_data));
+  }
+  void load_tensor(const ParamInfo &info, flatshard_tensor t) {
+    auto c = c_infos({info});
+    check(flatshard_checkpoint_load_tensor(ck_.get(), c.data(), &t));
+  }
+  /** Hugging Face files (model-0000k-of-0000N.safetensors + index) from a saved checkpoint. */
+  static void consolidate(Comm &comm, const std::string &src, const std::string &dst, uint64_t max_file_bytes = 0) {
+    check(flatshard_checkpoint_consolidate(comm.get(), src.c_str(), dst.c_str(), max_file_bytes));
+  }
+  flatshard_checkpoint *get() const { return ck_.get(); }
+
+ private:
+  explicit Checkpoint(flatshard_checkpoint *c) : ck_(c) {}
+  /* Views of `infos` (which outlive the call that uses them). */
+  static std::vector<flatshard_param_info> c_infos(const std::vector<ParamInfo> &infos) {
+    std::vector<flatshard_param_info> out;
+    for (auto &i : infos) out.push_back({i.name.c_str(), static_cast<uint32_t>(i.shape.size()), i.shape.data()});
+    return out;
+  }
+  detail::Owned<flatshard_checkpoint, flatshard_checkpoint_free> ck_;
 };
 
 /** In-place mean of `params` over `comm` (bounded extra memory). */

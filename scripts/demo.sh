@@ -2,7 +2,8 @@
 # The demo: a 4-rank data-parallel training job written in C
 # (examples-c/train_mlp.c): two FSDP flat-parameter layers (FULL_SHARD) and a
 # local-SGD head with hierarchical averaging, on this machine, no GPU. Prints a
-# progress table and exports the model from rank 0 as a .safetensors file.
+# progress table, saves a sharded checkpoint every 100 steps (target/demo/ckpt)
+# and exports the model from rank 0 as a .safetensors file.
 # usage: scripts/demo.sh [-n RANKS] [OUT.safetensors]
 #        scripts/demo.sh --collectives   (the collectives tour instead)
 set -euo pipefail
@@ -23,4 +24,5 @@ ${CC:-cc} -std=c11 -Wall -Wextra -Werror -pedantic -O2 -Iinclude \
   examples-c/train_mlp.c -o target/demo/train_mlp \
   -Ltarget/debug -lflatshard -lm -Wl,-rpath,"$PWD/target/debug"
 OUT=${1:-$PWD/target/demo/mlp.safetensors}
-exec target/debug/flatshard-run -n "$N" -- target/demo/train_mlp "$OUT"
+# A sharded checkpoint every 100 steps (resume: add --resume target/demo/ckpt).
+exec target/debug/flatshard-run -n "$N" -- target/demo/train_mlp --ckpt "$PWD/target/demo/ckpt" --save-every 100 "$OUT"

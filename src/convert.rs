@@ -118,12 +118,31 @@ fn read_f64(b: &[u8], dt: DType) -> f64 {
     }
 }
 
+/// f64 -> f32 rounding to odd: exact, or the neighbour toward zero with its
+/// last bit set. Rounding that to nearest-even in a format with at least two
+/// fewer significand bits (f16: 11, bf16: 8, against 24) equals one correct
+/// rounding of the f64; `half`'s f64 conversions round twice (through f32).
+fn f64_to_f32_odd(v: f64) -> f32 {
+    if v.is_nan() {
+        return v as f32;
+    }
+    let t = v as f32;
+    if t as f64 == v {
+        return t;
+    }
+    let mut bits = t.to_bits();
+    if (t as f64).abs() > v.abs() {
+        bits -= 1; // the neighbour toward zero (also turns ±inf into ±MAX)
+    }
+    f32::from_bits(bits | 1)
+}
+
 fn write_f64(b: &mut [u8], dt: DType, x: f64) {
     match dt {
         DType::F32 => b[..4].copy_from_slice(&(x as f32).to_ne_bytes()),
         DType::F64 => b[..8].copy_from_slice(&x.to_ne_bytes()),
-        DType::F16 => b[..2].copy_from_slice(&half::f16::from_f64(x).to_bits().to_ne_bytes()),
-        DType::BF16 => b[..2].copy_from_slice(&half::bf16::from_f64(x).to_bits().to_ne_bytes()),
+        DType::F16 => b[..2].copy_from_slice(&f32_to_f16_bits(f64_to_f32_odd(x)).to_ne_bytes()),
+        DType::BF16 => b[..2].copy_from_slice(&f32_to_bf16_bits(f64_to_f32_odd(x)).to_ne_bytes()),
         _ => unreachable!("flat params hold floating dtypes only"),
     }
 }

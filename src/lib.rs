@@ -9,6 +9,7 @@
 
 pub mod agree;
 pub mod averaging;
+pub mod checkpoint;
 pub mod comm;
 /// cbindgen:ignore
 pub mod config;

@@ -108,7 +108,9 @@ fn ctrl_c_is_forwarded() {
 #[test]
 fn cpp_example_runs_on_two_ranks() {
     let exe = build_example("g++", &["-std=c++17", "-O1"], "cpp_example.cpp");
-    let o = run(&["-n", "2", "--", exe.to_str().unwrap()]);
+    let ckpt = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cpp_example_ckpt-{}", std::process::id()));
+    let o = run(&["-n", "2", "--", exe.to_str().unwrap(), ckpt.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&ckpt);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(out.contains("C++ example OK: 2 ranks"), "{out}");

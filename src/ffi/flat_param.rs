@@ -85,6 +85,15 @@ pub(crate) unsafe fn fp_mut<'a>(fp: *mut flatshard_flat_param) -> Result<&'a mut
     unsafe { handle::get_mut::<Handle, _>(fp, "fp") }
 }
 
+/// For the other C modules (checkpoints): the flat param behind a handle,
+/// with its communicators and in-flight work (`settled()` waits for it).
+pub(crate) unsafe fn shared_flat_param<'a>(fp: *mut flatshard_flat_param, arg: &str) -> Result<&'a mut SharedFlatParam> {
+    // SAFETY: the caller passes a pointer from the C caller; `handle::get_mut`
+    // checks NULL and the tag before reading the object behind it.
+    let h = unsafe { handle::get_mut::<Handle, _>(fp, arg) }?;
+    Ok(&mut h.fp)
+}
+
 fn flag(v: i32, name: &str) -> Result<bool> {
     match v {
         0 => Ok(false),

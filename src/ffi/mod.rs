@@ -11,6 +11,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod averaging;
+pub mod checkpoint;
 pub mod comm;
 pub mod cuda;
 pub mod flat_param;

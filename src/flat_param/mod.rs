@@ -379,6 +379,15 @@ impl FlatParam {
     pub fn is_unsharded(&self) -> bool {
         self.state.is_some()
     }
+    /// This rank's index in the layout's shards (0 when unsharded: NO_SHARD
+    /// or a world of 1): its shard is layout range `rank_range(shard_rank)`.
+    pub fn shard_rank(&self) -> u64 {
+        self.shard_rank
+    }
+    /// Rank in the comm the flat param was built on.
+    pub fn comm_rank(&self) -> usize {
+        self.comm_rank
+    }
     fn sharded(&self) -> bool {
         self.layout.world > 1
     }
