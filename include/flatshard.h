@@ -832,8 +832,8 @@ flatshard_status flatshard_comm_init_from_env(const flatshard_comm_options *opts
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL ops or out; unknown ops->struct_size; a
  * NULL callback other than destroy; not 0 <= rank < size; a malformed
- * FLATSHARD_* setting, in which case `ops->destroy(ctx)` has already been
- * called).
+ * FLATSHARD_* setting). On any error `ops->destroy` is not called: `ctx`
+ * stays the caller's to release.
  */
 flatshard_status flatshard_comm_from_collectives(int32_t rank,
                                                  int32_t size,

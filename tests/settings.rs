@@ -119,3 +119,57 @@ fn malformed_setting_on_one_rank_fails_every_rank() {
     job(name, "FLATSHARD_TCP_SOCKBUF", &["", "100"], "tcp");
     job(name, "FLATSHARD_DEBUG", &["", "loud"], "auto");
 }
+
+/// A communicator on the caller's own collectives whose creation is refused
+/// (a malformed setting) never calls the caller's destroy: the context stays
+/// the caller's to release (flatshard_mpi.h frees it then; a destroy call
+/// as well would free it twice).
+#[test]
+fn refused_callback_comm_does_not_destroy_the_callers_context() {
+    use flatshard::ffi::comm::flatshard_comm_from_collectives;
+    use flatshard::ffi::*;
+    use std::ffi::c_void;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if is_worker() {
+        static DESTROYED: AtomicUsize = AtomicUsize::new(0);
+        unsafe extern "C" fn ar(_: *mut c_void, _: *mut c_void, _: u64, _: DtypeArg, _: ReduceOpArg) -> i32 {
+            0
+        }
+        unsafe extern "C" fn ag(_: *mut c_void, _: *const c_void, _: *mut c_void, _: u64, _: DtypeArg) -> i32 {
+            0
+        }
+        unsafe extern "C" fn rs(_: *mut c_void, _: *const c_void, _: *mut c_void, _: u64, _: DtypeArg, _: ReduceOpArg) -> i32 {
+            0
+        }
+        unsafe extern "C" fn bc(_: *mut c_void, _: *mut c_void, _: u64, _: DtypeArg, _: i32) -> i32 {
+            0
+        }
+        unsafe extern "C" fn bar(_: *mut c_void) -> i32 {
+            0
+        }
+        unsafe extern "C" fn destroy(_: *mut c_void) {
+            DESTROYED.fetch_add(1, Ordering::SeqCst);
+        }
+        let ops = flatshard_collectives {
+            struct_size: std::mem::size_of::<flatshard_collectives>() as u32,
+            ctx: std::ptr::null_mut(),
+            all_reduce: Some(ar),
+            all_gather: Some(ag),
+            reduce_scatter: Some(rs),
+            broadcast: Some(bc),
+            barrier: Some(bar),
+            destroy: Some(destroy),
+        };
+        let mut c = std::ptr::null_mut();
+        // SAFETY: a valid table and out-param.
+        let st = unsafe { flatshard_comm_from_collectives(0, 1, &ops, &mut c) };
+        assert_eq!(st, flatshard_status::FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert!(c.is_null());
+        assert_eq!(DESTROYED.load(Ordering::SeqCst), 0, "destroy was called for a refused communicator");
+        return;
+    }
+    let name = "refused_callback_comm_does_not_destroy_the_callers_context";
+    let res = wait_all(spawn(name, 1, &[("FLATSHARD_SHM_CHUNK", "lots".into())]), Duration::from_secs(60));
+    assert_eq!(res[0].0, Some(0), "{}", res[0].1);
+    assert!(res[0].1.contains("running 1 test"), "{}", res[0].1);
+}

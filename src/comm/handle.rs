@@ -34,8 +34,15 @@ impl Comm {
     /// Its settings are this process's own: nothing to compare them with.
     pub fn from_backend(backend: Box<dyn Backend>, abort: Arc<AtomicBool>) -> Result<Comm> {
         let config = Config::from_env().map_err(|e| e.context(format!("rank {}", backend.rank())))?;
+        Ok(Comm::with_settings(config, backend, abort))
+    }
+
+    /// `from_backend` with settings read beforehand (`Config::from_env`), for
+    /// backends that must not be built, and dropped, when the settings are
+    /// refused (a callback backend's drop calls the caller's destroy).
+    pub fn with_settings(config: Config, backend: Box<dyn Backend>, abort: Arc<AtomicBool>) -> Comm {
         config.apply_process_wide();
-        Ok(Comm::assemble(backend, abort, None, Arc::new(config), "ext"))
+        Comm::assemble(backend, abort, None, Arc::new(config), "ext")
     }
 
     /// Every FLATSHARD_* setting of this communicator (read when it was

@@ -218,8 +218,8 @@ pub unsafe extern "C" fn flatshard_comm_init_from_env(opts: *const flatshard_com
 ///
 /// Statuses: OK; INVALID_ARGUMENT (NULL ops or out; unknown ops->struct_size; a
 /// NULL callback other than destroy; not 0 <= rank < size; a malformed
-/// FLATSHARD_* setting, in which case `ops->destroy(ctx)` has already been
-/// called).
+/// FLATSHARD_* setting). On any error `ops->destroy` is not called: `ctx`
+/// stays the caller's to release.
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_comm_from_collectives(
     rank: i32,
@@ -238,8 +238,11 @@ pub unsafe extern "C" fn flatshard_comm_from_collectives(
         if size < 1 || rank < 0 || rank >= size {
             return Err(Error::invalid_arg(format!("rank {rank} / size {size}: need 0 <= rank < size")));
         }
+        // Settings first: a refused setting must not build (and drop, which
+        // calls ops->destroy) the backend; the caller still owns ctx then.
+        let config = crate::config::Config::from_env().map_err(|e| e.context(format!("rank {rank}")))?;
         let b = CallbackBackend::new(rank as usize, size as usize, *ops)?;
-        publish(Comm::from_backend(Box::new(b), Arc::new(AtomicBool::new(false)))?, out);
+        publish(Comm::with_settings(config, Box::new(b), Arc::new(AtomicBool::new(false))), out);
         Ok(())
     })
 }
