@@ -200,34 +200,7 @@ fn shm_split_and_subgroups() {
 /// Every dtype, SUM and MAX, small and chunked: exact small-integer data, so
 /// both transports must give the exact answer on every rank.
 fn dtypes_body(c: flatshard::Comm) {
-    let (r, w) = (c.rank(), c.size());
-    let enc = |dt: DType, v: f64| -> Vec<u8> {
-        match dt {
-            DType::F32 => (v as f32).to_ne_bytes().to_vec(),
-            DType::F64 => v.to_ne_bytes().to_vec(),
-            DType::F16 => half::f16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
-            DType::BF16 => half::bf16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
-            DType::I32 => (v as i32).to_ne_bytes().to_vec(),
-            DType::I64 => (v as i64).to_ne_bytes().to_vec(),
-            DType::U8 => vec![v as u8],
-        }
-    };
-    let val = |q: usize, i: usize| ((i * 5 + q * 3) % 11) as f64;
-    for dt in [DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
-        for n in [7usize, 300_001] {
-            for op in [ReduceOp::Sum, ReduceOp::Max] {
-                let mut buf: Vec<u8> = (0..n).flat_map(|i| enc(dt, val(r, i))).collect();
-                c.all_reduce(&mut buf, dt, op).unwrap();
-                let want: Vec<u8> = (0..n)
-                    .flat_map(|i| {
-                        let vals = (0..w).map(|q| val(q, i));
-                        enc(dt, if op == ReduceOp::Sum { vals.sum() } else { vals.fold(0.0, f64::max) })
-                    })
-                    .collect();
-                assert!(buf == want, "all_reduce {} {op:?} n={n} rank {r}", dt.name());
-            }
-        }
-    }
+    exact_all_reduce_every_dtype(&c);
 }
 
 #[test]

@@ -119,33 +119,7 @@ type Conv = (fn(f64) -> u16, fn(u16) -> f64);
 /// against the flat ring within the one-rounding-per-hop rule.
 fn dtypes_body(h: &Comm, t: &Comm) {
     let (r, w) = (h.rank(), h.size());
-    let enc = |dt: DType, v: f64| -> Vec<u8> {
-        match dt {
-            DType::F32 => (v as f32).to_ne_bytes().to_vec(),
-            DType::F64 => v.to_ne_bytes().to_vec(),
-            DType::F16 => half::f16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
-            DType::BF16 => half::bf16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
-            DType::I32 => (v as i32).to_ne_bytes().to_vec(),
-            DType::I64 => (v as i64).to_ne_bytes().to_vec(),
-            DType::U8 => vec![v as u8],
-        }
-    };
-    let val = |q: usize, i: usize| ((i * 5 + q * 3) % 11) as f64;
-    for dt in [DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
-        for n in [7usize, 300_001] {
-            for op in [ReduceOp::Sum, ReduceOp::Max] {
-                let mut buf: Vec<u8> = (0..n).flat_map(|i| enc(dt, val(r, i))).collect();
-                h.all_reduce(&mut buf, dt, op).unwrap();
-                let want: Vec<u8> = (0..n)
-                    .flat_map(|i| {
-                        let vals = (0..w).map(|q| val(q, i));
-                        enc(dt, if op == ReduceOp::Sum { vals.sum() } else { vals.fold(0.0, f64::max) })
-                    })
-                    .collect();
-                assert!(buf == want, "all_reduce {} {op:?} n={n} rank {r}", dt.name());
-            }
-        }
-    }
+    exact_all_reduce_every_dtype(h);
     // reals in half precision: each result within one rounding per hop of the
     // exact sum (hier: at most L-1 intra + H-1 cross hops; tcp: N-1 hops)
     let n = 100_000;

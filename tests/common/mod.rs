@@ -147,3 +147,41 @@ pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
 pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_ne_bytes(c.try_into().unwrap())).collect()
 }
+
+/// `v` in `dt`'s bytes (native endian; halves rounded by the `half` crate).
+pub fn encode(dt: flatshard::DType, v: f64) -> Vec<u8> {
+    use flatshard::DType;
+    match dt {
+        DType::F32 => (v as f32).to_ne_bytes().to_vec(),
+        DType::F64 => v.to_ne_bytes().to_vec(),
+        DType::F16 => half::f16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
+        DType::BF16 => half::bf16::from_f64(v).to_bits().to_ne_bytes().to_vec(),
+        DType::I32 => (v as i32).to_ne_bytes().to_vec(),
+        DType::I64 => (v as i64).to_ne_bytes().to_vec(),
+        DType::U8 => vec![v as u8],
+    }
+}
+
+/// Every dtype, SUM and MAX, small and chunked all_reduce on exact
+/// small-integer data: every transport must give the exact answer on every
+/// rank.
+pub fn exact_all_reduce_every_dtype(c: &Comm) {
+    use flatshard::{DType, ReduceOp};
+    let (r, w) = (c.rank(), c.size());
+    let val = |q: usize, i: usize| ((i * 5 + q * 3) % 11) as f64;
+    for dt in [DType::F64, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
+        for n in [7usize, 300_001] {
+            for op in [ReduceOp::Sum, ReduceOp::Max] {
+                let mut buf: Vec<u8> = (0..n).flat_map(|i| encode(dt, val(r, i))).collect();
+                c.all_reduce(&mut buf, dt, op).unwrap();
+                let want: Vec<u8> = (0..n)
+                    .flat_map(|i| {
+                        let vals = (0..w).map(|q| val(q, i));
+                        encode(dt, if op == ReduceOp::Sum { vals.sum() } else { vals.fold(0.0, f64::max) })
+                    })
+                    .collect();
+                assert!(buf == want, "all_reduce {} {op:?} n={n} rank {r}", dt.name());
+            }
+        }
+    }
+}

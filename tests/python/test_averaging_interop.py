@@ -22,6 +22,8 @@ import sys
 import time
 import warnings
 
+from flatshard_ctypes import Device, Tensor  # the C structs, shared by the interop tests
+
 WORLD = 4
 STEPS = 30
 TOL = 1e-6
@@ -39,20 +41,6 @@ SCENARIOS = {
     "hierarchical_2:2_4:4_8:4_w10": ("hierarchical", [(2, 2), (4, 4), (8, 4)], 10, "f32"),
     "hierarchical_unsorted_6:1_2:2_5:4_w2": ("hierarchical", [(6, 1), (2, 2), (5, 4)], 2, "f32"),
 }
-
-
-class Device(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_int32), ("index", ctypes.c_int32)]
-
-
-class Tensor(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.c_void_p),
-        ("grad", ctypes.c_void_p),
-        ("numel", ctypes.c_uint64),
-        ("dtype", ctypes.c_int32),
-        ("device", Device),
-    ]
 
 
 def free_port():

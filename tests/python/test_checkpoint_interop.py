@@ -32,6 +32,8 @@ import subprocess
 import sys
 import tempfile
 
+from flatshard_ctypes import Device, Tensor, FpOptions, ParamInfo  # the C structs, shared by the interop tests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIB = os.environ.get("FLATSHARD_LIB", os.path.join(ROOT, "target", "debug", "libflatshard.so"))
 OK, INVALID_ARGUMENT = 0, 1
@@ -40,25 +42,6 @@ F32, F64, BF16, I64 = 0, 1, 3, 5
 A = [("emb.weight", (7, 5)), ("attn.qkv", (3, 4, 5)), ("norm.bias", (13,))]   # 108 elements: c = 27 at 4 ranks
 B = [("head.weight", (4, 9)), ("head.bias", (4,))]
 MOMENT = "optim.exp_avg."
-
-
-class Device(C.Structure):
-    _fields_ = [("type", C.c_int32), ("index", C.c_int32)]
-
-
-class Tensor(C.Structure):
-    _fields_ = [("data", C.c_void_p), ("grad", C.c_void_p), ("numel", C.c_uint64),
-                ("dtype", C.c_int32), ("device", Device)]
-
-
-class FpOptions(C.Structure):
-    _fields_ = [("struct_size", C.c_uint32), ("sharding", C.c_int32), ("align_params", C.c_int32),
-                ("sync_from_rank0", C.c_int32), ("has_param_dtype", C.c_int32), ("param_dtype", C.c_int32),
-                ("has_reduce_dtype", C.c_int32), ("reduce_dtype", C.c_int32), ("replicate_comm", C.c_void_p)]
-
-
-class ParamInfo(C.Structure):
-    _fields_ = [("name", C.c_char_p), ("ndim", C.c_uint32), ("shape", C.POINTER(C.c_uint64))]
 
 
 def load_lib():

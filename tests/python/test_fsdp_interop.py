@@ -17,31 +17,13 @@ import socket
 import subprocess
 import sys
 
+from flatshard_ctypes import Device, Tensor, FpOptions, UnshardOptions  # the C structs, shared by the interop tests
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIB = os.environ.get("FLATSHARD_LIB", os.path.join(ROOT, "target", "debug", "libflatshard.so"))
 
 OK, INVALID_ARGUMENT, INVALID_STATE = 0, 1, 2
 F32 = 0
-
-
-class Device(C.Structure):
-    _fields_ = [("type", C.c_int32), ("index", C.c_int32)]
-
-
-class Tensor(C.Structure):
-    _fields_ = [("data", C.c_void_p), ("grad", C.c_void_p), ("numel", C.c_uint64),
-                ("dtype", C.c_int32), ("device", Device)]
-
-
-class FpOptions(C.Structure):
-    _fields_ = [("struct_size", C.c_uint32), ("sharding", C.c_int32), ("align_params", C.c_int32),
-                ("sync_from_rank0", C.c_int32), ("has_param_dtype", C.c_int32), ("param_dtype", C.c_int32),
-                ("has_reduce_dtype", C.c_int32), ("reduce_dtype", C.c_int32), ("replicate_comm", C.c_void_p)]
-
-
-class UnshardOptions(C.Structure):
-    _fields_ = [("struct_size", C.c_uint32), ("writeback", C.c_int32), ("rank0_only", C.c_int32),
-                ("offload_to_cpu", C.c_int32), ("with_grads", C.c_int32)]
 
 
 def load():
