@@ -27,6 +27,11 @@
 #define FLATSHARD_AVG_ONLY_WITH_GRAD 1
 
 /**
+ * Host buffers of at least this many bytes get a mapping of their own.
+ */
+#define LARGE (1 << 20)
+
+/**
  * Status of every fallible call; 0 = success.
  */
 typedef enum {
@@ -1356,12 +1361,13 @@ flatshard_status flatshard_flat_param_view(flatshard_flat_param *fp,
  * Free the full parameters; pointers from flatshard_flat_param_view become
  * invalid. With writeback, each rank first copies its own unpadded range of
  * the full buffer (and of the gradients with with_grads) into its shard; under
- * rank0_only + writeback rank 0 scatters the ranges back instead. Host full
- * buffers of 4 MiB or more that every rank gathered go to a small per-process
- * cache (at most FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the
- * next unshard of the same size: released with MADV_FREE, so the kernel may
- * reclaim them at any time, but until then they count in the RSS. Waits for
- * in-flight asynchronous work first.
+ * rank0_only + writeback rank 0 scatters the ranges back instead. Host
+ * buffers of 1 MiB or more (full parameters and gradients) go to a small
+ * per-process cache (at most FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 =
+ * off) for the next buffer of the same size: the newest quarter stays
+ * resident, older ones are released with MADV_FREE, so the kernel may reclaim
+ * them at any time, but until then they count in the RSS. Waits for in-flight
+ * asynchronous work first.
  *
  * Ownership: the full buffers go back to the library (or its cache); the shard
  * stays library-owned until flatshard_flat_param_free.

@@ -462,12 +462,13 @@ pub unsafe extern "C" fn flatshard_flat_param_view(fp: *mut flatshard_flat_param
 /// Free the full parameters; pointers from flatshard_flat_param_view become
 /// invalid. With writeback, each rank first copies its own unpadded range of
 /// the full buffer (and of the gradients with with_grads) into its shard; under
-/// rank0_only + writeback rank 0 scatters the ranges back instead. Host full
-/// buffers of 4 MiB or more that every rank gathered go to a small per-process
-/// cache (at most FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 = off) for the
-/// next unshard of the same size: released with MADV_FREE, so the kernel may
-/// reclaim them at any time, but until then they count in the RSS. Waits for
-/// in-flight asynchronous work first.
+/// rank0_only + writeback rank 0 scatters the ranges back instead. Host
+/// buffers of 1 MiB or more (full parameters and gradients) go to a small
+/// per-process cache (at most FLATSHARD_HOST_CACHE_BYTES, default 512 MiB; 0 =
+/// off) for the next buffer of the same size: the newest quarter stays
+/// resident, older ones are released with MADV_FREE, so the kernel may reclaim
+/// them at any time, but until then they count in the RSS. Waits for in-flight
+/// asynchronous work first.
 ///
 /// Ownership: the full buffers go back to the library (or its cache); the shard
 /// stays library-owned until flatshard_flat_param_free.

@@ -479,7 +479,7 @@ impl FlatParam {
             if dt == self.dtype {
                 ops.all_gather(comm, src, full.region(), dt)?;
             } else {
-                let local = ops.temp_buf(self.place, part, what)?;
+                let local = ops.temp_overwrite(self.place, part, what)?;
                 ops.convert(src, self.dtype, local, dt)?;
                 ops.all_gather(comm, local, full.region(), dt)?;
             }
@@ -789,22 +789,31 @@ impl FlatParam {
         self.check_reduce_grads(comm, replicate)?;
         let padded = self.layout.padded_numel();
         let hybrid = self.opts.sharding == Sharding::HybridShard;
+        let sharded = self.sharded();
         let Some(st) = self.state.as_mut() else { return Err(Error::internal("reduce_grads: checked unsharded")) };
         if matches!(st.grad, FullGrad::Lazy) {
             // No view was taken here: this rank contributes zeros.
             st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
         }
-        let FullGrad::Owned(g) = &st.grad else {
+        let FullGrad::Owned(gbuf) = &st.grad else {
             return Err(Error::internal("reduce_grads: training grad not owned"));
         };
-        let (g, gd) = (g.region(), st.dtype);
+        let (g, gd) = (gbuf.region(), st.dtype);
         let rd = self.opts.reduce_dtype.or(self.opts.param_dtype).unwrap_or(self.dtype);
         let mut ops = Ops::new(comm);
-        let send = ops.temp_buf(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
-        ops.convert(g, gd, send, rd)?;
         let c = self.layout.chunk;
-        let mine = if self.sharded() {
-            let r = ops.temp_buf(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
+        // The collectives read the full gradient in place when it already is
+        // in the reduce dtype (the full gradient stays unchanged until they
+        // all succeeded); NO_SHARD's all_reduce works on a copy.
+        let send = if rd == gd && sharded {
+            g
+        } else {
+            let send = ops.temp_overwrite(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
+            ops.convert(g, gd, send, rd)?;
+            send
+        };
+        let mine = if sharded {
+            let r = ops.temp_overwrite(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
             ops.reduce_scatter(comm, send, r, rd, ReduceOp::Avg)?;
             r
         } else {
@@ -814,8 +823,13 @@ impl FlatParam {
         if let (true, Some(rep)) = (hybrid, replicate) {
             ops.all_reduce(rep, mine, rd, ReduceOp::Avg)?;
         }
-        let add = ops.temp_buf(self.place, self.shard.len(), "the reduced gradient")?;
-        ops.convert(mine, rd, add, self.dtype)?;
+        let add = if rd == self.dtype && mine.place == self.place {
+            mine
+        } else {
+            let add = ops.temp_overwrite(self.place, self.shard.len(), "the reduced gradient")?;
+            ops.convert(mine, rd, add, self.dtype)?;
+            add
+        };
         // Only now that every collective succeeded do the full and shard
         // gradients change: a failed call (e.g. MISMATCH) leaves both as they were.
         ops.fill0(g)?;

@@ -56,57 +56,58 @@ impl Place {
 }
 
 enum Store {
+    /// Small host buffers.
     Host(Vec<u64>),
+    /// Host buffers of at least `host_cache::LARGE` bytes: a mapping of their
+    /// own, returned to the host cache when dropped.
+    Pages(host_cache::Pages),
     Pinned(cuda::PinnedMem),
     Device(cuda::DevMem),
 }
 
-/// A library-owned, zero-filled buffer (8-byte aligned on the host, 256 on
-/// the device).
+/// A library-owned buffer (8-byte aligned on the host, 256 on the device),
+/// zero-filled unless made by `for_overwrite`.
 pub struct Buf {
     store: Store,
     len: usize,
-    /// Return the memory to the host-buffer cache when dropped (buffers from
-    /// `for_overwrite` only).
-    recycle: bool,
 }
 
 impl Buf {
     /// Host memory.
     pub fn zeroed(len: usize, what: &str) -> Result<Buf> {
+        if len >= host_cache::LARGE {
+            // A recycled buffer zeroed here rather than a fresh mapping: the
+            // kernel zeroes fresh pages too, at a page fault per 4 KiB (or,
+            // with huge pages, at the risk of a synchronous compaction that
+            // stalled single writes for 5 ms here).
+            let b = Buf::for_overwrite(len, what)?;
+            // SAFETY: b owns len writable host bytes.
+            unsafe { std::ptr::write_bytes(b.ptr(), 0, len) };
+            return Ok(b);
+        }
         let n = len.div_ceil(8);
         if n == 0 {
-            return Ok(Buf { store: Store::Host(Vec::new()), len, recycle: false });
+            return Ok(Buf { store: Store::Host(Vec::new()), len });
         }
-        // alloc_zeroed (calloc) gets fresh zero pages from the OS for large
-        // buffers instead of writing zeros that the gather overwrites anyway;
-        // unlike vec![0; n] it reports failure instead of aborting.
-        let layout = std::alloc::Layout::array::<u64>(n).map_err(|_| Error::oom(format!("{len} bytes for {what} exceed the address space")))?;
-        // SAFETY: layout has non-zero size; the pointer is checked for null and
-        // owned by the Vec with the same layout (capacity n, all n zeroed).
-        let words = unsafe {
-            let p = std::alloc::alloc_zeroed(layout) as *mut u64;
-            if p.is_null() {
-                return Err(Error::oom(format!("cannot allocate {len} bytes for {what}")));
-            }
-            Vec::from_raw_parts(p, n, n)
-        };
-        advise_huge_pages(words.as_ptr() as usize, len);
-        Ok(Buf { store: Store::Host(words), len, recycle: false })
+        // Unlike vec![0; n], try_reserve reports failure instead of aborting.
+        let mut words = Vec::new();
+        words.try_reserve_exact(n).map_err(|_| Error::oom(format!("cannot allocate {len} bytes for {what}")))?;
+        words.resize(n, 0u64);
+        Ok(Buf { store: Store::Host(words), len })
     }
 
     /// Host memory of `len` bytes that the caller overwrites completely before
     /// reading it (a gathered full parameter): a recycled buffer of the same
     /// size if the cache holds one (its old contents, not zeros), else zeroed.
     pub fn for_overwrite(len: usize, what: &str) -> Result<Buf> {
-        match host_cache::take(len.div_ceil(8)) {
-            Some(words) => Ok(Buf { store: Store::Host(words), len, recycle: true }),
-            None => {
-                let mut b = Buf::zeroed(len, what)?;
-                b.recycle = true;
-                Ok(b)
-            }
+        if len < host_cache::LARGE {
+            return Buf::zeroed(len, what);
         }
+        let p = match host_cache::take(len) {
+            Some(p) => p,
+            None => host_cache::Pages::new(len).ok_or_else(|| Error::oom(format!("cannot allocate {len} bytes for {what}")))?,
+        };
+        Ok(Buf { store: Store::Pages(p), len })
     }
 
     /// `for_overwrite` at `place` (zeroed_on where it is not the host).
@@ -121,8 +122,8 @@ impl Buf {
     pub fn zeroed_on(place: Place, len: usize, what: &str) -> Result<Buf> {
         match place {
             Place::Host => Buf::zeroed(len, what),
-            Place::Pinned => Ok(Buf { store: Store::Pinned(cuda::PinnedMem::zeroed(len, what)?), len, recycle: false }),
-            Place::Device(d) => Ok(Buf { store: Store::Device(cuda::DevMem::zeroed(d, len, what)?), len, recycle: false }),
+            Place::Pinned => Ok(Buf { store: Store::Pinned(cuda::PinnedMem::zeroed(len, what)?), len }),
+            Place::Device(d) => Ok(Buf { store: Store::Device(cuda::DevMem::zeroed(d, len, what)?), len }),
         }
     }
 
@@ -134,7 +135,7 @@ impl Buf {
     }
     pub fn place(&self) -> Place {
         match &self.store {
-            Store::Host(_) => Place::Host,
+            Store::Host(_) | Store::Pages(_) => Place::Host,
             Store::Pinned(_) => Place::Pinned,
             Store::Device(m) => Place::Device(m.device()),
         }
@@ -146,6 +147,7 @@ impl Buf {
         }
         match &self.store {
             Store::Host(w) => w.as_ptr() as *mut u8,
+            Store::Pages(p) => p.ptr(),
             Store::Pinned(m) => m.ptr(),
             Store::Device(m) => m.ptr(),
         }
@@ -170,34 +172,13 @@ impl Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if let (true, Store::Host(words)) = (self.recycle, &mut self.store) {
-            host_cache::give(std::mem::take(words));
+        if let Store::Pages(p) = std::mem::replace(&mut self.store, Store::Host(Vec::new())) {
+            host_cache::give(p);
         }
     }
 }
 
 pub mod host_cache;
-
-/// Ask for transparent huge pages on a large, still untouched buffer: the
-/// gather then takes one page fault per 2 MiB instead of per 4 KiB (the
-/// kernel's default THP mode is often `madvise`). Advisory; errors ignored.
-fn advise_huge_pages(addr: usize, len: usize) {
-    const HUGE: usize = 2 << 20;
-    if len < 2 * HUGE {
-        return;
-    }
-    let start = addr.next_multiple_of(HUGE);
-    let end = (addr + len) / HUGE * HUGE;
-    #[cfg(target_os = "linux")]
-    if end > start {
-        // SAFETY: [start, end) lies inside a live allocation we own; MADV_HUGEPAGE
-        // changes no contents.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
-    }
-    let _ = (start, end);
-}
 
 /// A byte range of a buffer (or of a caller's tensor). Plain pointers: the
 /// state machine guarantees the buffer outlives the region's use.
@@ -315,6 +296,12 @@ impl<'c> Ops<'c> {
     /// work is done (`finish`, or `drop` on an error path).
     pub fn temp_buf(&mut self, place: Place, len: usize, what: &str) -> Result<Region> {
         Ok(self.keep(Buf::zeroed_on(place, len, what)?))
+    }
+
+    /// A temporary that the call overwrites completely before reading it
+    /// (`Buf::for_overwrite_on`: maybe a recycled host buffer, not zeros).
+    pub fn temp_overwrite(&mut self, place: Place, len: usize, what: &str) -> Result<Region> {
+        Ok(self.keep(Buf::for_overwrite_on(place, len, what)?))
     }
 
     /// `hold(b)`, returning its region.
@@ -684,12 +671,30 @@ mod tests {
     /// nothing when its limit is 0.
     #[test]
     fn host_cache_recycles_by_size() {
-        let n = (8 << 20) / 8;
-        host_cache::give(vec![7u64; n]);
+        let n = 8 << 20;
+        let p = host_cache::Pages::new(n).unwrap();
+        // SAFETY: n writable bytes of a fresh mapping.
+        unsafe { std::ptr::write_bytes(p.ptr(), 7, n) };
+        host_cache::give(p);
         if let Some(v) = host_cache::take(n) {
-            assert_eq!(v.len(), n);
+            assert_eq!(v.mapped_bytes(), n);
         }
-        assert!(host_cache::take(n + 1).is_none());
+        assert!(host_cache::take(n + 4096).is_none());
         assert!(host_cache::take(16).is_none(), "small buffers are never cached");
+    }
+
+    /// A large zeroed buffer reads as zeros even when it reuses a dirty
+    /// cached one.
+    #[test]
+    fn large_buffers_zeroed_after_reuse() {
+        let len = (4 << 20) + 12;
+        for _ in 0..3 {
+            let mut b = Buf::for_overwrite(len, "b").unwrap();
+            b.host_bytes_mut().unwrap().fill(0xab);
+            drop(b);
+            let mut z = Buf::zeroed(len, "z").unwrap();
+            assert!(z.host_bytes().unwrap().iter().all(|x| *x == 0));
+            z.host_bytes_mut().unwrap().fill(3);
+        }
     }
 }
