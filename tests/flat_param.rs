@@ -701,3 +701,57 @@ fn full_param_buffers_are_recycled_without_stale_data() {
 fn full_param_buffers_without_the_cache_fault_in_fresh_pages() {
     ranks("full_param_buffers_without_the_cache_fault_in_fresh_pages", 2, &[("FLATSHARD_HOST_CACHE_BYTES", "0".into())], |c| recycle_check(c, "0"));
 }
+
+/// Recycled host buffers (full params, full grads and reduction temporaries
+/// of ≥ 1 MiB cycle through the host cache, a dirty full parameter's buffer
+/// may come back as the next zero-filled gradient) never show stale data:
+/// every first view's gradient reads as zeros, reduce_grads (which reads the
+/// full gradient in place) adds exactly the mean into the shard gradient and
+/// leaves the full gradient zeroed, for several layers of the same size in
+/// turn, in f32 and with a bf16 reduce dtype (the converting path).
+fn recycled_training_buffers(comm: Comm) {
+    let (r, w) = (comm.rank(), comm.size());
+    let n: usize = (1 << 20) + 3; // 4 MiB + a tail that pads the shards
+    for reduce_bf16 in [false, true] {
+        let bufs: Vec<Vec<u8>> = (0..3).map(|l| f32_bytes(&(0..n).map(|j| ((j + l) % 7) as f32).collect::<Vec<_>>())).collect();
+        let mut opts = FlatParamOptions::default();
+        if reduce_bf16 {
+            opts.reduce_dtype = Some(DType::BF16);
+        }
+        let mut fps: Vec<FlatParam> = bufs.iter().map(|b| FlatParam::new(&comm, None, &[ParamInput::host(b, DType::F32)], &opts).unwrap()).collect();
+        for round in 0..3usize {
+            for (l, fp) in fps.iter_mut().enumerate() {
+                fp.unshard(&comm, UnshardOptions::default()).unwrap();
+                let t = fp.view(0).unwrap();
+                let data = view_f32(&t);
+                assert!(data.iter().enumerate().all(|(j, x)| *x == ((j + l) % 7) as f32), "rank {r} round {round} layer {l}: gathered data");
+                let g = grad_f32(&t).expect("training views carry a grad");
+                assert!(g.iter().all(|x| *x == 0.0), "rank {r} round {round} layer {l}: a first view's gradient must read as zeros");
+                // small integers: exact in bf16 and after averaging over w ranks
+                g.iter_mut().enumerate().for_each(|(j, x)| *x = ((j % 3) * w + 2 * r) as f32);
+                fp.reduce_grads(&comm, None).unwrap();
+                assert!(g.iter().all(|x| *x == 0.0), "rank {r} round {round} layer {l}: reduce_grads zeroes the full gradient");
+                fp.reshard(&comm).unwrap();
+                let chunk = n.div_ceil(w);
+                let sg = fp.shard_grad_bytes().expect("a shard gradient after reduce_grads");
+                let sg: Vec<f32> = sg.chunks_exact(4).map(|b| f32::from_ne_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let mean_r = (w - 1) as f32; // mean over ranks of 2r
+                for (k, x) in sg.iter().enumerate() {
+                    let j = r * chunk + k;
+                    let want = if j < n { (round + 1) as f32 * (((j % 3) * w) as f32 + mean_r) } else { 0.0 };
+                    assert_eq!(*x, want, "rank {r} round {round} layer {l} bf16 {reduce_bf16}: shard grad element {k}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn recycled_training_buffers_w2() {
+    ranks("recycled_training_buffers_w2", 2, &[], recycled_training_buffers);
+}
+
+#[test]
+fn recycled_training_buffers_w3() {
+    ranks("recycled_training_buffers_w3", 3, &[], recycled_training_buffers);
+}
