@@ -27,11 +27,6 @@
 #define FLATSHARD_AVG_ONLY_WITH_GRAD 1
 
 /**
- * Host buffers of at least this many bytes get a mapping of their own.
- */
-#define LARGE (1 << 20)
-
-/**
  * Status of every fallible call; 0 = success.
  */
 typedef enum {

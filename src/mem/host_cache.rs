@@ -24,7 +24,7 @@ use std::ptr::NonNull;
 use std::sync::Mutex;
 
 /// Host buffers of at least this many bytes get a mapping of their own.
-pub const LARGE: usize = 1 << 20;
+pub(crate) const LARGE: usize = 1 << 20;
 const PAGE: usize = 4096;
 const HUGE: usize = 2 << 20;
 
