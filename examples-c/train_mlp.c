@@ -278,8 +278,10 @@ int main(int argc, char **argv) {
   int y[BATCH];
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
-  flatshard_unshard_options train;
+  flatshard_unshard_options train, fwd;
   flatshard_unshard_options_init(&train); /* training gather: no writeback */
+  flatshard_unshard_options_init(&fwd);
+  fwd.forward_only = 1; /* forward needs no gradient buffers */
   float first_loss = -1, last_loss = 0, last_acc = 0;
 
   for (int step = start; step < steps; step++) {
@@ -288,7 +290,7 @@ int main(int argc, char **argv) {
     flatshard_tensor v1w, v1b, v2w, v2b;
     flatshard_work *w[4];
     /* forward: gather (layer2's behind layer1's compute), compute, free (FULL_SHARD) */
-    prefetch(fp1, fp2, &train, w);
+    prefetch(fp1, fp2, &fwd, w);
     CHECK(flatshard_flat_param_view(fp1, 0, &v1w)); /* waits for layer1's gather */
     CHECK(flatshard_flat_param_view(fp1, 1, &v1b));
     linear(v1w.data, v1b.data, x, h1, D, H, 1);

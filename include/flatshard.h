@@ -308,6 +308,14 @@ typedef struct {
    * Also gather the sharded gradients (NULL grad views if no rank has one).
    */
   int32_t with_grads;
+  /**
+   * Training unshard for a forward pass only: views have grad NULL and no
+   * full gradient buffer is created (reduce_grads returns INVALID_STATE
+   * until the flat param is resharded and unsharded without it). Needs
+   * writeback, rank0_only and with_grads 0. Added after the first layout:
+   * a struct_size of the first layout (or 0) reads it as 0.
+   */
+  int32_t forward_only;
 } flatshard_unshard_options;
 
 #ifdef __cplusplus
@@ -1316,7 +1324,8 @@ flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
  * same options. Not concurrently with other calls on `fp` or its comm.
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; bad options: struct_size,
- * a flag not 0/1); INVALID_STATE (already unsharded: call
+ * a flag not 0/1, forward_only with writeback, rank0_only or with_grads);
+ * INVALID_STATE (already unsharded: call
  * flatshard_flat_param_reshard first); MISMATCH (the ranks' collectives
  * differ, e.g. different options; fp stays sharded); TIMEOUT, PEER_LOST,
  * ABORTED, IO (the comm is poisoned; fp stays sharded); OUT_OF_MEMORY (the
@@ -1330,7 +1339,8 @@ flatshard_status flatshard_flat_param_unshard(flatshard_flat_param *fp,
  * Param i inside the unsharded buffer: data (and grad) pointers, zero-copy, in
  * the unshard dtype (param_dtype for a training unshard). Training (with_grads
  * = 0): the first view after an unshard creates a zero-filled full gradient
- * buffer. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
+ * buffer (flatshard_flat_param_unshard_async creates it beforehand); with
+ * forward_only, grad is NULL. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
  * in-flight asynchronous work first. Local.
  *
  * Ownership: the pointers are library-owned and valid until
@@ -1397,7 +1407,8 @@ flatshard_status flatshard_flat_param_reshard(flatshard_flat_param *fp);
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (sharded:
  * unshard and write gradients first; or unsharded with with_grads /
- * rank0_only, a summon rather than training); MISMATCH (the ranks called
+ * rank0_only, a summon rather than training; or with forward_only, which has
+ * no gradients); MISMATCH (the ranks called
  * differently); TIMEOUT, PEER_LOST, ABORTED, IO (the communicator is
  * poisoned); OUT_OF_MEMORY (reduction buffers); CUDA, NCCL (device flat
  * params); the error of the flat param's failed asynchronous work, from the
@@ -1475,9 +1486,11 @@ flatshard_status flatshard_average_flat_params(flatshard_comm *replicate_comm,
  * flatshard_flat_param_view, _reshard, _reduce_grads, _shard, _shard_view,
  * _zero_grad and _free first wait for the work (the first of them returns its
  * error if it failed; the flat param is then sharded, its shard intact).
- * Before data moves the ranks compare (flat param, operation, options). On an
- * NCCL communicator the unshard runs during the call (stream-ordered, complete
- * on return).
+ * Before data moves the ranks compare (flat param, operation, options). A
+ * training unshard (every flag 0) also creates the zero-filled full gradient
+ * on the progress thread, so the first view costs nothing; with forward_only
+ * there is none. On an NCCL communicator the unshard runs during the call
+ * (stream-ordered, complete on return).
  *
  * Ownership: `*opts` is read during the call only. On success `*out` owns a
  * work handle: free it with flatshard_work_free; it stays valid after the flat

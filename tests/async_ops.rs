@@ -722,3 +722,117 @@ fn prefetch_soak() {
         flatshard_comm_free(c);
     }
 }
+
+/// `forward_only` (an unshard for a forward pass): views have grad NULL and
+/// reduce_grads is INVALID_STATE, blocking and async alike; it refuses
+/// writeback / rank0_only / with_grads with INVALID_ARGUMENT naming the
+/// option; ranks that disagree about it get MISMATCH on the async work; a
+/// struct of the first layout (struct_size without forward_only) is read
+/// without it. A training unshard_async has its zero-filled gradient ready
+/// at the first view, also when the buffer is recycled from a dirty one.
+#[test]
+fn forward_only_unshard() {
+    if !is_worker() {
+        return both("forward_only_unshard", 2, || {});
+    }
+    let c = comm(60_000);
+    let r = rank_of(c);
+    let n = (1 << 20) + 5; // ≥ 1 MiB: buffers cycle through the host cache
+    unsafe {
+        let mut w0: Vec<f32> = (0..n).map(|i| (i % 11) as f32).collect();
+        let mut fp = null_mut();
+        ok(flatshard_flat_param_new(c, &cpu(&mut w0), 1, std::ptr::null(), &mut fp), "new");
+        let mut o: flatshard_unshard_options = std::mem::zeroed();
+        flatshard_unshard_options_init(&mut o);
+        o.forward_only = 1;
+        let mut t: flatshard_tensor = std::mem::zeroed();
+        let check_data = |t: &flatshard_tensor| {
+            let d = std::slice::from_raw_parts(t.data as *const f32, n);
+            assert!(d.iter().enumerate().all(|(i, v)| *v == (i % 11) as f32), "rank {r}: gathered data");
+        };
+        for round in 0..3 {
+            // blocking forward_only
+            ok(flatshard_flat_param_unshard(fp, &o), "unshard forward_only");
+            ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
+            check_data(&t);
+            assert!(t.grad.is_null(), "forward_only views carry no gradient");
+            assert_eq!(flatshard_flat_param_reduce_grads(fp), FLATSHARD_ERR_INVALID_STATE);
+            assert!(last_error().contains("forward_only"), "{}", last_error());
+            ok(flatshard_flat_param_reshard(fp), "reshard");
+            // async forward_only
+            let mut w = null_mut();
+            ok(flatshard_flat_param_unshard_async(fp, &o, &mut w), "unshard_async forward_only");
+            ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
+            check_data(&t);
+            assert!(t.grad.is_null());
+            let mut wr = 0x77 as *mut flatshard_work;
+            assert_eq!(flatshard_flat_param_reduce_grads_async(fp, &mut wr), FLATSHARD_ERR_INVALID_STATE);
+            ok(wait(w), "wait");
+            flatshard_work_free(w);
+            ok(flatshard_flat_param_reshard(fp), "reshard");
+            // async training unshard: a zero gradient at the first view
+            // (dirty it afterwards, so a recycled buffer would show it)
+            ok(flatshard_flat_param_unshard_async(fp, std::ptr::null(), &mut w), "unshard_async");
+            ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
+            check_data(&t);
+            let g = std::slice::from_raw_parts_mut(t.grad as *mut f32, n);
+            assert!(g.iter().all(|v| *v == 0.0), "rank {r} round {round}: first view's gradient is zero");
+            g.iter_mut().for_each(|v| *v = (r + 1) as f32);
+            ok(flatshard_flat_param_reduce_grads_async(fp, &mut wr), "reduce_grads_async");
+            ok(flatshard_flat_param_reshard(fp), "reshard waits for the reduction");
+            ok(wait(w), "wait");
+            ok(wait(wr), "wait");
+            flatshard_work_free(w);
+            flatshard_work_free(wr);
+        }
+        // the shard gradient: 3 rounds of the mean 1.5
+        let mut s: flatshard_tensor = std::mem::zeroed();
+        ok(flatshard_flat_param_shard(fp, &mut s), "shard");
+        let sg = std::slice::from_raw_parts(s.grad as *const f32, s.numel as usize);
+        let real = n.saturating_sub(r * s.numel as usize).min(s.numel as usize);
+        assert!(sg[..real].iter().all(|v| *v == 4.5), "rank {r}: {:?}", &sg[..4]);
+
+        // refused combinations name the option
+        for f in [
+            |o: &mut flatshard_unshard_options| o.writeback = 1,
+            |o: &mut flatshard_unshard_options| o.rank0_only = 1,
+            |o: &mut flatshard_unshard_options| o.with_grads = 1,
+        ] {
+            let mut bad = o;
+            f(&mut bad);
+            assert_eq!(flatshard_flat_param_unshard(fp, &bad), FLATSHARD_ERR_INVALID_ARGUMENT);
+            assert!(last_error().contains("forward_only"), "{}", last_error());
+            let mut w = 0x77 as *mut flatshard_work;
+            assert_eq!(flatshard_flat_param_unshard_async(fp, &bad, &mut w), FLATSHARD_ERR_INVALID_ARGUMENT);
+        }
+        o.forward_only = 2;
+        assert_eq!(flatshard_flat_param_unshard(fp, &o), FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("options.forward_only"), "{}", last_error());
+
+        // the first layout: forward_only is not read (a garbage value there
+        // would otherwise be INVALID_ARGUMENT), so this is a training unshard
+        let mut v1 = o;
+        v1.struct_size = std::mem::offset_of!(flatshard_unshard_options, forward_only) as u32;
+        v1.forward_only = 7;
+        ok(flatshard_flat_param_unshard(fp, &v1), "unshard with the first layout");
+        ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
+        assert!(!t.grad.is_null(), "the first layout means a training unshard");
+        ok(flatshard_flat_param_reshard(fp), "reshard");
+        let mut odd = o;
+        odd.struct_size = 22;
+        odd.forward_only = 0;
+        assert_eq!(flatshard_flat_param_unshard(fp, &odd), FLATSHARD_ERR_INVALID_ARGUMENT);
+
+        // ranks that disagree about forward_only: MISMATCH on the work
+        let mut mixed = o;
+        mixed.forward_only = (r == 0) as i32;
+        let mut w = null_mut();
+        ok(flatshard_flat_param_unshard_async(fp, &mixed, &mut w), "mixed forward_only");
+        assert_eq!(wait(w), FLATSHARD_ERR_MISMATCH, "{}", last_error());
+        assert!(last_error().contains("unshard options"), "{}", last_error());
+        flatshard_work_free(w);
+        assert_eq!(flatshard_flat_param_view(fp, 0, &mut t), FLATSHARD_ERR_INVALID_STATE, "still sharded after the mismatch");
+        flatshard_flat_param_free(fp);
+        flatshard_comm_free(c);
+    }
+}

@@ -183,7 +183,7 @@ fn flat_param_scenario(comm: &Comm, dev: Option<i32>, sharding: Sharding, log: &
     fp.reshard(comm).unwrap();
     log.push(("shard after writeback".into(), fp.read_shard().unwrap().0));
     // rank0_only + offload_to_cpu + writeback + with_grads: views are host memory on rank 0
-    let o = UnshardOptions { writeback: true, rank0_only: true, offload_to_cpu: true, with_grads: true };
+    let o = UnshardOptions { writeback: true, rank0_only: true, offload_to_cpu: true, with_grads: true, forward_only: false };
     fp.unshard(comm, o).unwrap();
     if rank == 0 {
         for i in 0..numels.len() as u64 {

@@ -169,7 +169,7 @@ fn writeback_matrix(comm: Comm) {
                         }
                         let before = bytes_f32(fp.shard_bytes());
                         let grad_before = fp.shard_grad_bytes().map(bytes_f32);
-                        let uo = UnshardOptions { writeback, rank0_only, with_grads, offload_to_cpu: false };
+                        let uo = UnshardOptions { writeback, rank0_only, with_grads, offload_to_cpu: false, forward_only: false };
                         fp.unshard(&comm, uo).unwrap();
                         let holds_full = !rank0_only || r == 0;
                         for i in 0..numels.len() {

@@ -77,6 +77,23 @@ pub struct UnshardOptions {
     /// nothing changes (the full buffer is host memory anyway).
     pub offload_to_cpu: bool,
     pub with_grads: bool,
+    /// Training unshard for a forward pass only: views carry no gradient and
+    /// no full gradient buffer is created (reduce_grads is INVALID_STATE).
+    pub forward_only: bool,
+}
+
+impl UnshardOptions {
+    /// INVALID_ARGUMENT for combinations that mean nothing.
+    pub fn validate(&self, rank: usize) -> Result<()> {
+        if self.forward_only && (self.writeback || self.rank0_only || self.with_grads) {
+            return Err(Error::invalid_arg(format!(
+                "unshard: rank {rank}: options.forward_only applies to a training unshard (writeback, rank0_only and with_grads all 0); \
+                 got writeback {}, rank0_only {}, with_grads {}",
+                self.writeback as i32, self.rank0_only as i32, self.with_grads as i32
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One input parameter: a host byte slice, or a CUDA tensor's device pointer.
@@ -124,6 +141,8 @@ enum Full {
 enum FullGrad {
     /// Training: created zero-filled on the first view.
     Lazy,
+    /// Training, forward_only: NULL grad views, no reduction.
+    None,
     /// with_grads and no rank had a gradient: NULL grad views.
     Null,
     /// Views point into the shard gradient itself (unsharded layout).
@@ -509,6 +528,9 @@ impl FlatParam {
     /// NO_SHARD / world 1 without grads). INVALID_STATE if already unsharded.
     pub fn unshard(&mut self, comm: &Comm, opts: UnshardOptions) -> Result<()> {
         self.check_unshard(comm)?;
+        opts.validate(self.rank())?;
+        // training: the full gradient comes with the first view (none at all for forward_only)
+        let training_grad = || if opts.forward_only { FullGrad::None } else { FullGrad::Lazy };
         let training = !opts.writeback && !opts.rank0_only;
         let dt = if training { self.opts.param_dtype.unwrap_or(self.dtype) } else { self.dtype };
         let place = if opts.offload_to_cpu && !self.place.is_host() { Place::Pinned } else { self.place };
@@ -527,7 +549,7 @@ impl FlatParam {
                 Full::Owned(b)
             };
             grad = if !opts.with_grads {
-                FullGrad::Lazy
+                training_grad()
             } else if !any_grad || matches!(full, Full::Absent) {
                 FullGrad::Null
             } else if self.shard_grad.is_some() && alias {
@@ -545,7 +567,7 @@ impl FlatParam {
                 None => Full::Absent,
             };
             grad = if !opts.with_grads {
-                FullGrad::Lazy
+                training_grad()
             } else if !any_grad {
                 FullGrad::Null
             } else {
@@ -604,13 +626,26 @@ impl FlatParam {
             st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
         }
         let grad = match &st.grad {
-            FullGrad::Lazy | FullGrad::Null => std::ptr::null_mut(),
+            FullGrad::Lazy | FullGrad::Null | FullGrad::None => std::ptr::null_mut(),
             FullGrad::Shard => self.shard_grad.as_ref().map_or(std::ptr::null_mut(), |g| g.ptr()),
             FullGrad::Owned(b) => b.ptr(),
         };
         // offsets[i] + numels[i] <= padded numel elements of each buffer.
         let (data, grad) = (data.wrapping_add(off), if grad.is_null() { grad } else { grad.wrapping_add(off) });
         Ok(TensorRef { data, grad, numel: self.layout.numels[i], dtype: st.dtype, device: st.place.device() })
+    }
+
+    /// Create the zero-filled full gradient of a training unshard now rather
+    /// than at the first view (`unshard_async` does this on the progress
+    /// thread, so that the view costs nothing). No-op otherwise.
+    pub fn prepare_grad(&mut self) -> Result<()> {
+        let padded = self.layout.padded_numel();
+        if let Some(st) = self.state.as_mut() {
+            if matches!(st.grad, FullGrad::Lazy) {
+                st.grad = FullGrad::Owned(Buf::zeroed_on(st.place, st.dtype.bytes(padded, "padded numel")?, "the full gradient")?);
+            }
+        }
+        Ok(())
     }
 
     /// Copy the real (non-padding) elements of this rank's range of `full`
@@ -772,6 +807,11 @@ impl FlatParam {
                 "reduce_grads: rank {rank}: the flat param is sharded; call flatshard_flat_param_unshard, write the gradients into the views' grad pointers, then reduce_grads"
             ))
         })?;
+        if st.opts.forward_only {
+            return Err(Error::invalid_state(format!(
+                "reduce_grads: rank {rank}: the flat param was unsharded with forward_only (no gradients); reshard, then unshard without forward_only for backward"
+            )));
+        }
         if st.opts.with_grads || st.opts.rank0_only {
             return Err(Error::invalid_state(format!(
                 "reduce_grads: rank {rank}: the flat param was unsharded with with_grads or rank0_only (a summon, not training); \

@@ -37,7 +37,7 @@ const UNSHARD: u64 = 1;
 const REDUCE_GRADS: u64 = 2;
 
 fn option_bits(o: &UnshardOptions) -> u64 {
-    o.writeback as u64 | (o.rank0_only as u64) << 1 | (o.offload_to_cpu as u64) << 2 | (o.with_grads as u64) << 3
+    o.writeback as u64 | (o.rank0_only as u64) << 1 | (o.offload_to_cpu as u64) << 2 | (o.with_grads as u64) << 3 | (o.forward_only as u64) << 4
 }
 
 /// Compare (flat param, operation, options) across the ranks of `comm`.
@@ -111,6 +111,7 @@ impl SharedFlatParam {
         let comm = self.comm.clone();
         let mut g = self.settled()?;
         g.check_unshard(&comm)?;
+        o.validate(comm.rank())?;
         comm.check_usable()?;
         let w = if comm.is_device() {
             // Stream-ordered already: run now, complete on return.
@@ -122,7 +123,15 @@ impl SharedFlatParam {
             let (fp, c, id) = (self.fp.clone(), comm.clone(), self.id);
             comm.submit(Box::new(move || {
                 agree_op(&c, id, UNSHARD, option_bits(&o))?;
-                fp.lock().unwrap_or_else(|p| p.into_inner()).unshard(&c, o)
+                let mut fp = fp.lock().unwrap_or_else(|p| p.into_inner());
+                fp.unshard(&c, o)?;
+                // A training unshard's zero-filled full gradient is made here,
+                // on the progress thread, not by the caller's first view
+                // (where its memset also slowed the gathers running meanwhile).
+                // A failure to allocate it is left to that view, which
+                // retries and reports it: the unshard itself succeeded.
+                let _ = fp.prepare_grad();
+                Ok(())
             }))?
         };
         self.inflight = Some(w.clone());
