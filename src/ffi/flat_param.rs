@@ -513,10 +513,7 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
     // live ones from this library, a non-const one used by one thread at a time;
     // other pointers are NULL or valid as documented, and are NULL-checked before use.
     boundary("flatshard_flat_param_reshard", || unsafe {
-        let h = fp_mut(fp)?;
-        let comm = h.fp.comm().clone();
-        let mut fp = h.fp.settled()?;
-        fp.reshard(&comm)
+        fp_mut(fp)?.fp.reshard()
     })
 }
 

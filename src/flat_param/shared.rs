@@ -18,6 +18,7 @@ use super::{FlatParam, UnshardOptions};
 use crate::comm::progress::{is_call_error, Work};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A flat param, the communicators it was built on, and its in-flight work.
@@ -31,6 +32,11 @@ pub struct SharedFlatParam {
     id: u64,
     /// numel, padded numel, shard numel (read without waiting).
     sizes: [u64; 3],
+    /// Set by a reshard that waits for an in-flight reduce_grads_async: the
+    /// full gradient is freed right after it, so the reduction need not zero
+    /// it (API §7: the full gradients belong to the library until the work
+    /// finishes, so nobody can see them in between).
+    resharding: Arc<AtomicBool>,
 }
 
 const UNSHARD: u64 = 1;
@@ -59,7 +65,7 @@ impl SharedFlatParam {
     pub fn new(fp: FlatParam, comm: Arc<Comm>, replicate: Option<Arc<Comm>>) -> SharedFlatParam {
         let sizes = [fp.numel(), fp.padded_numel(), fp.shard_numel()];
         let id = comm.next_object_id();
-        SharedFlatParam { fp: Arc::new(Mutex::new(fp)), comm, replicate, inflight: None, id, sizes }
+        SharedFlatParam { fp: Arc::new(Mutex::new(fp)), comm, replicate, inflight: None, id, sizes, resharding: Arc::new(AtomicBool::new(false)) }
     }
 
     pub fn comm(&self) -> &Arc<Comm> {
@@ -87,6 +93,18 @@ impl SharedFlatParam {
             w.settle()?;
         }
         Ok(self.fp.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Reshard, after the in-flight work. A reduce_grads_async still in
+    /// flight is told that its full gradient will be freed unseen.
+    pub fn reshard(&mut self) -> Result<()> {
+        if self.inflight.as_ref().is_some_and(|w| !w.is_finished()) {
+            self.resharding.store(true, Ordering::SeqCst);
+        }
+        let comm = self.comm.clone();
+        let r = self.settled().and_then(|mut fp| fp.reshard(&comm));
+        self.resharding.store(false, Ordering::SeqCst);
+        r
     }
 
     /// Wait for in-flight work without reporting its status (free).
@@ -152,10 +170,11 @@ impl SharedFlatParam {
             ran_now(r)?
         } else {
             drop(g);
-            let (fp, c, id) = (self.fp.clone(), comm.clone(), self.id);
+            let (fp, c, id, resharding) = (self.fp.clone(), comm.clone(), self.id, self.resharding.clone());
+            resharding.store(false, Ordering::SeqCst);
             comm.submit(Box::new(move || {
                 agree_op(&c, id, REDUCE_GRADS, 0)?;
-                fp.lock().unwrap_or_else(|p| p.into_inner()).reduce_grads(&c, None)
+                fp.lock().unwrap_or_else(|p| p.into_inner()).reduce_grads_then(&c, None, &|| resharding.load(Ordering::SeqCst))
             }))?
         };
         self.inflight = Some(w.clone());
