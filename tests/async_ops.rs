@@ -836,3 +836,99 @@ fn forward_only_unshard() {
         flatshard_comm_free(c);
     }
 }
+
+/// HYBRID_SHARD reduce_grads_async (4 ranks: shards over {0,1} / {2,3},
+/// replicas over {0,2} / {1,3}) is queued, not run during the call: it
+/// returns before the reduction (a peer of the replicate group joins late)
+/// and equals the blocking reduction; a failure in one shard group fails
+/// the replicate peers with MISMATCH naming the rank, well inside the
+/// timeout, instead of leaving them waiting.
+#[test]
+fn hybrid_reduce_grads_async() {
+    if !is_worker() {
+        return both("hybrid_reduce_grads_async", 4, || {});
+    }
+    let c = comm(20_000);
+    let r = rank_of(c);
+    let n = 1000usize;
+    unsafe {
+        let (mut shard, mut rep) = (null_mut(), null_mut());
+        ok(flatshard_comm_new_subgroups(c, 2, &mut shard), "subgroups");
+        ok(flatshard_comm_split(c, (r % 2) as i32, r as i32, &mut rep), "split");
+        let mut fo: flatshard_flat_param_options = std::mem::zeroed();
+        flatshard_flat_param_options_init(&mut fo);
+        fo.sharding = ShardingArg(3); // HYBRID_SHARD
+        fo.replicate_comm = rep;
+        let mut ws: Vec<Vec<f32>> = (0..3).map(|k| (0..n).map(|i| (i + k) as f32).collect()).collect();
+        let fps: Vec<*mut flatshard_flat_param> = ws
+            .iter_mut()
+            .map(|w| {
+                let mut fp = null_mut();
+                ok(flatshard_flat_param_new(shard, &cpu(w), 1, &fo, &mut fp), "new hybrid");
+                fp
+            })
+            .collect();
+        let shard_grad = |fp| {
+            let mut s: flatshard_tensor = std::mem::zeroed();
+            ok(flatshard_flat_param_shard(fp, &mut s), "shard");
+            std::slice::from_raw_parts(s.grad as *const f32, s.numel as usize).to_vec()
+        };
+        let write_grad = |fp| {
+            let mut t: flatshard_tensor = std::mem::zeroed();
+            ok(flatshard_flat_param_unshard(fp, std::ptr::null()), "unshard");
+            ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
+            // mean over the 4 ranks of (i + 4 r) = i + 6
+            std::slice::from_raw_parts_mut(t.grad as *mut f32, n).iter_mut().enumerate().for_each(|(i, g)| *g = (i + 4 * r) as f32);
+        };
+        // blocking reference on fps[0], async on fps[1]
+        write_grad(fps[0]);
+        ok(flatshard_flat_param_reduce_grads(fps[0]), "blocking hybrid reduce");
+        ok(flatshard_flat_param_reshard(fps[0]), "reshard");
+        write_grad(fps[1]);
+        if r == 2 {
+            std::thread::sleep(Duration::from_millis(300)); // rank 0's replicate peer is late
+        }
+        let t0 = Instant::now();
+        let mut w = null_mut();
+        ok(flatshard_flat_param_reduce_grads_async(fps[1], &mut w), "async hybrid reduce");
+        let issued = t0.elapsed();
+        if r == 0 {
+            assert!(issued < Duration::from_millis(150), "rank 0: reduce_grads_async took {issued:?}: it ran during the call");
+        }
+        ok(flatshard_flat_param_reshard(fps[1]), "reshard waits for it");
+        ok(wait(w), "wait");
+        flatshard_work_free(w);
+        let (a, b) = (shard_grad(fps[0]), shard_grad(fps[1]));
+        assert_eq!(a, b, "rank {r}: async hybrid reduction differs from the blocking one");
+        let base = (r % 2) * a.len();
+        for (k, g) in a.iter().enumerate() {
+            let i = base + k;
+            assert_eq!(*g, if i < n { (i + 6) as f32 } else { 0.0 }, "rank {r} element {k}");
+        }
+        // rank 3 reduces fps[2] while everyone else reduces fps[1]: shard
+        // group {2,3} fails with MISMATCH, and so do their replicate peers
+        // {0,1} (told by the replicate agreement), long before the timeout
+        for &fp in &fps[1..] {
+            write_grad(fp);
+        }
+        let which = if r == 3 { fps[2] } else { fps[1] };
+        let t0 = Instant::now();
+        ok(flatshard_flat_param_reduce_grads_async(which, &mut w), "mismatched hybrid reduce");
+        let st = wait(w);
+        let msg = last_error();
+        flatshard_work_free(w);
+        assert!(t0.elapsed() < Duration::from_secs(10), "rank {r}: took {:?}", t0.elapsed());
+        assert_eq!(st, FLATSHARD_ERR_MISMATCH, "rank {r}: {msg}");
+        if r < 2 {
+            assert!(msg.contains("replicate group") && msg.contains("refused"), "rank {r}: {msg}");
+        }
+        // the gradients are unchanged by the failed reduction
+        assert_eq!(shard_grad(fps[1]), b, "rank {r}: a failed reduction changed the shard gradient");
+        for fp in fps {
+            flatshard_flat_param_free(fp);
+        }
+        flatshard_comm_free(rep);
+        flatshard_comm_free(shard);
+        flatshard_comm_free(c);
+    }
+}

@@ -512,9 +512,7 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
     // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
     // live ones from this library, a non-const one used by one thread at a time;
     // other pointers are NULL or valid as documented, and are NULL-checked before use.
-    boundary("flatshard_flat_param_reshard", || unsafe {
-        fp_mut(fp)?.fp.reshard()
-    })
+    boundary("flatshard_flat_param_reshard", || unsafe { fp_mut(fp)?.fp.reshard() })
 }
 
 /// Training: after backward wrote full gradients into the views' grad pointers,
@@ -706,9 +704,12 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
 /// param's earlier in-flight work (returning its error), then queues the
 /// reduction. Until the work finished the full gradients belong to the library;
 /// flatshard_flat_param_reshard, _shard, _view and _free wait for it. A failed
-/// reduction leaves the shard gradient (and the full gradient) as they were. On
-/// an NCCL communicator, and for HYBRID_SHARD, the reduction runs during the
-/// call (complete on return).
+/// reduction leaves the shard gradient (and the full gradient) as they were.
+/// HYBRID_SHARD queues the reduce-scatter on comm and the all-reduce on
+/// replicate_comm, each in that communicator's order; a failure in one shard
+/// group fails the replicate peers with MISMATCH. A reshard issued while the
+/// work runs frees the full gradient without zeroing it. On an NCCL
+/// communicator the reduction runs during the call (complete on return).
 ///
 /// Ownership: on success `*out` owns a work handle: free it with
 /// flatshard_work_free; it stays valid after the flat param or its communicator
@@ -716,16 +717,15 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard_async(
 ///
 /// Threads: collective over the flat param's comm (and replicate_comm for
 /// HYBRID_SHARD): every rank issues the same sequence of operations. Not
-/// concurrently with other calls on `fp`; the work runs on the communicator's
-/// progress thread.
+/// concurrently with other calls on `fp`; the work runs on the communicators'
+/// progress threads.
 ///
 /// Statuses: from the call: OK; INVALID_ARGUMENT (NULL or freed fp; NULL out);
 /// INVALID_STATE (sharded, or unsharded as a summon); ABORTED (the communicator
 /// is poisoned); IO (the progress thread could not start); the error of the
 /// flat param's earlier failed asynchronous work. From flatshard_work_wait:
 /// MISMATCH, TIMEOUT, PEER_LOST, ABORTED, IO, OUT_OF_MEMORY, CUDA, NCCL (for
-/// HYBRID_SHARD and NCCL: the errors of the reduction that ran during the
-/// call).
+/// NCCL: the errors of the reduction that ran during the call).
 #[no_mangle]
 pub unsafe extern "C" fn flatshard_flat_param_reduce_grads_async(
     fp: *mut flatshard_flat_param,

@@ -96,6 +96,22 @@ impl UnshardOptions {
     }
 }
 
+/// This rank's averaged gradient range, between the two parts of a
+/// gradient reduction (`FlatParam::reduce_grads_local`, `apply_reduced`).
+pub struct Reduced {
+    buf: Buf,
+    dtype: DType,
+}
+
+impl Reduced {
+    /// HYBRID_SHARD: average over the replicate communicator too.
+    pub fn all_reduce(&self, rep: &Comm) -> Result<()> {
+        let mut ops = Ops::new(rep);
+        ops.all_reduce(rep, self.buf.region(), self.dtype, ReduceOp::Avg)?;
+        ops.finish()
+    }
+}
+
 /// One input parameter: a host byte slice, or a CUDA tensor's device pointer.
 #[derive(Debug, Clone, Copy)]
 pub struct ParamInput<'a> {
@@ -834,9 +850,21 @@ impl FlatParam {
     /// freed unseen (a reshard is waiting for this reduction: nobody can read
     /// the zeros, and the memset was a fifth of a 4 MiB layer's reduction).
     pub fn reduce_grads_then(&mut self, comm: &Comm, replicate: Option<&Comm>, freed: &dyn Fn() -> bool) -> Result<()> {
+        let red = self.reduce_grads_local(comm, replicate)?;
+        if let (true, Some(rep)) = (self.opts.sharding == Sharding::HybridShard, replicate) {
+            red.all_reduce(rep)?;
+        }
+        self.apply_reduced(comm, &red, freed)
+    }
+
+    /// The first part of `reduce_grads`: this rank's range of the full
+    /// gradients averaged over `comm` (reduce-scatter; all-reduce for
+    /// NO_SHARD), in reduce_dtype. Changes no gradient: `apply_reduced` does,
+    /// once every collective (HYBRID_SHARD: also the replicate all-reduce)
+    /// succeeded.
+    pub fn reduce_grads_local(&mut self, comm: &Comm, replicate: Option<&Comm>) -> Result<Reduced> {
         self.check_reduce_grads(comm, replicate)?;
         let padded = self.layout.padded_numel();
-        let hybrid = self.opts.sharding == Sharding::HybridShard;
         let sharded = self.sharded();
         let Some(st) = self.state.as_mut() else { return Err(Error::internal("reduce_grads: checked unsharded")) };
         if matches!(st.grad, FullGrad::Lazy) {
@@ -849,37 +877,45 @@ impl FlatParam {
         let (g, gd) = (gbuf.region(), st.dtype);
         let rd = self.opts.reduce_dtype.or(self.opts.param_dtype).unwrap_or(self.dtype);
         let mut ops = Ops::new(comm);
-        let c = self.layout.chunk;
-        // The collectives read the full gradient in place when it already is
-        // in the reduce dtype (the full gradient stays unchanged until they
-        // all succeeded); NO_SHARD's all_reduce works on a copy.
-        let send = if rd == gd && sharded {
-            g
-        } else {
-            let send = ops.temp_overwrite(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
-            ops.convert(g, gd, send, rd)?;
-            send
-        };
         let mine = if sharded {
-            let r = ops.temp_overwrite(g.place, rd.bytes(c, "shard numel")?, "the reduced gradient")?;
-            ops.reduce_scatter(comm, send, r, rd, ReduceOp::Avg)?;
+            // The reduce-scatter reads the full gradient in place when it
+            // already is in the reduce dtype.
+            let send = if rd == gd {
+                g
+            } else {
+                let send = ops.temp_overwrite(g.place, rd.bytes(padded, "padded numel")?, "the gradient reduction buffer")?;
+                ops.convert(g, gd, send, rd)?;
+                send
+            };
+            let r = Buf::for_overwrite_on(g.place, rd.bytes(self.layout.chunk, "shard numel")?, "the reduced gradient")?;
+            ops.reduce_scatter(comm, send, r.region(), rd, ReduceOp::Avg)?;
             r
         } else {
-            ops.all_reduce(comm, send, rd, ReduceOp::Avg)?;
-            send
+            // NO_SHARD: all-reduce a copy (the full gradient stays unchanged)
+            let r = Buf::for_overwrite_on(g.place, rd.bytes(padded, "padded numel")?, "the reduced gradient")?;
+            ops.convert(g, gd, r.region(), rd)?;
+            ops.all_reduce(comm, r.region(), rd, ReduceOp::Avg)?;
+            r
         };
-        if let (true, Some(rep)) = (hybrid, replicate) {
-            ops.all_reduce(rep, mine, rd, ReduceOp::Avg)?;
-        }
-        let add = if rd == self.dtype && mine.place == self.place {
-            mine
+        ops.finish()?;
+        Ok(Reduced { buf: mine, dtype: rd })
+    }
+
+    /// The last part of `reduce_grads`: add `red` into the shard gradient and
+    /// zero the full gradient (unless `freed()`: see `reduce_grads_then`).
+    pub fn apply_reduced(&mut self, comm: &Comm, red: &Reduced, freed: &dyn Fn() -> bool) -> Result<()> {
+        let Some(Unsharded { grad: FullGrad::Owned(gbuf), .. }) = &self.state else {
+            return Err(Error::internal("reduce_grads: the full gradient went away"));
+        };
+        let g = gbuf.region();
+        let mut ops = Ops::new(comm);
+        let add = if red.dtype == self.dtype && red.buf.place() == self.place {
+            red.buf.region()
         } else {
             let add = ops.temp_overwrite(self.place, self.shard.len(), "the reduced gradient")?;
-            ops.convert(mine, rd, add, self.dtype)?;
+            ops.convert(red.buf.region(), red.dtype, add, self.dtype)?;
             add
         };
-        // Only now that every collective succeeded do the full and shard
-        // gradients change: a failed call (e.g. MISMATCH) leaves both as they were.
         if !freed() {
             ops.fill0(g)?;
         }

@@ -14,7 +14,7 @@
 //! different sequences (e.g. unshard of two flat params of the same shape)
 //! get MISMATCH on the work instead of exchanging the wrong buffers.
 
-use super::{FlatParam, UnshardOptions};
+use super::{FlatParam, Reduced, UnshardOptions};
 use crate::comm::progress::{is_call_error, Work};
 use crate::comm::Comm;
 use crate::error::{Error, Result};
@@ -48,11 +48,17 @@ fn option_bits(o: &UnshardOptions) -> u64 {
 
 /// Compare (flat param, operation, options) across the ranks of `comm`.
 fn agree_op(comm: &Comm, id: u64, op: u64, options: u64) -> Result<()> {
-    let fields = [("flat param (creation order)", id), ("operation (1 unshard_async, 2 reduce_grads_async)", op), ("unshard options", options)];
-    crate::agree::agree(comm, "asynchronous flat-param operation", fields.len(), Ok(&fields))
+    agree_or_refuse(comm, "asynchronous flat-param operation", id, op, options, true)
 }
 
-/// Work that ran during the call (NCCL, HYBRID_SHARD): argument and state
+/// `agree_op`, or (`ok` false) take part as a rank that refuses: its peers
+/// then get MISMATCH naming it.
+fn agree_or_refuse(comm: &Comm, what: &str, id: u64, op: u64, options: u64, ok: bool) -> Result<()> {
+    let fields = [("flat param (creation order)", id), ("operation (1 unshard_async, 2 reduce_grads_async)", op), ("unshard options", options)];
+    crate::agree::agree(comm, what, fields.len(), if ok { Ok(&fields) } else { Err(()) })
+}
+
+/// Work that ran during the call (NCCL): argument and state
 /// errors are the call's, the others the work's.
 fn ran_now(r: Result<()>) -> Result<Work> {
     match r {
@@ -107,6 +113,38 @@ impl SharedFlatParam {
         r
     }
 
+    /// HYBRID_SHARD on host communicators: the reduce-scatter over the shard
+    /// group is queued on its communicator, the all-reduce over the
+    /// replicate group on that one's, each behind what was issued on it
+    /// before (so both keep the order of the calls); the second waits for
+    /// the first and alone changes the gradients. Its work is the
+    /// operation's: a failed first part fails it, on the replicate peers too
+    /// (they get MISMATCH naming this rank instead of waiting for it).
+    fn hybrid_reduce_async(&mut self, comm: Arc<Comm>, rep: Arc<Comm>) -> Result<Work> {
+        let slot: Arc<Mutex<Option<Reduced>>> = Arc::new(Mutex::new(None));
+        let (fp, c, r, id, out) = (self.fp.clone(), comm.clone(), rep.clone(), self.id, slot.clone());
+        let first = comm.submit(Box::new(move || {
+            agree_op(&c, id, REDUCE_GRADS, 0)?;
+            let red = fp.lock().unwrap_or_else(|p| p.into_inner()).reduce_grads_local(&c, Some(&r))?;
+            *out.lock().unwrap_or_else(|p| p.into_inner()) = Some(red);
+            Ok(())
+        }))?;
+        let (fp, c, r, resharding) = (self.fp.clone(), comm, rep.clone(), self.resharding.clone());
+        resharding.store(false, Ordering::SeqCst);
+        rep.submit(Box::new(move || {
+            let done = first.wait_quiet();
+            agree_or_refuse(&r, "asynchronous flat-param operation (replicate group)", id, REDUCE_GRADS, 0, done.is_ok())?;
+            done?;
+            let red = slot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .ok_or_else(|| Error::internal("hybrid reduce_grads_async: the shard group's result is missing"))?;
+            red.all_reduce(&r)?;
+            fp.lock().unwrap_or_else(|p| p.into_inner()).apply_reduced(&c, &red, &|| resharding.load(Ordering::SeqCst))
+        }))
+    }
+
     /// Wait for in-flight work without reporting its status (free).
     pub fn wait_quiet(&mut self) {
         if let Some(w) = self.inflight.take() {
@@ -157,17 +195,22 @@ impl SharedFlatParam {
     }
 
     /// Queue a gradient reduction (after waiting for earlier in-flight work,
-    /// whose error it returns). HYBRID_SHARD and NCCL run it during the call:
-    /// the replicate communicator keeps its own order, NCCL its stream's.
+    /// whose error it returns); HYBRID_SHARD in two parts, one per
+    /// communicator (`hybrid_reduce_async`). NCCL runs it during the call,
+    /// in its stream's order.
     pub fn reduce_grads_async(&mut self) -> Result<Work> {
         let (comm, rep) = (self.comm.clone(), self.replicate.clone());
         let mut g = self.settled()?;
         g.check_reduce_grads(&comm, rep.as_deref())?;
         comm.check_usable()?;
-        let w = if comm.is_device() || rep.is_some() {
+        let w = if comm.is_device() || rep.as_ref().is_some_and(|r| r.is_device()) {
             let r = g.reduce_grads(&comm, rep.as_deref());
             drop(g);
             ran_now(r)?
+        } else if let Some(rep) = rep {
+            drop(g);
+            rep.check_usable()?;
+            self.hybrid_reduce_async(comm, rep)?
         } else {
             drop(g);
             let (fp, c, id, resharding) = (self.fp.clone(), comm.clone(), self.id, self.resharding.clone());
