@@ -116,8 +116,13 @@ static void linear_back(const float *W, const float *x, const float *dy, float *
    views wait for their own gather. */
 static void prefetch(flatshard_flat_param *first, flatshard_flat_param *second,
                      const flatshard_unshard_options *o, flatshard_work **w) {
-  CHECK(flatshard_flat_param_unshard_async(first, o, &w[0]));
-  CHECK(flatshard_flat_param_unshard_async(second, o, &w[1]));
+  if (o) {
+    CHECK(flatshard_flat_param_unshard_async(first, o, &w[0]));
+    CHECK(flatshard_flat_param_unshard_async(second, o, &w[1]));
+  } else { /* forward: no gradient buffers */
+    CHECK(flatshard_flat_param_unshard_forward_async(first, &w[0]));
+    CHECK(flatshard_flat_param_unshard_forward_async(second, &w[1]));
+  }
 }
 
 static void finish(flatshard_work **w, int n) {
@@ -278,10 +283,8 @@ int main(int argc, char **argv) {
   int y[BATCH];
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
-  flatshard_unshard_options train, fwd;
+  flatshard_unshard_options train;
   flatshard_unshard_options_init(&train); /* training gather: no writeback */
-  flatshard_unshard_options_init(&fwd);
-  fwd.forward_only = 1; /* forward needs no gradient buffers */
   float first_loss = -1, last_loss = 0, last_acc = 0;
 
   for (int step = start; step < steps; step++) {
@@ -290,7 +293,7 @@ int main(int argc, char **argv) {
     flatshard_tensor v1w, v1b, v2w, v2b;
     flatshard_work *w[4];
     /* forward: gather (layer2's behind layer1's compute), compute, free (FULL_SHARD) */
-    prefetch(fp1, fp2, &fwd, w);
+    prefetch(fp1, fp2, NULL, w); /* NULL: forward-only unshards */
     CHECK(flatshard_flat_param_view(fp1, 0, &v1w)); /* waits for layer1's gather */
     CHECK(flatshard_flat_param_view(fp1, 1, &v1b));
     linear(v1w.data, v1b.data, x, h1, D, H, 1);

@@ -308,14 +308,6 @@ typedef struct {
    * Also gather the sharded gradients (NULL grad views if no rank has one).
    */
   int32_t with_grads;
-  /**
-   * Training unshard for a forward pass only: views have grad NULL and no
-   * full gradient buffer is created (reduce_grads returns INVALID_STATE
-   * until the flat param is resharded and unsharded without it). Needs
-   * writeback, rank0_only and with_grads 0. Added after the first layout:
-   * a struct_size of the first layout (or 0) reads it as 0.
-   */
-  int32_t forward_only;
 } flatshard_unshard_options;
 
 #ifdef __cplusplus
@@ -1324,8 +1316,7 @@ flatshard_status flatshard_flat_param_shard_view(flatshard_flat_param *fp,
  * same options. Not concurrently with other calls on `fp` or its comm.
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; bad options: struct_size,
- * a flag not 0/1, forward_only with writeback, rank0_only or with_grads);
- * INVALID_STATE (already unsharded: call
+ * a flag not 0/1); INVALID_STATE (already unsharded: call
  * flatshard_flat_param_reshard first); MISMATCH (the ranks' collectives
  * differ, e.g. different options; fp stays sharded); TIMEOUT, PEER_LOST,
  * ABORTED, IO (the comm is poisoned; fp stays sharded); OUT_OF_MEMORY (the
@@ -1336,11 +1327,54 @@ flatshard_status flatshard_flat_param_unshard(flatshard_flat_param *fp,
                                               const flatshard_unshard_options *opts);
 
 /**
+ * A training unshard for a forward pass only: flatshard_flat_param_unshard
+ * with default options (gathered in param_dtype), but no full gradient
+ * buffer is ever made: views have grad NULL, and
+ * flatshard_flat_param_reduce_grads returns INVALID_STATE until the flat
+ * param is resharded and unsharded for training (PyTorch FSDP's forward
+ * allocates no gradients either). Saves the gradient buffer's memory and
+ * its zero-filling, which competes with the prefetched gathers. A flat param
+ * whose backward follows at once (the last layer) is better unsharded for
+ * training and kept. Waits for in-flight asynchronous work first.
+ *
+ * Ownership: the full buffer is library-owned and lives until
+ * flatshard_flat_param_reshard (or _free).
+ *
+ * Threads: collective over the flat param's comm, like
+ * flatshard_flat_param_unshard: every rank calls it (ranks that mix it with
+ * flatshard_flat_param_unshard gather the same data). Not concurrently with
+ * other calls on `fp` or its comm.
+ *
+ * Statuses: as flatshard_flat_param_unshard with default options.
+ */
+flatshard_status flatshard_flat_param_unshard_forward(flatshard_flat_param *fp);
+
+/**
+ * flatshard_flat_param_unshard_forward, queued (API §7), as
+ * flatshard_flat_param_unshard_async with default options but without the
+ * full gradient buffer. Ranks that issue it where others issue
+ * flatshard_flat_param_unshard_async get MISMATCH on the work (the options
+ * are compared).
+ *
+ * Ownership: on success `*out` owns a work handle: free it with
+ * flatshard_work_free; it stays valid after the flat param or its
+ * communicator is freed. The full buffer is library-owned.
+ *
+ * Threads: collective over the flat param's comm: every rank issues the same
+ * sequence of operations. Not concurrently with other calls on `fp`; the work
+ * runs on the communicator's progress thread.
+ *
+ * Statuses: as flatshard_flat_param_unshard_async with default options.
+ */
+flatshard_status flatshard_flat_param_unshard_forward_async(flatshard_flat_param *fp,
+                                                            flatshard_work **out);
+
+/**
  * Param i inside the unsharded buffer: data (and grad) pointers, zero-copy, in
  * the unshard dtype (param_dtype for a training unshard). Training (with_grads
  * = 0): the first view after an unshard creates a zero-filled full gradient
- * buffer (flatshard_flat_param_unshard_async creates it beforehand); with
- * forward_only, grad is NULL. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
+ * buffer (flatshard_flat_param_unshard_async creates it beforehand); after
+ * flatshard_flat_param_unshard_forward, grad is NULL. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
  * in-flight asynchronous work first. Local.
  *
  * Ownership: the pointers are library-owned and valid until
@@ -1407,8 +1441,8 @@ flatshard_status flatshard_flat_param_reshard(flatshard_flat_param *fp);
  *
  * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (sharded:
  * unshard and write gradients first; or unsharded with with_grads /
- * rank0_only, a summon rather than training; or with forward_only, which has
- * no gradients); MISMATCH (the ranks called
+ * rank0_only, a summon rather than training; or by
+ * flatshard_flat_param_unshard_forward, which has no gradients); MISMATCH (the ranks called
  * differently); TIMEOUT, PEER_LOST, ABORTED, IO (the communicator is
  * poisoned); OUT_OF_MEMORY (reduction buffers); CUDA, NCCL (device flat
  * params); the error of the flat param's failed asynchronous work, from the
@@ -1488,8 +1522,8 @@ flatshard_status flatshard_average_flat_params(flatshard_comm *replicate_comm,
  * error if it failed; the flat param is then sharded, its shard intact).
  * Before data moves the ranks compare (flat param, operation, options). A
  * training unshard (every flag 0) also creates the zero-filled full gradient
- * on the progress thread, so the first view costs nothing; with forward_only
- * there is none. On an NCCL communicator the unshard runs during the call
+ * on the progress thread, so the first view costs nothing
+ * (flatshard_flat_param_unshard_forward_async makes none). On an NCCL communicator the unshard runs during the call
  * (stream-ordered, complete on return).
  *
  * Ownership: `*opts` is read during the call only. On success `*out` owns a

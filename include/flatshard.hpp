@@ -233,6 +233,8 @@ class FlatParam {
     return t;
   }
   void unshard(const flatshard_unshard_options *o = nullptr) { check(flatshard_flat_param_unshard(fp_.get(), o)); }
+  /** A training unshard for a forward pass: no gradient buffer (views' grad NULL). */
+  void unshard_forward() { check(flatshard_flat_param_unshard_forward(fp_.get())); }
   flatshard_tensor view(uint64_t i) {
     flatshard_tensor t;
     check(flatshard_flat_param_view(fp_.get(), i, &t));
@@ -244,6 +246,11 @@ class FlatParam {
   Work unshard_async(const flatshard_unshard_options *o = nullptr) {
     flatshard_work *w = nullptr;
     check(flatshard_flat_param_unshard_async(fp_.get(), o, &w));
+    return Work(w);
+  }
+  Work unshard_forward_async() {
+    flatshard_work *w = nullptr;
+    check(flatshard_flat_param_unshard_forward_async(fp_.get(), &w));
     return Work(w);
   }
   /** Overlap the gradient reduce-scatter with the rest of backward. */

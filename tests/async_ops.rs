@@ -723,13 +723,12 @@ fn prefetch_soak() {
     }
 }
 
-/// `forward_only` (an unshard for a forward pass): views have grad NULL and
-/// reduce_grads is INVALID_STATE, blocking and async alike; it refuses
-/// writeback / rank0_only / with_grads with INVALID_ARGUMENT naming the
-/// option; ranks that disagree about it get MISMATCH on the async work; a
-/// struct of the first layout (struct_size without forward_only) is read
-/// without it. A training unshard_async has its zero-filled gradient ready
-/// at the first view, also when the buffer is recycled from a dirty one.
+/// `flatshard_flat_param_unshard_forward` (an unshard for a forward pass):
+/// views have grad NULL and reduce_grads is INVALID_STATE, blocking and
+/// async alike; ranks that issue it where others issue unshard_async get
+/// MISMATCH on the work. A training unshard_async has its zero-filled
+/// gradient ready at the first view, also when the buffer is recycled from a
+/// dirty one.
 #[test]
 fn forward_only_unshard() {
     if !is_worker() {
@@ -742,26 +741,24 @@ fn forward_only_unshard() {
         let mut w0: Vec<f32> = (0..n).map(|i| (i % 11) as f32).collect();
         let mut fp = null_mut();
         ok(flatshard_flat_param_new(c, &cpu(&mut w0), 1, std::ptr::null(), &mut fp), "new");
-        let mut o: flatshard_unshard_options = std::mem::zeroed();
-        flatshard_unshard_options_init(&mut o);
-        o.forward_only = 1;
         let mut t: flatshard_tensor = std::mem::zeroed();
         let check_data = |t: &flatshard_tensor| {
             let d = std::slice::from_raw_parts(t.data as *const f32, n);
             assert!(d.iter().enumerate().all(|(i, v)| *v == (i % 11) as f32), "rank {r}: gathered data");
         };
         for round in 0..3 {
-            // blocking forward_only
-            ok(flatshard_flat_param_unshard(fp, &o), "unshard forward_only");
+            // blocking forward-only
+            ok(flatshard_flat_param_unshard_forward(fp), "unshard_forward");
+            assert_eq!(flatshard_flat_param_unshard_forward(fp), FLATSHARD_ERR_INVALID_STATE, "does not nest");
             ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
             check_data(&t);
-            assert!(t.grad.is_null(), "forward_only views carry no gradient");
+            assert!(t.grad.is_null(), "forward-only views carry no gradient");
             assert_eq!(flatshard_flat_param_reduce_grads(fp), FLATSHARD_ERR_INVALID_STATE);
-            assert!(last_error().contains("forward_only"), "{}", last_error());
+            assert!(last_error().contains("unshard_forward"), "{}", last_error());
             ok(flatshard_flat_param_reshard(fp), "reshard");
-            // async forward_only
+            // async forward-only
             let mut w = null_mut();
-            ok(flatshard_flat_param_unshard_async(fp, &o, &mut w), "unshard_async forward_only");
+            ok(flatshard_flat_param_unshard_forward_async(fp, &mut w), "unshard_forward_async");
             ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
             check_data(&t);
             assert!(t.grad.is_null());
@@ -791,43 +788,17 @@ fn forward_only_unshard() {
         let sg = std::slice::from_raw_parts(s.grad as *const f32, s.numel as usize);
         let real = n.saturating_sub(r * s.numel as usize).min(s.numel as usize);
         assert!(sg[..real].iter().all(|v| *v == 4.5), "rank {r}: {:?}", &sg[..4]);
+        // NULL arguments
+        assert_eq!(flatshard_flat_param_unshard_forward(null_mut()), FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert_eq!(flatshard_flat_param_unshard_forward_async(fp, null_mut()), FLATSHARD_ERR_INVALID_ARGUMENT);
 
-        // refused combinations name the option
-        for f in [
-            |o: &mut flatshard_unshard_options| o.writeback = 1,
-            |o: &mut flatshard_unshard_options| o.rank0_only = 1,
-            |o: &mut flatshard_unshard_options| o.with_grads = 1,
-        ] {
-            let mut bad = o;
-            f(&mut bad);
-            assert_eq!(flatshard_flat_param_unshard(fp, &bad), FLATSHARD_ERR_INVALID_ARGUMENT);
-            assert!(last_error().contains("forward_only"), "{}", last_error());
-            let mut w = 0x77 as *mut flatshard_work;
-            assert_eq!(flatshard_flat_param_unshard_async(fp, &bad, &mut w), FLATSHARD_ERR_INVALID_ARGUMENT);
-        }
-        o.forward_only = 2;
-        assert_eq!(flatshard_flat_param_unshard(fp, &o), FLATSHARD_ERR_INVALID_ARGUMENT);
-        assert!(last_error().contains("options.forward_only"), "{}", last_error());
-
-        // the first layout: forward_only is not read (a garbage value there
-        // would otherwise be INVALID_ARGUMENT), so this is a training unshard
-        let mut v1 = o;
-        v1.struct_size = std::mem::offset_of!(flatshard_unshard_options, forward_only) as u32;
-        v1.forward_only = 7;
-        ok(flatshard_flat_param_unshard(fp, &v1), "unshard with the first layout");
-        ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
-        assert!(!t.grad.is_null(), "the first layout means a training unshard");
-        ok(flatshard_flat_param_reshard(fp), "reshard");
-        let mut odd = o;
-        odd.struct_size = 22;
-        odd.forward_only = 0;
-        assert_eq!(flatshard_flat_param_unshard(fp, &odd), FLATSHARD_ERR_INVALID_ARGUMENT);
-
-        // ranks that disagree about forward_only: MISMATCH on the work
-        let mut mixed = o;
-        mixed.forward_only = (r == 0) as i32;
+        // ranks that disagree (rank 0 forward-only, rank 1 training): MISMATCH on the work
         let mut w = null_mut();
-        ok(flatshard_flat_param_unshard_async(fp, &mixed, &mut w), "mixed forward_only");
+        if r == 0 {
+            ok(flatshard_flat_param_unshard_forward_async(fp, &mut w), "mixed");
+        } else {
+            ok(flatshard_flat_param_unshard_async(fp, std::ptr::null(), &mut w), "mixed");
+        }
         assert_eq!(wait(w), FLATSHARD_ERR_MISMATCH, "{}", last_error());
         assert!(last_error().contains("unshard options"), "{}", last_error());
         flatshard_work_free(w);

@@ -73,9 +73,7 @@ fn program(name: &str, link: Link) -> PathBuf {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+include!("support/free_port.rs");
 
 /// How one rank ended: exit code, or the signal that killed it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -380,7 +378,7 @@ fn api_conventions_under_valgrind() {
 /// rendezvous store must be up before the long retry loop).
 fn two_ranks_under_valgrind(name: &str, args: &[&str]) -> Vec<String> {
     let prog = program(name, Link::Shared);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let spawn = |rank: usize| {
         Command::new("valgrind")
             .args(["-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"])

@@ -62,16 +62,7 @@ pub struct flatshard_unshard_options {
     pub offload_to_cpu: i32,
     /// Also gather the sharded gradients (NULL grad views if no rank has one).
     pub with_grads: i32,
-    /// Training unshard for a forward pass only: views have grad NULL and no
-    /// full gradient buffer is created (reduce_grads returns INVALID_STATE
-    /// until the flat param is resharded and unsharded without it). Needs
-    /// writeback, rank0_only and with_grads 0. Added after the first layout:
-    /// a struct_size of the first layout (or 0) reads it as 0.
-    pub forward_only: i32,
 }
-
-/// sizeof(flatshard_unshard_options) before forward_only was added.
-const UNSHARD_OPTIONS_V1: usize = std::mem::offset_of!(flatshard_unshard_options, forward_only);
 
 /// The C handle: a flat param with its communicators and in-flight work
 /// (`crate::flat_param::shared`); calls that need the flat param go through
@@ -160,7 +151,6 @@ pub unsafe extern "C" fn flatshard_unshard_options_init(o: *mut flatshard_unshar
                 rank0_only: 0,
                 offload_to_cpu: 0,
                 with_grads: 0,
-                forward_only: 0,
             });
         }
     }
@@ -381,29 +371,18 @@ pub unsafe extern "C" fn flatshard_flat_param_shard_view(
 unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOptions> {
     // SAFETY: this function's contract (# Safety above) is what the unsafe
     // operations below need; pointers are NULL-checked before they are read.
-    // A struct of the first layout is only read within that layout: fields
-    // are read through raw place projections (no reference to the whole
-    // struct), and forward_only only when struct_size says it is there.
     unsafe {
         if o.is_null() {
             return Ok(UnshardOptions::default());
         }
-        // A caller built against the first layout passes a shorter struct:
-        // read its fields through a pointer to that prefix only.
-        let size = (*o).struct_size;
-        let v1 = size == 0 || size as usize == UNSHARD_OPTIONS_V1;
-        if !v1 {
-            check_struct_size("flatshard_unshard_options", size, std::mem::size_of::<flatshard_unshard_options>())?;
-        }
-        let field = |p: *const i32| std::ptr::read_unaligned(p);
-        let base = o;
-        let forward_only = if v1 { 0 } else { field(std::ptr::addr_of!((*base).forward_only)) };
+        let o = &*o;
+        check_struct_size("flatshard_unshard_options", o.struct_size, std::mem::size_of::<flatshard_unshard_options>())?;
         Ok(UnshardOptions {
-            writeback: flag(field(std::ptr::addr_of!((*base).writeback)), "options.writeback")?,
-            rank0_only: flag(field(std::ptr::addr_of!((*base).rank0_only)), "options.rank0_only")?,
-            offload_to_cpu: flag(field(std::ptr::addr_of!((*base).offload_to_cpu)), "options.offload_to_cpu")?,
-            with_grads: flag(field(std::ptr::addr_of!((*base).with_grads)), "options.with_grads")?,
-            forward_only: flag(forward_only, "options.forward_only")?,
+            writeback: flag(o.writeback, "options.writeback")?,
+            rank0_only: flag(o.rank0_only, "options.rank0_only")?,
+            offload_to_cpu: flag(o.offload_to_cpu, "options.offload_to_cpu")?,
+            with_grads: flag(o.with_grads, "options.with_grads")?,
+            forward_only: false,
         })
     }
 }
@@ -428,8 +407,7 @@ unsafe fn unshard_opts(o: *const flatshard_unshard_options) -> Result<UnshardOpt
 /// same options. Not concurrently with other calls on `fp` or its comm.
 ///
 /// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp; bad options: struct_size,
-/// a flag not 0/1, forward_only with writeback, rank0_only or with_grads);
-/// INVALID_STATE (already unsharded: call
+/// a flag not 0/1); INVALID_STATE (already unsharded: call
 /// flatshard_flat_param_reshard first); MISMATCH (the ranks' collectives
 /// differ, e.g. different options; fp stays sharded); TIMEOUT, PEER_LOST,
 /// ABORTED, IO (the comm is poisoned; fp stays sharded); OUT_OF_MEMORY (the
@@ -449,11 +427,73 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
     })
 }
 
+/// A training unshard for a forward pass only: flatshard_flat_param_unshard
+/// with default options (gathered in param_dtype), but no full gradient
+/// buffer is ever made: views have grad NULL, and
+/// flatshard_flat_param_reduce_grads returns INVALID_STATE until the flat
+/// param is resharded and unsharded for training (PyTorch FSDP's forward
+/// allocates no gradients either). Saves the gradient buffer's memory and
+/// its zero-filling, which competes with the prefetched gathers. A flat param
+/// whose backward follows at once (the last layer) is better unsharded for
+/// training and kept. Waits for in-flight asynchronous work first.
+///
+/// Ownership: the full buffer is library-owned and lives until
+/// flatshard_flat_param_reshard (or _free).
+///
+/// Threads: collective over the flat param's comm, like
+/// flatshard_flat_param_unshard: every rank calls it (ranks that mix it with
+/// flatshard_flat_param_unshard gather the same data). Not concurrently with
+/// other calls on `fp` or its comm.
+///
+/// Statuses: as flatshard_flat_param_unshard with default options.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_unshard_forward(fp: *mut flatshard_flat_param) -> flatshard_status {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time.
+    boundary("flatshard_flat_param_unshard_forward", || unsafe {
+        let h = fp_mut(fp)?;
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
+        fp.unshard(&comm, UnshardOptions { forward_only: true, ..Default::default() })
+    })
+}
+
+/// flatshard_flat_param_unshard_forward, queued (API §7), as
+/// flatshard_flat_param_unshard_async with default options but without the
+/// full gradient buffer. Ranks that issue it where others issue
+/// flatshard_flat_param_unshard_async get MISMATCH on the work (the options
+/// are compared).
+///
+/// Ownership: on success `*out` owns a work handle: free it with
+/// flatshard_work_free; it stays valid after the flat param or its
+/// communicator is freed. The full buffer is library-owned.
+///
+/// Threads: collective over the flat param's comm: every rank issues the same
+/// sequence of operations. Not concurrently with other calls on `fp`; the work
+/// runs on the communicator's progress thread.
+///
+/// Statuses: as flatshard_flat_param_unshard_async with default options.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_unshard_forward_async(
+    fp: *mut flatshard_flat_param,
+    out: *mut *mut super::work::flatshard_work,
+) -> flatshard_status {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // `out` is NULL-checked before use.
+    boundary("flatshard_flat_param_unshard_forward_async", || unsafe {
+        need(out, "out")?;
+        let h = fp_mut(fp)?;
+        super::work::publish_work(h.fp.unshard_async(UnshardOptions { forward_only: true, ..Default::default() })?, out);
+        Ok(())
+    })
+}
+
 /// Param i inside the unsharded buffer: data (and grad) pointers, zero-copy, in
 /// the unshard dtype (param_dtype for a training unshard). Training (with_grads
 /// = 0): the first view after an unshard creates a zero-filled full gradient
-/// buffer (flatshard_flat_param_unshard_async creates it beforehand); with
-/// forward_only, grad is NULL. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
+/// buffer (flatshard_flat_param_unshard_async creates it beforehand); after
+/// flatshard_flat_param_unshard_forward, grad is NULL. with_grads = 1: grad is NULL if no rank had a gradient. Waits for
 /// in-flight asynchronous work first. Local.
 ///
 /// Ownership: the pointers are library-owned and valid until
@@ -531,8 +571,8 @@ pub unsafe extern "C" fn flatshard_flat_param_reshard(fp: *mut flatshard_flat_pa
 ///
 /// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); INVALID_STATE (sharded:
 /// unshard and write gradients first; or unsharded with with_grads /
-/// rank0_only, a summon rather than training; or with forward_only, which has
-/// no gradients); MISMATCH (the ranks called
+/// rank0_only, a summon rather than training; or by
+/// flatshard_flat_param_unshard_forward, which has no gradients); MISMATCH (the ranks called
 /// differently); TIMEOUT, PEER_LOST, ABORTED, IO (the communicator is
 /// poisoned); OUT_OF_MEMORY (reduction buffers); CUDA, NCCL (device flat
 /// params); the error of the flat param's failed asynchronous work, from the
@@ -662,8 +702,8 @@ pub unsafe extern "C" fn flatshard_average_flat_params(replicate_comm: *mut flat
 /// error if it failed; the flat param is then sharded, its shard intact).
 /// Before data moves the ranks compare (flat param, operation, options). A
 /// training unshard (every flag 0) also creates the zero-filled full gradient
-/// on the progress thread, so the first view costs nothing; with forward_only
-/// there is none. On an NCCL communicator the unshard runs during the call
+/// on the progress thread, so the first view costs nothing
+/// (flatshard_flat_param_unshard_forward_async makes none). On an NCCL communicator the unshard runs during the call
 /// (stream-ordered, complete on return).
 ///
 /// Ownership: `*opts` is read during the call only. On success `*out` owns a

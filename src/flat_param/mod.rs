@@ -825,7 +825,7 @@ impl FlatParam {
         })?;
         if st.opts.forward_only {
             return Err(Error::invalid_state(format!(
-                "reduce_grads: rank {rank}: the flat param was unsharded with forward_only (no gradients); reshard, then unshard without forward_only for backward"
+                "reduce_grads: rank {rank}: the flat param was unsharded for a forward pass only (flatshard_flat_param_unshard_forward: no gradients); reshard, then unshard for training before backward"
             )));
         }
         if st.opts.with_grads || st.opts.rank0_only {

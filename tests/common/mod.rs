@@ -10,11 +10,8 @@ use std::time::{Duration, Instant};
 
 pub const RANK_ENV: &str = "FLATSHARD_TEST_WORKER";
 
-/// A free TCP port on loopback (the OS picks; the race is small and a clash
-/// shows up as a clear bind error).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+// free_port(): a free loopback port for a test's rendezvous store.
+include!("../support/free_port.rs");
 
 pub fn is_worker() -> bool {
     std::env::var(RANK_ENV).is_ok()

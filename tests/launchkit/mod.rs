@@ -18,10 +18,7 @@ pub fn lib_dir() -> PathBuf {
     std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+include!("../support/free_port.rs");
 
 /// Compile `src` (relative to the repo) with `compiler` (-Wall -Wextra
 /// -Werror plus `flags`) against include/ and the shared library of this

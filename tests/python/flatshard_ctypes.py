@@ -3,6 +3,9 @@ interop tests (which load libflatshard.so with ctypes). Not a test itself:
 scripts/test.sh runs only tests/python/test_*.py."""
 
 import ctypes as C
+import os
+import random
+import socket
 
 
 class Device(C.Structure):
@@ -27,3 +30,21 @@ class UnshardOptions(C.Structure):
 
 class ParamInfo(C.Structure):
     _fields_ = [("name", C.c_char_p), ("ndim", C.c_uint32), ("shape", C.POINTER(C.c_uint64))]
+
+
+def free_port():
+    """A free loopback port below Linux's ephemeral range (32768-60999), so no
+    outgoing connection of a concurrently running test takes it between this
+    check and the rendezvous store's bind (bind(0) would pick from that range)."""
+    rng = random.Random(os.getpid() * 1_000_003 + random.getrandbits(32))
+    for _ in range(2000):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

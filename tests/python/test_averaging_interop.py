@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 
-from flatshard_ctypes import Device, Tensor  # the C structs, shared by the interop tests
+from flatshard_ctypes import Device, Tensor, free_port  # the C structs, shared by the interop tests
 
 WORLD = 4
 STEPS = 30
@@ -43,10 +43,6 @@ SCENARIOS = {
 }
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_lib():

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 
-from flatshard_ctypes import Device, Tensor, FpOptions, ParamInfo  # the C structs, shared by the interop tests
+from flatshard_ctypes import Device, Tensor, FpOptions, ParamInfo, free_port  # the C structs, shared by the interop tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIB = os.environ.get("FLATSHARD_LIB", os.path.join(ROOT, "target", "debug", "libflatshard.so"))
@@ -74,10 +74,6 @@ def load_lib():
     return lib
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference():

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 
-from flatshard_ctypes import Device, Tensor, FpOptions, UnshardOptions  # the C structs, shared by the interop tests
+from flatshard_ctypes import Device, Tensor, FpOptions, UnshardOptions, free_port  # the C structs, shared by the interop tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LIB = os.environ.get("FLATSHARD_LIB", os.path.join(ROOT, "target", "debug", "libflatshard.so"))
@@ -54,10 +54,6 @@ def load():
     return lib
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- worker side

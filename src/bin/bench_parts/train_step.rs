@@ -6,8 +6,9 @@
 //!   unshard → compute → reduce_grads → reshard per layer. The last layer
 //!   stays unsharded from its forward to its backward (as FSDP keeps the
 //!   layer backward starts with), so a step moves 2·L − 1 gathers and L
-//!   reduce-scatters; the other forward unshards are `forward_only` (no
-//!   gradient buffer, as FSDP's forward has none);
+//!   reduce-scatters; the other forward unshards are
+//!   `flatshard_flat_param_unshard_forward` (no gradient buffer, as FSDP's
+//!   forward has none);
 //! - async: the same operations, with up to D unshards in flight ahead of
 //!   the layer computing (D = --prefetch, default 2 like FSDP's
 //!   limit_all_gathers), across the turn from forward to backward too, and
@@ -87,22 +88,24 @@ impl Model {
         Ok(())
     }
 
-    /// Unshard options: a forward-only unshard (no gradient buffer) for the
-    /// forward of every layer but the last, whose unshard serves its backward
-    /// too; a training unshard otherwise.
-    fn opts(&self, forward: bool, l: usize) -> flatshard_unshard_options {
-        // SAFETY: zeroed, then init fills every field.
-        let mut o: flatshard_unshard_options = unsafe { std::mem::zeroed() };
-        // SAFETY: a writable options struct.
-        unsafe { flatshard_unshard_options_init(&mut o) };
-        o.forward_only = (forward && l + 1 < self.fps.len()) as i32;
-        o
+    /// A forward-only unshard (no gradient buffer) for the forward of every
+    /// layer but the last, whose unshard serves its backward too; a training
+    /// unshard otherwise.
+    fn forward_only(&self, forward: bool, l: usize) -> bool {
+        forward && l + 1 < self.fps.len()
     }
 
     fn unshard(&self, forward: bool, l: usize) -> Result<(), String> {
-        let o = self.opts(forward, l);
-        // SAFETY: a live handle and a valid options struct.
-        check(unsafe { flatshard_flat_param_unshard(self.fps[l], &o) }, "unshard")
+        let fp = self.fps[l];
+        // SAFETY: a live handle; NULL options mean defaults.
+        let s = unsafe {
+            if self.forward_only(forward, l) {
+                flatshard_flat_param_unshard_forward(fp)
+            } else {
+                flatshard_flat_param_unshard(fp, std::ptr::null())
+            }
+        };
+        check(s, "unshard")
     }
 
     fn reshard(&self, l: usize) -> Result<(), String> {
@@ -152,10 +155,16 @@ impl Model {
         let mut ahead = |pos: usize, sharded: &mut [bool], works: &mut Vec<*mut flatshard_work>| -> Result<(), String> {
             while next < order.len() && next <= pos + self.depth && sharded[order[next]] {
                 let l = order[next];
-                let o = self.opts(next < n, l);
-                let mut w = null_mut();
-                // SAFETY: a live handle, a valid options struct; w is writable.
-                check(unsafe { flatshard_flat_param_unshard_async(self.fps[l], &o, &mut w) }, "unshard_async")?;
+                let (fp, mut w) = (self.fps[l], null_mut());
+                // SAFETY: a live handle; NULL options mean defaults; w is writable.
+                let s = unsafe {
+                    if self.forward_only(next < n, l) {
+                        flatshard_flat_param_unshard_forward_async(fp, &mut w)
+                    } else {
+                        flatshard_flat_param_unshard_async(fp, std::ptr::null(), &mut w)
+                    }
+                };
+                check(s, "unshard_async")?;
                 works.push(w);
                 sharded[l] = false;
                 next += 1;
