@@ -903,3 +903,49 @@ fn hybrid_reduce_grads_async() {
         flatshard_comm_free(c);
     }
 }
+
+/// A rank that refuses its own arguments before any data moves (NULL `out`
+/// of flat_param_new, an unreadable tensor array for average_parameters)
+/// tells its peers: they fail at once with MISMATCH naming it, well inside
+/// the 20 s timeout, instead of waiting for it; the communicator stays usable.
+#[test]
+fn refused_arguments_fail_the_peers_fast() {
+    if !is_worker() {
+        return both("refused_arguments_fail_the_peers_fast", 2, || {});
+    }
+    let c = comm(20_000);
+    let r = rank_of(c);
+    unsafe {
+        let mut w: Vec<f32> = (0..100).map(|i| i as f32).collect();
+        let t0 = Instant::now();
+        let mut fp = null_mut();
+        let out = if r == 1 { null_mut() } else { &mut fp as *mut _ };
+        let st = flatshard_flat_param_new(c, &cpu(&mut w), 1, std::ptr::null(), out);
+        let msg = last_error();
+        assert!(t0.elapsed() < Duration::from_secs(5), "rank {r}: flat_param_new took {:?}", t0.elapsed());
+        if r == 1 {
+            assert_eq!(st, FLATSHARD_ERR_INVALID_ARGUMENT, "{msg}");
+            assert!(msg.contains("out"), "{msg}");
+        } else {
+            assert_eq!(st, FLATSHARD_ERR_MISMATCH, "{msg}");
+            assert!(msg.contains("rank 1 refused"), "{msg}");
+        }
+        let t0 = Instant::now();
+        let mut ts = [cpu(&mut w)];
+        let params = if r == 1 { null_mut() } else { ts.as_mut_ptr() };
+        let st = flatshard::ffi::averaging::flatshard_average_parameters(c, params, 1, 0);
+        let msg = last_error();
+        assert!(t0.elapsed() < Duration::from_secs(5), "rank {r}: average_parameters took {:?}", t0.elapsed());
+        if r == 1 {
+            assert_eq!(st, FLATSHARD_ERR_INVALID_ARGUMENT, "{msg}");
+        } else {
+            assert_eq!(st, FLATSHARD_ERR_MISMATCH, "{msg}");
+            assert!(msg.contains("rank 1 refused"), "{msg}");
+        }
+        assert!(w.iter().enumerate().all(|(i, v)| *v == i as f32), "rank {r}: a refused call changed the tensor");
+        let mut x = [1f32];
+        ok(flatshard_all_reduce(c, x.as_mut_ptr() as *mut c_void, 1, F32, SUM), "usable afterwards");
+        assert_eq!(x[0], 2.0);
+        flatshard_comm_free(c);
+    }
+}

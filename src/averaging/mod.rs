@@ -59,6 +59,18 @@ pub unsafe fn average_parameters_with(comm: &Comm, params: &[TensorRef], flags: 
     unsafe { average_checked(comm, params, flags, Ok(opts.clone())) }
 }
 
+/// This rank refuses its arguments (`e`, e.g. an unreadable tensor array):
+/// tell the other ranks through the agreement they are waiting in, so they
+/// fail at once with MISMATCH naming this rank instead of timing out.
+pub fn refuse(comm: &Comm, e: Error) -> Error {
+    if comm.size() > 1 {
+        if let Err(told) = crate::agree::agree(comm, "average_parameters", 2, Err(())) {
+            return e.context(format!("(while telling the other ranks: {})", told.msg));
+        }
+    }
+    e
+}
+
 /// # Safety
 /// As for [`average_parameters`].
 unsafe fn average_checked(comm: &Comm, params: &[TensorRef], flags: u32, opts: Result<AvgOptions>) -> Result<()> {

@@ -84,7 +84,7 @@ pub unsafe extern "C" fn flatshard_average_parameters(comm: *mut flatshard_comm,
         // SAFETY: the C contract of this function (doc above): a handle from this library.
         let c = unsafe { comm_ref(comm, "comm")? };
         // SAFETY: the C contract: `params` holds n tensors.
-        let ts = unsafe { tensors(params, n) }.map_err(|e| e.context(format!("rank {}", c.rank())))?;
+        let ts = unsafe { tensors(params, n) }.map_err(|e| averaging::refuse(c, e.context(format!("rank {}", c.rank()))))?;
         // CUDA tensors take the device path inside.
         // SAFETY: the caller's tensors are valid for numel elements during the
         // call and do not overlap (documented above).

@@ -198,8 +198,11 @@ pub unsafe extern "C" fn flatshard_flat_param_new(
     // live ones from this library, a non-const one used by one thread at a time;
     // other pointers are NULL or valid as documented, and are NULL-checked before use.
     boundary("flatshard_flat_param_new", || unsafe {
-        need(out, "out")?;
         let comm = comm_arc(comm, "comm")?;
+        // Refused after the comm is known, so the other ranks hear of it.
+        if let Err(e) = need(out, "out") {
+            return Err(FlatParam::fail_new(&comm, e));
+        }
         let (inputs, o, replicate) = match parse_new_args(params, n_params, opts) {
             Ok(v) => v,
             Err(e) => return Err(FlatParam::fail_new(&comm, e)),
