@@ -280,21 +280,34 @@ pub fn run(cfg: &Cfg) -> Result<(), String> {
         fps.push(fp);
     }
     let m = Model { c, fps, depth: cfg.prefetch };
-    // calibration: the comm-only step sets the sleep (compute ≈ comm)
-    let comm_only = m.time(3, &[&|| m.blocking_step(Duration::ZERO)])?[0];
-    // compute ≈ comm unless given: the same sleep on every rank (rank 0's choice)
-    let mut per_layer = [cfg.compute_ms.map_or(comm_only / (3 * cfg.layers) as f64, |ms| ms / 1e3)];
+    // Calibration (unless --compute-ms): choose the forward sleep d so that
+    // the timed sleeps of a step (compute) ≈ the comm-only step. Both steps
+    // run once first (buffers, caches, the progress thread warm), the
+    // comm-only step is the median of 5, and d is corrected once for what
+    // the sleeps overshoot. Every rank uses rank 0's choice.
+    let sleeps = |d: Duration| {
+        (0..cfg.layers).for_each(|_| Model::compute(d));
+        (0..cfg.layers).for_each(|_| Model::compute(2 * d));
+        Ok(())
+    };
+    let per_layer_s = match cfg.compute_ms {
+        Some(ms) => ms / 1e3,
+        None => {
+            m.async_step(Duration::ZERO)?;
+            let comm = m.time(5, &[&|| m.blocking_step(Duration::ZERO)])?[0];
+            let d0 = comm / (3 * cfg.layers) as f64;
+            let got = m.time(3, &[&|| sleeps(Duration::from_secs_f64(d0))])?[0];
+            (d0 + (comm - got) / (3 * cfg.layers) as f64).max(d0 / 2.0)
+        }
+    };
+    let mut per_layer = [per_layer_s];
     // SAFETY: one f64 on a live comm.
     check(unsafe { flatshard_broadcast(c, per_layer.as_mut_ptr() as *mut c_void, 1, DtypeArg(1), 0) }, "broadcast sleep")?;
     let d = Duration::from_secs_f64(per_layer[0]);
     let nominal = 3.0 * cfg.layers as f64 * per_layer[0];
     // compute = the step's sleeps alone, timed: a sleep overshoots what it
     // was asked for (by ~0.06 ms here), in every variant alike
-    let compute_only = || {
-        (0..cfg.layers).for_each(|_| Model::compute(d));
-        (0..cfg.layers).for_each(|_| Model::compute(2 * d));
-        Ok(())
-    };
+    let compute_only = || sleeps(d);
     let t = m.time(cfg.iters, &[&compute_only, &|| m.blocking_step(Duration::ZERO), &|| m.blocking_step(d), &|| m.async_step(d)])?;
     let (compute, comm_only, blocking, asynch) = (t[0], t[1], t[2], t[3]);
     // 4 KiB latency again, now with an idle progress thread
