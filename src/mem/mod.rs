@@ -79,11 +79,13 @@ impl Buf {
             // A recycled buffer zeroed here rather than a fresh mapping: the
             // kernel zeroes fresh pages too, at a page fault per 4 KiB (or,
             // with huge pages, at the risk of a synchronous compaction that
-            // stalled single writes for 5 ms here).
-            let b = Buf::for_overwrite(len, what)?;
-            // SAFETY: b owns len writable host bytes.
-            unsafe { std::ptr::write_bytes(b.ptr(), 0, len) };
-            return Ok(b);
+            // stalled single writes for 5 ms here). A fresh one is zero.
+            let (p, recycled) = Buf::large(len, what)?;
+            if recycled {
+                // SAFETY: p maps at least len writable bytes.
+                unsafe { std::ptr::write_bytes(p.ptr(), 0, len) };
+            }
+            return Ok(Buf { store: Store::Pages(p), len });
         }
         let n = len.div_ceil(8);
         if n == 0 {
@@ -103,11 +105,17 @@ impl Buf {
         if len < host_cache::LARGE {
             return Buf::zeroed(len, what);
         }
-        let p = match host_cache::take(len) {
-            Some(p) => p,
-            None => host_cache::Pages::new(len).ok_or_else(|| Error::oom(format!("cannot allocate {len} bytes for {what}")))?,
-        };
-        Ok(Buf { store: Store::Pages(p), len })
+        Ok(Buf { store: Store::Pages(Buf::large(len, what)?.0), len })
+    }
+
+    /// A large host buffer: a cached one of the same size (true: its old
+    /// contents) or a fresh mapping (false: zeros).
+    fn large(len: usize, what: &str) -> Result<(host_cache::Pages, bool)> {
+        if let Some(p) = host_cache::take(len) {
+            return Ok((p, true));
+        }
+        let p = host_cache::Pages::new(len).ok_or_else(|| Error::oom(format!("cannot allocate {len} bytes for {what}")))?;
+        Ok((p, false))
     }
 
     /// `for_overwrite` at `place` (zeroed_on where it is not the host).
