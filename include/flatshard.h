@@ -1470,6 +1470,25 @@ flatshard_status flatshard_flat_param_reduce_grads(flatshard_flat_param *fp);
 flatshard_status flatshard_flat_param_zero_grad(flatshard_flat_param *fp);
 
 /**
+ * Drop this rank's shard gradient (PyTorch `zero_grad(set_to_none=True)`,
+ * its default) after the optimizer step: flatshard_flat_param_shard and
+ * _shard_view then give grad NULL, and the next reduce_grads makes the
+ * averaged gradient the shard gradient instead of adding it to zeros (no
+ * memset here, no add there). No-op if there is none. Waits for in-flight
+ * asynchronous work first. Local.
+ *
+ * Ownership: grad pointers from flatshard_flat_param_shard and _shard_view
+ * are invalid afterwards; after the next reduction the shard gradient may
+ * live at a different address (take it from _shard again).
+ *
+ * Threads: not concurrently with other calls on `fp`. Not collective.
+ *
+ * Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); the error of the flat
+ * param's failed asynchronous work, from the first call that waits for it.
+ */
+flatshard_status flatshard_flat_param_drop_grad(flatshard_flat_param *fp);
+
+/**
  * Free a flat parameter and every buffer it owns (also while unsharded). Waits
  * for in-flight asynchronous work first (its status stays with its work
  * handle).

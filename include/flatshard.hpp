@@ -260,6 +260,8 @@ class FlatParam {
     return Work(w);
   }
   void zero_grad() { check(flatshard_flat_param_zero_grad(fp_.get())); }
+  // zero_grad(set_to_none=True): shard().grad is NULL until the next reduce_grads.
+  void drop_grad() { check(flatshard_flat_param_drop_grad(fp_.get())); }
   flatshard_flat_param *get() const { return fp_.get(); }
 
  private:

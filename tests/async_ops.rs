@@ -949,3 +949,99 @@ fn refused_arguments_fail_the_peers_fast() {
         flatshard_comm_free(c);
     }
 }
+
+/// drop_grad (PyTorch's zero_grad(set_to_none=True)): the shard gradient
+/// reads NULL afterwards; the next reduction, blocking or async, becomes the
+/// gradient (equal to zero_grad + reduce, not accumulated onto the old one);
+/// drop_grad waits for in-flight work; a failed reduction after it leaves no
+/// gradient; a NULL handle is INVALID_ARGUMENT naming the argument.
+#[test]
+fn drop_grad_sets_the_gradient_to_none() {
+    if !is_worker() {
+        return both("drop_grad_sets_the_gradient_to_none", 2, || {});
+    }
+    let c = comm(20_000);
+    let r = rank_of(c);
+    let n = 3000usize;
+    unsafe {
+        let mut ws: Vec<Vec<f32>> = (0..3).map(|k| (0..n).map(|i| (i * 7 + k) as f32).collect()).collect();
+        let fps: Vec<*mut flatshard_flat_param> = ws
+            .iter_mut()
+            .map(|w| {
+                let mut fp = null_mut();
+                ok(flatshard_flat_param_new(c, &cpu(w), 1, std::ptr::null(), &mut fp), "new");
+                fp
+            })
+            .collect();
+        let shard_grad = |fp| {
+            let mut s: flatshard_tensor = std::mem::zeroed();
+            ok(flatshard_flat_param_shard(fp, &mut s), "shard");
+            (!s.grad.is_null()).then(|| std::slice::from_raw_parts(s.grad as *const f32, s.numel as usize).to_vec())
+        };
+        // step k writes i·(k+1) + 10 r: the mean over 2 ranks is i·(k+1) + 5
+        let write_grad = |fp, k: usize| {
+            let mut t: flatshard_tensor = std::mem::zeroed();
+            ok(flatshard_flat_param_unshard(fp, std::ptr::null()), "unshard");
+            ok(flatshard_flat_param_view(fp, 0, &mut t), "view");
+            std::slice::from_raw_parts_mut(t.grad as *mut f32, n).iter_mut().enumerate().for_each(|(i, g)| *g = (i * (k + 1) + 10 * r) as f32);
+        };
+        let want = |k: usize, g: &[f32]| {
+            for (j, x) in g.iter().enumerate() {
+                let i = r * g.len() + j;
+                assert_eq!(*x, if i < n { (i * (k + 1) + 5) as f32 } else { 0.0 }, "rank {r} step {k} element {j}");
+            }
+        };
+        // reference: zero_grad between steps, on fps[0]; drop_grad on fps[1]
+        for k in 0..3 {
+            for &fp in &fps[..2] {
+                write_grad(fp, k);
+            }
+            ok(flatshard_flat_param_reduce_grads(fps[0]), "reduce (zero_grad)");
+            ok(flatshard_flat_param_reshard(fps[0]), "reshard");
+            let mut w = null_mut();
+            ok(flatshard_flat_param_reduce_grads_async(fps[1], &mut w), "reduce_async (drop_grad)");
+            ok(flatshard_flat_param_reshard(fps[1]), "reshard");
+            ok(wait(w), "wait");
+            flatshard_work_free(w);
+            let (a, b) = (shard_grad(fps[0]).expect("zero_grad keeps a gradient"), shard_grad(fps[1]).expect("the reduction made one"));
+            assert_eq!(a, b, "rank {r} step {k}: drop_grad + reduce differs from zero_grad + reduce");
+            want(k, &b);
+            ok(flatshard_flat_param_zero_grad(fps[0]), "zero_grad");
+            ok(flatshard_flat_param_drop_grad(fps[1]), "drop_grad");
+            assert!(shard_grad(fps[1]).is_none(), "rank {r}: a gradient after drop_grad");
+            let mut v: flatshard_tensor = std::mem::zeroed();
+            let mut off = 0u64;
+            ok(flatshard_flat_param_shard_view(fps[1], 0, &mut v, &mut off), "shard_view");
+            assert!(v.grad.is_null(), "rank {r}: shard_view grad after drop_grad");
+        }
+        // drop_grad waits for an in-flight reduction (then drops its result)
+        write_grad(fps[1], 0);
+        let mut w = null_mut();
+        ok(flatshard_flat_param_reduce_grads_async(fps[1], &mut w), "reduce_async");
+        ok(flatshard_flat_param_drop_grad(fps[1]), "drop_grad waits");
+        assert!(test_done(w).1 == 1, "rank {r}: drop_grad returned before the reduction finished");
+        ok(wait(w), "wait");
+        flatshard_work_free(w);
+        assert!(shard_grad(fps[1]).is_none());
+        ok(flatshard_flat_param_reshard(fps[1]), "reshard");
+        // a failed reduction after drop_grad leaves no gradient: rank 1
+        // reduces fps[2] while rank 0 reduces fps[1]
+        for &fp in &fps[1..] {
+            write_grad(fp, 1);
+        }
+        let which = if r == 1 { fps[2] } else { fps[1] };
+        ok(flatshard_flat_param_reduce_grads_async(which, &mut w), "mismatched reduce");
+        assert_eq!(wait(w), FLATSHARD_ERR_MISMATCH, "rank {r}: {}", last_error());
+        flatshard_work_free(w);
+        assert!(shard_grad(fps[1]).is_none() && shard_grad(fps[2]).is_none(), "rank {r}: a failed reduction made a gradient");
+        // the communicator and flat params still work
+        ok(flatshard_flat_param_reduce_grads(fps[1]), "reduce after the mismatch");
+        want(1, &shard_grad(fps[1]).expect("gradient"));
+        assert_eq!(flatshard_flat_param_drop_grad(null_mut()), FLATSHARD_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("fp"), "{}", last_error());
+        for fp in fps {
+            flatshard_flat_param_free(fp);
+        }
+        flatshard_comm_free(c);
+    }
+}

@@ -305,7 +305,9 @@ fn init() -> (Vec<f32>, Vec<f32>) {
     ((0..OUT * IN).map(|i| (i as f32 * 0.37).sin() * 0.5).collect(), vec![0.1, -0.2])
 }
 
-fn train(comm: Comm, replicate: Option<&Comm>, sharding: Sharding, global_rank: usize, global_world: usize) -> (Vec<f32>, Vec<f32>) {
+/// `set_to_none`: the optimizer drops the shard gradient (`drop_grad`,
+/// PyTorch's default zero_grad) instead of zeroing it.
+fn train(comm: Comm, replicate: Option<&Comm>, sharding: Sharding, global_rank: usize, set_to_none: bool) -> (Vec<f32>, Vec<f32>) {
     let (w0, b0) = init();
     let bufs = vec![f32_bytes(&w0), f32_bytes(&b0)];
     let opts = FlatParamOptions { sharding, align_params: true, ..Default::default() };
@@ -328,10 +330,14 @@ fn train(comm: Comm, replicate: Option<&Comm>, sharding: Sharding, global_rank: 
         for (x, gx) in d.iter_mut().zip(g.iter()) {
             *x -= LR * gx;
         }
-        fp.zero_grad(&comm).unwrap();
-        assert!(grad_f32(&fp.shard()).unwrap().iter().all(|x| *x == 0.0));
+        if set_to_none {
+            fp.drop_grad(&comm).unwrap();
+            assert!(fp.shard().grad.is_null() && fp.shard_grad_bytes().is_none());
+        } else {
+            fp.zero_grad(&comm).unwrap();
+            assert!(grad_f32(&fp.shard()).unwrap().iter().all(|x| *x == 0.0));
+        }
     }
-    let _ = global_world;
     fp.unshard(&comm, UnshardOptions::default()).unwrap();
     let out = (view_f32(&fp.view(0).unwrap()).to_vec(), view_f32(&fp.view(1).unwrap()).to_vec());
     fp.reshard(&comm).unwrap();
@@ -360,17 +366,21 @@ fn assert_close(got: &(Vec<f32>, Vec<f32>), want: &(Vec<f32>, Vec<f32>), ctx: &s
 fn training(comm: Comm) {
     let (r, w) = (comm.rank(), comm.size());
     let want = full_batch(w);
+    // zero_grad and drop_grad (set_to_none) train bit for bit alike: a
+    // reduction into no gradient is the reduction added to zeros
     for sharding in [Sharding::FullShard, Sharding::ShardGradOp, Sharding::NoShard] {
-        let c2 = comm.split(0, r as i32).unwrap().unwrap();
-        let got = train(c2, None, sharding, r, w);
+        let got = train(comm.split(0, r as i32).unwrap().unwrap(), None, sharding, r, false);
         assert_close(&got, &want, &format!("rank {r}/{w} {sharding:?}"));
+        let dropped = train(comm.split(0, r as i32).unwrap().unwrap(), None, sharding, r, true);
+        assert_eq!(dropped, got, "rank {r}/{w} {sharding:?}: drop_grad training differs from zero_grad training");
     }
     if w == 4 {
         // HYBRID_SHARD: shard over {0,1} / {2,3}, replicate over {0,2} / {1,3}
-        let shard = comm.new_subgroups(2).unwrap();
         let rep = comm.split((r % 2) as i32, r as i32).unwrap().unwrap();
-        let got = train(shard, Some(&rep), Sharding::HybridShard, r, w);
+        let got = train(comm.new_subgroups(2).unwrap(), Some(&rep), Sharding::HybridShard, r, false);
         assert_close(&got, &want, &format!("rank {r}/{w} HYBRID"));
+        let dropped = train(comm.new_subgroups(2).unwrap(), Some(&rep), Sharding::HybridShard, r, true);
+        assert_eq!(dropped, got, "rank {r}/{w} HYBRID: drop_grad training differs from zero_grad training");
     }
     comm.barrier().unwrap();
 }
@@ -556,6 +566,33 @@ fn mixed_precision_reduce_grads() {
             }
             fp.zero_grad(&comm).unwrap();
             assert!(bytes_f32(fp.shard_grad_bytes().unwrap()).iter().all(|x| *x == 0.0));
+            // set to none: the next reduction (converted from reduce_dtype
+            // where it differs) becomes the shard gradient, not added to it
+            let before = bytes_f32(fp.shard_grad_bytes().unwrap()).len();
+            fp.unshard(&comm, UnshardOptions::default()).unwrap();
+            for i in 0..numels.len() {
+                let t = fp.view(i as u64).unwrap();
+                let g = unsafe { std::slice::from_raw_parts_mut(t.grad as *mut u16, t.numel as usize) };
+                let v = (r as f32 + 1.0) * 0.5;
+                g.fill(if pd == DType::BF16 { half::bf16::from_f32(v).to_bits() } else { half::f16::from_f32(v).to_bits() });
+            }
+            fp.drop_grad(&comm).unwrap();
+            assert!(fp.shard_grad_bytes().is_none() && fp.shard().grad.is_null(), "{ctx}");
+            fp.reduce_grads(&comm, None).unwrap();
+            fp.reshard(&comm).unwrap();
+            let g = bytes_f32(fp.shard_grad_bytes().unwrap());
+            assert_eq!(g.len(), before, "{ctx}");
+            let (base, mut real) = (fp.shard().data as usize, vec![false; g.len()]);
+            for i in 0..numels.len() {
+                let (t, _) = fp.shard_view(i as u64).unwrap();
+                if t.numel > 0 {
+                    let k = (t.data as usize - base) / 4;
+                    real[k..k + t.numel as usize].iter_mut().for_each(|x| *x = true);
+                }
+            }
+            for (k, x) in g.iter().enumerate() {
+                assert_eq!(*x, if real[k] { 0.75 } else { 0.0 }, "element {k} after drop_grad + reduce: {ctx}");
+            }
         }
     });
 }

@@ -621,6 +621,34 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
     })
 }
 
+/// Drop this rank's shard gradient (PyTorch `zero_grad(set_to_none=True)`,
+/// its default) after the optimizer step: flatshard_flat_param_shard and
+/// _shard_view then give grad NULL, and the next reduce_grads makes the
+/// averaged gradient the shard gradient instead of adding it to zeros (no
+/// memset here, no add there). No-op if there is none. Waits for in-flight
+/// asynchronous work first. Local.
+///
+/// Ownership: grad pointers from flatshard_flat_param_shard and _shard_view
+/// are invalid afterwards; after the next reduction the shard gradient may
+/// live at a different address (take it from _shard again).
+///
+/// Threads: not concurrently with other calls on `fp`. Not collective.
+///
+/// Statuses: OK; INVALID_ARGUMENT (NULL or freed fp); the error of the flat
+/// param's failed asynchronous work, from the first call that waits for it.
+#[no_mangle]
+pub unsafe extern "C" fn flatshard_flat_param_drop_grad(fp: *mut flatshard_flat_param) -> flatshard_status {
+    // SAFETY: this export's C contract (its doc comment, API §1): handles are NULL or
+    // live ones from this library, a non-const one used by one thread at a time;
+    // other pointers are NULL or valid as documented, and are NULL-checked before use.
+    boundary("flatshard_flat_param_drop_grad", || unsafe {
+        let h = fp_mut(fp)?;
+        let comm = h.fp.comm().clone();
+        let mut fp = h.fp.settled()?;
+        fp.drop_grad(&comm)
+    })
+}
+
 /// Free a flat parameter and every buffer it owns (also while unsharded). Waits
 /// for in-flight asynchronous work first (its status stays with its work
 /// handle).

@@ -854,7 +854,7 @@ impl FlatParam {
         if let (true, Some(rep)) = (self.opts.sharding == Sharding::HybridShard, replicate) {
             red.all_reduce(rep)?;
         }
-        self.apply_reduced(comm, &red, freed)
+        self.apply_reduced(comm, red, freed)
     }
 
     /// The first part of `reduce_grads`: this rank's range of the full
@@ -903,26 +903,52 @@ impl FlatParam {
 
     /// The last part of `reduce_grads`: add `red` into the shard gradient and
     /// zero the full gradient (unless `freed()`: see `reduce_grads_then`).
-    pub fn apply_reduced(&mut self, comm: &Comm, red: &Reduced, freed: &dyn Fn() -> bool) -> Result<()> {
+    /// With no shard gradient (new, or after `drop_grad`) `red` becomes it:
+    /// no zero-fill and no add (PyTorch assigns a gradient that is None).
+    pub fn apply_reduced(&mut self, comm: &Comm, red: Reduced, freed: &dyn Fn() -> bool) -> Result<()> {
         let Some(Unsharded { grad: FullGrad::Owned(gbuf), .. }) = &self.state else {
             return Err(Error::internal("reduce_grads: the full gradient went away"));
         };
         let g = gbuf.region();
         let mut ops = Ops::new(comm);
-        let add = if red.dtype == self.dtype && red.buf.place() == self.place {
+        let same = red.dtype == self.dtype && red.buf.place() == self.place && red.buf.len() == self.shard.len();
+        if !freed() {
+            ops.fill0(g)?;
+        }
+        if self.shard_grad.is_none() {
+            let new = if same {
+                red.buf
+            } else {
+                let b = Buf::for_overwrite_on(self.place, self.shard.len(), "the shard gradient")?;
+                ops.convert(red.buf.region(), red.dtype, b.region(), self.dtype)?;
+                b
+            };
+            ops.finish()?;
+            self.shard_grad = Some(new);
+            return Ok(());
+        }
+        let add = if same {
             red.buf.region()
         } else {
             let add = ops.temp_overwrite(self.place, self.shard.len(), "the reduced gradient")?;
             ops.convert(red.buf.region(), red.dtype, add, self.dtype)?;
             add
         };
-        if !freed() {
-            ops.fill0(g)?;
-        }
         let dt = self.dtype;
         let dst = self.shard_grad_or_zeros()?;
         ops.add(dst, add, dt)?;
         ops.finish()
+    }
+
+    /// Drop this rank's shard gradient (PyTorch `zero_grad(set_to_none=True)`):
+    /// `shard` then gives no grad, and the next reduction becomes the
+    /// gradient instead of being added to zeros. Local.
+    pub fn drop_grad(&mut self, comm: &Comm) -> Result<()> {
+        self.check_comm(comm, "drop_grad")?;
+        // A host buffer goes back to the host cache (the next reduction's
+        // buffer); freeing a CUDA one waits for work still using it.
+        self.shard_grad = None;
+        Ok(())
     }
 
     /// Zero this rank's shard gradient (no-op if none yet). Local; on a CUDA

@@ -141,7 +141,7 @@ impl SharedFlatParam {
                 .take()
                 .ok_or_else(|| Error::internal("hybrid reduce_grads_async: the shard group's result is missing"))?;
             red.all_reduce(&r)?;
-            fp.lock().unwrap_or_else(|p| p.into_inner()).apply_reduced(&c, &red, &|| resharding.load(Ordering::SeqCst))
+            fp.lock().unwrap_or_else(|p| p.into_inner()).apply_reduced(&c, red, &|| resharding.load(Ordering::SeqCst))
         }))
     }
 

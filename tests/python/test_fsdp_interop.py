@@ -46,6 +46,7 @@ def load():
         "flatshard_flat_param_reshard": (st, [vp]),
         "flatshard_flat_param_reduce_grads": (st, [vp]),
         "flatshard_flat_param_zero_grad": (st, [vp]),
+        "flatshard_flat_param_drop_grad": (st, [vp]),
         "flatshard_flat_param_free": (None, [vp]),
     }
     for name, (res, args) in sig.items():
@@ -181,38 +182,50 @@ def worker(rank, world, torch_port, fs_port):
 
             # one training step: torch FSDP backward vs flatshard reduce_grads of
             # the same per-rank gradients (computed on a plain copy of the model)
-            torch.manual_seed(100 + rank)
-            first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
-            x = torch.randn(4, first.in_features)
-            fsdp(x).pow(2).sum().backward()
-            tgrad = tflat.grad
-            plain = build()
-            with torch.no_grad():
-                for p, a in zip(plain.parameters(), init):
-                    p.copy_(torch.from_numpy(a).reshape(p.shape))
-            plain(x).pow(2).sum().backward()
-            local = [p.grad.reshape(-1).numpy().astype(np.float32) for p in plain.parameters()]
-            u = UnshardOptions()
-            lib.flatshard_unshard_options_init(C.byref(u))
-            ok = lib.flatshard_flat_param_unshard(fp, C.byref(u)) == OK
-            for i in range(len(init)):
+            def training_step(seed, label):
+                torch.manual_seed(seed + rank)
+                first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+                x = torch.randn(4, first.in_features)
+                fsdp(x).pow(2).sum().backward()
+                tgrad = tflat.grad
+                plain = build()
+                with torch.no_grad():
+                    for p, a in zip(plain.parameters(), init):
+                        p.copy_(torch.from_numpy(a).reshape(p.shape))
+                plain(x).pow(2).sum().backward()
+                local = [p.grad.reshape(-1).numpy().astype(np.float32) for p in plain.parameters()]
+                u = UnshardOptions()
+                lib.flatshard_unshard_options_init(C.byref(u))
+                ok = lib.flatshard_flat_param_unshard(fp, C.byref(u)) == OK
+                for i in range(len(init)):
+                    t = Tensor()
+                    ok = ok and lib.flatshard_flat_param_view(fp, i, C.byref(t)) == OK and t.grad is not None
+                    if ok:
+                        np.ctypeslib.as_array(C.cast(t.grad, C.POINTER(C.c_float)), shape=(t.numel,))[:] = local[i]
+                ok = ok and lib.flatshard_flat_param_reduce_grads(fp) == OK and lib.flatshard_flat_param_reshard(fp) == OK
                 t = Tensor()
-                ok = ok and lib.flatshard_flat_param_view(fp, i, C.byref(t)) == OK and t.grad is not None
-                if ok:
-                    np.ctypeslib.as_array(C.cast(t.grad, C.POINTER(C.c_float)), shape=(t.numel,))[:] = local[i]
-            ok = ok and lib.flatshard_flat_param_reduce_grads(fp) == OK and lib.flatshard_flat_param_reshard(fp) == OK
-            t = Tensor()
-            lib.flatshard_flat_param_shard(fp, C.byref(t))
-            if ck.check(f"{tag}: training step runs", ok and t.grad and tgrad is not None, err()):
-                ours = np.ctypeslib.as_array(C.cast(t.grad, C.POINTER(C.c_float)), shape=(t.numel,)).copy()
-                theirs = tgrad.detach().clone().numpy()
-                mask = real_mask()
-                ck.check(f"{tag}: reduced shard grad equals torch's", np.allclose(ours[mask], theirs[mask], rtol=1e-5, atol=1e-6),
-                         f"max diff {np.abs(ours[mask] - theirs[mask]).max() if mask.any() else 0}")
+                lib.flatshard_flat_param_shard(fp, C.byref(t))
+                if ck.check(f"{tag}: {label} runs", ok and t.grad and tgrad is not None, err()):
+                    ours = np.ctypeslib.as_array(C.cast(t.grad, C.POINTER(C.c_float)), shape=(t.numel,)).copy()
+                    theirs = tgrad.detach().clone().numpy()
+                    mask = real_mask()
+                    ck.check(f"{tag}: {label}: reduced shard grad equals torch's", np.allclose(ours[mask], theirs[mask], rtol=1e-5, atol=1e-6),
+                             f"max diff {np.abs(ours[mask] - theirs[mask]).max() if mask.any() else 0}")
+                return t
+
+            t = training_step(100, "training step")
             ck.check(f"{tag}: zero_grad", lib.flatshard_flat_param_zero_grad(fp) == OK and not np.any(
                 np.ctypeslib.as_array(C.cast(t.grad, C.POINTER(C.c_float)), shape=(t.numel,))))
             fsdp.zero_grad(set_to_none=True)
             compare_shards("after the training step (no optimizer)")
+            # zero_grad(set_to_none=True) on both sides: no gradient, then the
+            # next step's reduction is the gradient, as torch's
+            t = Tensor()
+            ck.check(f"{tag}: drop_grad", lib.flatshard_flat_param_drop_grad(fp) == OK
+                     and lib.flatshard_flat_param_shard(fp, C.byref(t)) == OK and not t.grad and all(p.grad is None for p in fsdp.parameters()), err())
+            training_step(200, "step after set_to_none")
+            fsdp.zero_grad(set_to_none=True)
+            compare_shards("after the set_to_none step")
 
             # unsharded values
             u = UnshardOptions()
