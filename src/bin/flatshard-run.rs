@@ -80,8 +80,10 @@ fn parse(argv: &[String]) -> Result<Args, String> {
     Err("missing -- PROGRAM".into())
 }
 
+/// A port free on loopback now, below the ephemeral range (an outgoing
+/// connection made before rank 0 binds it cannot take it).
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    flatshard::comm::launch::free_port("127.0.0.1")
 }
 
 /// 128 bits from /dev/urandom, hex-encoded.

@@ -109,6 +109,31 @@ pub fn from_process_env() -> Result<LaunchEnv> {
     detect(&|name| std::env::var(name).ok())
 }
 
+/// A TCP port that is free on `addr` now, for a rendezvous store that a
+/// process started later binds (flatshard-run's MASTER_PORT, the tests').
+/// Chosen at random below Linux's ephemeral range (32768–60999): `bind(0)`
+/// would hand out a port from that range, which any outgoing connection
+/// made meanwhile (the TCP transport makes hundreds) may take before the
+/// store binds it. Checked free by binding; `bind(0)` only if 2,000 tries
+/// found none.
+pub fn free_port(addr: &str) -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos() as u64);
+    let mut x = ((std::process::id() as u64) << 32 ^ nanos ^ CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1;
+    for _ in 0..2000 {
+        // xorshift64
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 20000 + (x % 12000) as u16;
+        if std::net::TcpListener::bind((addr, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Ok(std::net::TcpListener::bind((addr, 0))?.local_addr()?.port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +143,18 @@ mod tests {
     fn env(pairs: &[(&str, &str)]) -> Result<LaunchEnv> {
         let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         detect(&move |k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn free_port_is_below_the_ephemeral_range_and_bindable() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let port = free_port("127.0.0.1").expect("a free port");
+            assert!((20000..32000).contains(&port), "port {port} outside 20000..32000");
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+            seen.insert(port);
+        }
+        assert!(seen.len() > 10, "ports are not spread: {seen:?}");
     }
 
     #[test]
