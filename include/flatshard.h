@@ -1210,8 +1210,10 @@ void flatshard_unshard_options_init(flatshard_unshard_options *o);
  * other rank: the ranks passed different layouts or options, or a rank refused
  * its arguments, named in the message); TIMEOUT, PEER_LOST, ABORTED, IO (from
  * comm or replicate_comm); OUT_OF_MEMORY (the shard); CUDA, NCCL (device
- * tensors). A NULL out or comm is refused before the ranks compare: the others
- * then wait until their timeout.
+ * tensors). A NULL out or a bad argument is refused through the comparison,
+ * so the other ranks fail at once with MISMATCH naming this rank; a NULL or
+ * freed comm has no communicator to tell them through: they wait until their
+ * timeout.
  */
 flatshard_status flatshard_flat_param_new(flatshard_comm *comm,
                                           const flatshard_tensor *params,

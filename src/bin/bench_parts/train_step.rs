@@ -319,7 +319,7 @@ pub fn run(cfg: &Cfg) -> Result<(), String> {
     // times differ by more than 10%, the sleep is corrected and the run
     // measured again, at most `ROUNDS` times in all (the figures of the last
     // round are printed, with how many it took).
-    const ROUNDS: usize = 3;
+    const ROUNDS: usize = 6;
     let mut per_layer = [per_layer_s];
     let mut rounds = 0;
     let (t, d) = loop {
