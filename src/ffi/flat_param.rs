@@ -426,9 +426,7 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard(fp: *mut flatshard_flat_pa
     boundary("flatshard_flat_param_unshard", || unsafe {
         let h = fp_mut(fp)?;
         let o = unshard_opts(opts)?;
-        let comm = h.fp.comm().clone();
-        let mut fp = h.fp.settled()?;
-        fp.unshard(&comm, o)
+        h.fp.with_settled(|fp, comm| fp.unshard(comm, o))
     })
 }
 
@@ -457,9 +455,7 @@ pub unsafe extern "C" fn flatshard_flat_param_unshard_forward(fp: *mut flatshard
     // live ones from this library, a non-const one used by one thread at a time.
     boundary("flatshard_flat_param_unshard_forward", || unsafe {
         let h = fp_mut(fp)?;
-        let comm = h.fp.comm().clone();
-        let mut fp = h.fp.settled()?;
-        fp.unshard(&comm, UnshardOptions { forward_only: true, ..Default::default() })
+        h.fp.with_settled(|fp, comm| fp.unshard(comm, UnshardOptions { forward_only: true, ..Default::default() }))
     })
 }
 
@@ -617,9 +613,7 @@ pub unsafe extern "C" fn flatshard_flat_param_zero_grad(fp: *mut flatshard_flat_
     // other pointers are NULL or valid as documented, and are NULL-checked before use.
     boundary("flatshard_flat_param_zero_grad", || unsafe {
         let h = fp_mut(fp)?;
-        let comm = h.fp.comm().clone();
-        let mut fp = h.fp.settled()?;
-        fp.zero_grad(&comm)
+        h.fp.with_settled(|fp, comm| fp.zero_grad(comm))
     })
 }
 
@@ -645,9 +639,7 @@ pub unsafe extern "C" fn flatshard_flat_param_drop_grad(fp: *mut flatshard_flat_
     // other pointers are NULL or valid as documented, and are NULL-checked before use.
     boundary("flatshard_flat_param_drop_grad", || unsafe {
         let h = fp_mut(fp)?;
-        let comm = h.fp.comm().clone();
-        let mut fp = h.fp.settled()?;
-        fp.drop_grad(&comm)
+        h.fp.with_settled(|fp, comm| fp.drop_grad(comm))
     })
 }
 

@@ -101,6 +101,14 @@ impl SharedFlatParam {
         Ok(self.fp.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// `f` on the flat param and its communicator, after the in-flight work
+    /// (whose error it returns instead, as [`Self::settled`]).
+    pub fn with_settled<R>(&mut self, f: impl FnOnce(&mut FlatParam, &Comm) -> Result<R>) -> Result<R> {
+        let comm = self.comm.clone();
+        let mut fp = self.settled()?;
+        f(&mut fp, &comm)
+    }
+
     /// Reshard, after the in-flight work. A reduce_grads_async still in
     /// flight is told that its full gradient will be freed unseen.
     pub fn reshard(&mut self) -> Result<()> {
